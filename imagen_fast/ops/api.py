@@ -1,0 +1,468 @@
+"""The public ops: argument checks, torch.library registration, autograd.
+
+Every op is a ``torch.library.custom_op`` with a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through it without a graph break and
+``torch.export`` sees it. The custom op's body asks ``dispatch.resolve`` for the
+backend implementation at run time.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .reference import ACTIVATIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_tensor(t, name: str, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(ref: Tensor, t: Tensor, name: str, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_float(value, name: str, *, low=None, high=None, low_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """True when x is dense with channels innermost: (N, *spatial, C) in memory."""
+    if x.ndim < 3:
+        return False
+    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
+    return x.permute(perm).is_contiguous() and not x.is_contiguous()
+
+
+def _as_kernel_layout(x: Tensor) -> Tensor:
+    """Contiguous or channels-last: the two layouts every kernel reads."""
+    if x.is_contiguous() or is_channels_last(x):
+        return x
+    return x.contiguous()
+
+
+def _like_layout(t: Tensor, x: Tensor) -> Tensor:
+    """t in the same memory layout as x (x already contiguous or channels-last)."""
+    if is_channels_last(x):
+        if is_channels_last(t):
+            return t
+        perm = (0,) + tuple(range(2, x.ndim)) + (1,)
+        inv = [0] * x.ndim
+        for i, p in enumerate(perm):
+            inv[p] = i
+        return t.permute(perm).contiguous().permute(inv)
+    return t.contiguous()
+
+
+# ----------------------------------------------------------------- group_norm_silu
+@torch.library.custom_op("imagen_fast::group_norm_silu_fwd", mutates_args=())
+def _gn_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+            eps: float, scale: Optional[Tensor], shift: Optional[Tensor],
+            activation: str) -> Tuple[Tensor, Tensor, Tensor]:
+    fn = dispatch.resolve("group_norm_silu_fwd", x.device, x)
+    return fn(x, num_groups, weight, bias, eps, scale, shift, activation)
+
+
+@_gn_fwd.register_fake
+def _(x, num_groups, weight, bias, eps, scale, shift, activation):
+    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = x.new_empty((x.shape[0], num_groups), dtype=sdt)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("imagen_fast::group_norm_silu_bwd", mutates_args=())
+def _gn_bwd(grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
+            weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+            shift: Optional[Tensor], activation: str, needs: List[bool]) -> List[Tensor]:
+    fn = dispatch.resolve("group_norm_silu_bwd", x.device, x)
+    grads = fn(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, activation,
+               tuple(needs))
+    # A custom op cannot return None: an empty tensor stands for "no gradient".
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_gn_bwd.register_fake
+def _(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift, activation, needs):
+    like = [x, weight, bias, scale, shift]
+    return [torch.empty_like(t) if (t is not None and need) else x.new_empty(0)
+            for t, need in zip(like, needs)]
+
+
+def _gn_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, scale, shift, activation = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.activation = activation
+
+
+def _gn_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[2] and weight is not None, n[3] and bias is not None,
+             n[5] and scale is not None, n[6] and shift is not None]
+    grads = _gn_bwd(_like_layout(grad_y, x), x, mean, rstd, ctx.num_groups, weight, bias,
+                    scale, shift, ctx.activation, needs)
+    gx, gw, gb, gs, gsh = (g if need else None for g, need in zip(grads, needs))
+    return gx, None, gw, gb, None, gs, gsh, None
+
+
+torch.library.register_autograd("imagen_fast::group_norm_silu_fwd", _gn_backward,
+                                setup_context=_gn_setup)
+
+
+def _film_param(t, name: str, x: Tensor) -> Optional[Tensor]:
+    """scale/shift: (N, C) or (N, C, 1, ...) -> float32 (N, C)."""
+    if t is None:
+        return None
+    _check_tensor(t, name)
+    _check_same_device(x, t, name, "x")
+    n, c = x.shape[:2]
+    if t.ndim < 2 or tuple(t.shape[:2]) != (n, c) or any(s != 1 for s in t.shape[2:]):
+        raise ValueError(f"{name} must have shape (N, C) = ({n}, {c}) (or with trailing "
+                         f"size-1 dims), got {tuple(t.shape)}")
+    return t.reshape(n, c).to(_param_dtype(x)).contiguous()
+
+
+def _channel_param(t, name: str, x: Tensor) -> Optional[Tensor]:
+    if t is None:
+        return None
+    _check_tensor(t, name)
+    _check_same_device(x, t, name, "x")
+    if t.ndim != 1 or t.shape[0] != x.shape[1]:
+        raise ValueError(f"{name} must have shape (C,) = ({x.shape[1]},), got {tuple(t.shape)}")
+    return t.to(_param_dtype(x)).contiguous()
+
+
+def _param_dtype(x: Tensor) -> torch.dtype:
+    """Parameters reach kernels in float32 (float64 for float64 inputs)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def group_norm_silu(
+    x: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    activation: Optional[str] = "silu",
+) -> Tensor:
+    """GroupNorm + optional FiLM + activation, fused.
+
+    y = act(((x - mean) * rstd * weight + bias) * (1 + scale) + shift)
+
+    x: (N, C, *spatial), contiguous or channels_last (other layouts are made
+    contiguous); the output keeps x's layout and dtype. num_groups must divide C.
+    weight, bias: (C,) or None. scale, shift: (N, C) (trailing size-1 dims allowed)
+    or None. activation: "silu", "gelu" (exact erf form) or None. Statistics are
+    computed in float32 (float64 for float64 inputs) from x as given.
+    """
+    _check_tensor(x, "x", min_ndim=2)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    c = x.shape[1]
+    if num_groups <= 0 or c % num_groups != 0:
+        raise ValueError(f"num_groups must be a positive divisor of C={c}, got {num_groups}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    eps = _check_float(eps, "eps", low=0.0, low_open=True)
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
+    weight = _channel_param(weight, "weight", x)
+    bias = _channel_param(bias, "bias", x)
+    scale = _film_param(scale, "scale", x)
+    shift = _film_param(shift, "shift", x)
+    y, _, _ = _gn_fwd(_as_kernel_layout(x), num_groups, weight, bias, eps, scale, shift, act)
+    return y
+
+
+# ----------------------------------------------------------------------- attention
+@torch.library.custom_op("imagen_fast::attention_fwd", mutates_args=())
+def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+              scale: float) -> Tuple[Tensor, Tensor]:
+    fn = dispatch.resolve("attention_fwd", q.device, q, k, v, mask)
+    return fn(q, k, v, mask, scale)
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, mask, scale):
+    b, h, lq, _ = q.shape
+    return q.new_empty((b, h, lq, v.shape[-1])), q.new_empty((b, h, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("imagen_fast::attention_bwd", mutates_args=())
+def _attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+              out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    fn = dispatch.resolve("attention_bwd", q.device, q, k, v, mask)
+    return fn(grad_out, q, k, v, mask, out, lse, scale)
+
+
+@_attn_bwd.register_fake
+def _(grad_out, q, k, v, mask, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.scale = scale
+
+
+def _attn_backward(ctx, grad_out, _grad_lse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd(grad_out.contiguous(), q, k, v, mask, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("imagen_fast::attention_fwd", _attn_backward,
+                                setup_context=_attn_setup)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+              scale: Optional[float] = None) -> Tensor:
+    """softmax(q k^T * scale) v with a key padding mask, flash-style where a kernel exists.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D), same dtype and device as q.
+    key_padding_mask: (B, Lk) bool, True = attend, or None. A query with no key to
+    attend to (its batch's mask all False) outputs zeros and gets zero gradients.
+    scale defaults to 1 / sqrt(D).
+    """
+    _check_tensor(q, "q", ndim=4)
+    _check_tensor(k, "k", ndim=4)
+    _check_tensor(v, "v", ndim=4)
+    for t, name in ((k, "k"), (v, "v")):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        _check_same_device(q, t, name, "q")
+    b, h, lq, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d:
+        raise ValueError(f"k must have shape (B, H, Lk, D) = ({b}, {h}, Lk, {d}), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if min(q.shape) == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k must not be empty, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if key_padding_mask is not None:
+        _check_tensor(key_padding_mask, "key_padding_mask", ndim=2, dtypes=(torch.bool,))
+        _check_same_device(q, key_padding_mask, "key_padding_mask", "q")
+        if tuple(key_padding_mask.shape) != (b, k.shape[2]):
+            raise ValueError(f"key_padding_mask must have shape (B, Lk) = ({b}, {k.shape[2]}), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        key_padding_mask = key_padding_mask.contiguous()
+    scale = 1.0 / math.sqrt(d) if scale is None else _check_float(scale, "scale", low=0.0, low_open=True)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, _ = _attn_fwd(q, k, v, key_padding_mask, scale)
+    return out
+
+
+# ------------------------------------------------------------ dynamic thresholding
+def _check_percentile(percentile) -> float:
+    p = _check_float(percentile, "percentile")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"percentile must be a fraction in [0, 1] (0.995 is the paper's "
+                         f"99.5th percentile), got {p}")
+    return p
+
+
+@torch.library.custom_op("imagen_fast::dynamic_threshold", mutates_args=())
+def _dyn_thr(x0: Tensor, percentile: float, min_value: float) -> Tensor:
+    fn = dispatch.resolve("dynamic_threshold", x0.device, x0)
+    return fn(x0, percentile, min_value)
+
+
+@_dyn_thr.register_fake
+def _(x0, percentile, min_value):
+    return torch.empty_like(x0)
+
+
+def dynamic_threshold(x0: Tensor, percentile: float = 0.995, min_value: float = 1.0) -> Tensor:
+    """Imagen's dynamic thresholding of a predicted clean image, per sample.
+
+    s = percentile of |x0| over all non-batch dims, exact, with torch.quantile's
+    default linear interpolation (also above torch.quantile's 2^24-element limit);
+    s = max(s, min_value); returns clip(x0, -s, s) / s in x0's dtype and layout.
+    percentile is a fraction in [0, 1]; min_value > 0.
+    """
+    _check_tensor(x0, "x0", min_ndim=2)
+    if x0.numel() == 0:
+        raise ValueError(f"x0 must not be empty, got shape {tuple(x0.shape)}")
+    p = _check_percentile(percentile)
+    m = _check_float(min_value, "min_value", low=0.0, low_open=True)
+    return _dyn_thr(_as_kernel_layout(x0), p, m)
+
+
+# --------------------------------------------------------------------- sampler step
+THRESHOLDS = ("dynamic", "static", "none")
+SAMPLERS = ("ddpm", "ddim")
+PREDICTIONS = ("eps", "v")
+
+
+@torch.library.custom_op("imagen_fast::sampler_step", mutates_args=())
+def _sampler_step(z_t: Tensor, pred_cond: Tensor, pred_uncond: Optional[Tensor],
+                  guidance_scale: float, coefs: Tensor, noise: Optional[Tensor],
+                  threshold: str, percentile: float, min_value: float) -> Tensor:
+    fn = dispatch.resolve("sampler_step", z_t.device, z_t, pred_cond, pred_uncond, noise)
+    return fn(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold,
+              percentile, min_value)
+
+
+@_sampler_step.register_fake
+def _(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold, percentile,
+      min_value):
+    return torch.empty_like(z_t)
+
+
+Number = Union[float, Tensor]
+
+
+def _per_sample(value, name: str, n: int, device) -> Tensor:
+    """A float or an (N,) tensor -> float64 (N,) on the CPU-side maths device."""
+    if isinstance(value, Tensor):
+        if value.ndim == 0:
+            value = value.reshape(1)
+        if value.ndim != 1 or value.shape[0] not in (1, n):
+            raise ValueError(f"{name} must be a float or a tensor of shape (N,) = ({n},), "
+                             f"got shape {tuple(value.shape)}")
+        t = value.detach().to(device=device, dtype=torch.float64).expand(n)
+    else:
+        t = torch.full((n,), _check_float(value, name), dtype=torch.float64, device=device)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite")
+    return t
+
+
+def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddpm",
+                      eta: float = 0.0, prediction: str = "eps") -> Tensor:
+    """Per-sample coefficients (N, 5) = [a, b, c_x0, c_z, c_noise] of one step t -> s.
+
+    Variance-preserving diffusion z_t = alpha_t x + sigma_t eps (alpha^2 + sigma^2 = 1).
+      x0 = a z_t + b pred: eps-prediction a = 1/alpha_t, b = -sigma_t/alpha_t;
+                           v-prediction   a = alpha_t,   b = -sigma_t.
+      Posterior q(z_s | z_t, x0): alpha_ts = alpha_t/alpha_s,
+        sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2,
+        var = sigma_ts^2 sigma_s^2 / sigma_t^2.
+      ddpm (ancestral): z_s = alpha_s sigma_ts^2/sigma_t^2 x0 + alpha_ts sigma_s^2/sigma_t^2 z_t
+                              + sqrt(var) noise.
+      ddim(eta): c = eta sqrt(var), eps' = (z_t - alpha_t x0)/sigma_t,
+                 z_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps' + c noise
+      (ddim with eta = 1 equals ddpm). The eps' of DDIM is re-derived from the
+      thresholded x0, so thresholding keeps z_s consistent.
+    All inputs are tensors of shape (N,) in float64.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if bool((alpha_t <= 0).any()) or bool((sigma_t <= 0).any()):
+        raise ValueError("alpha_t and sigma_t must be > 0")
+    if bool((alpha_s <= 0).any()) or bool((sigma_s < 0).any()):
+        raise ValueError("alpha_s must be > 0 and sigma_s >= 0")
+    if prediction == "eps":
+        a, b = 1.0 / alpha_t, -sigma_t / alpha_t
+    else:
+        a, b = alpha_t, -sigma_t
+    alpha_ts = alpha_t / alpha_s
+    sigma_ts2 = (sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2).clamp(min=0.0)
+    var = sigma_ts2 * sigma_s ** 2 / sigma_t ** 2
+    if sampler == "ddpm":
+        eta = 1.0
+    c = eta * var.sqrt()
+    direction = (sigma_s ** 2 - c ** 2).clamp(min=0.0).sqrt()        # multiplies eps'
+    c_z = direction / sigma_t
+    c_x0 = alpha_s - direction * alpha_t / sigma_t
+    return torch.stack([a, b, c_x0, c_z, c], dim=1)
+
+
+def sampler_step(
+    z_t: Tensor,
+    pred_cond: Tensor,
+    pred_uncond: Optional[Tensor] = None,
+    *,
+    guidance_scale: float = 1.0,
+    alpha_t: Number,
+    sigma_t: Number,
+    alpha_s: Number,
+    sigma_s: Number,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    noise: Optional[Tensor] = None,
+    threshold: str = "dynamic",
+    percentile: float = 0.995,
+    min_value: float = 1.0,
+    prediction: str = "eps",
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """One fused reverse-diffusion step t -> s with classifier-free guidance.
+
+    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+           (pred_cond alone when pred_uncond is None)
+    x0   = a * z_t + b * pred                       (see step_coefficients)
+    x0   = dynamic_threshold(x0) | clamp(x0, -1, 1) | x0   for threshold
+           "dynamic" | "static" | "none"
+    z_s  = c_x0 * x0 + c_z * z_t + c_noise * noise
+
+    alpha_*/sigma_* are floats or (N,) tensors (per-sample times). sampler "ddpm" is
+    ancestral sampling; "ddim" uses eta (0 = deterministic). noise defaults to fresh
+    standard normal noise (from ``generator``) when the step needs any.
+    The kernels make one pass to compute x0 and select the percentile and one pass
+    to write z_s.
+    """
+    _check_tensor(z_t, "z_t", min_ndim=2)
+    if z_t.numel() == 0:
+        raise ValueError(f"z_t must not be empty, got shape {tuple(z_t.shape)}")
+    for t, name in ((pred_cond, "pred_cond"), (pred_uncond, "pred_uncond"), (noise, "noise")):
+        if t is None:
+            continue
+        _check_tensor(t, name)
+        _check_same_device(z_t, t, name, "z_t")
+        if t.shape != z_t.shape:
+            raise ValueError(f"{name} must have z_t's shape {tuple(z_t.shape)}, got {tuple(t.shape)}")
+        if t.dtype != z_t.dtype:
+            raise TypeError(f"{name} must have z_t's dtype {z_t.dtype}, got {t.dtype}")
+    w = _check_float(guidance_scale, "guidance_scale")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    p = _check_percentile(percentile)
+    m = _check_float(min_value, "min_value", low=0.0, low_open=True)
+    eta = _check_float(eta, "eta", low=0.0, high=1.0)
+    n = z_t.shape[0]
+    per = [_per_sample(v, name, n, torch.device("cpu")) for v, name in
+           ((alpha_t, "alpha_t"), (sigma_t, "sigma_t"), (alpha_s, "alpha_s"), (sigma_s, "sigma_s"))]
+    coefs = step_coefficients(*per, sampler=sampler, eta=eta, prediction=prediction)
+    if noise is None and bool((coefs[:, 4] != 0).any()):
+        noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
+    if noise is not None and bool((coefs[:, 4] == 0).all()):
+        noise = None
+    x = _as_kernel_layout(z_t)
+    args = [None if t is None else _like_layout(t, x) for t in (pred_cond, pred_uncond, noise)]
+    return _sampler_step(x, args[0], args[1], w, coefs.to(z_t.device), args[2], threshold, p, m)
+
+
+__all__ = ["group_norm_silu", "attention", "dynamic_threshold", "sampler_step",
+           "step_coefficients", "is_channels_last"]

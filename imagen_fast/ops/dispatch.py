@@ -1,0 +1,178 @@
+"""Backend registry and selection for the ops.
+
+Each backend registers, per op, an implementation and a ``supports(*tensors)``
+predicate that returns None when it can serve the call or a short reason when it
+cannot. Selection:
+
+* an explicit backend (``use_backend(...)`` or IMAGEN_FAST_BACKEND) must serve the
+  call, or a ValueError says why not;
+* otherwise the first backend of the device's preference list that can serve it is
+  used; falling back past a kernel backend is logged once per (op, reason).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+log = logging.getLogger("imagen_fast")
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+_AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+
+@dataclass(frozen=True)
+class Impl:
+    fn: Callable
+    supports: Callable[..., Optional[str]]
+
+
+_registry: Dict[Tuple[str, str], Impl] = {}
+_unavailable: Dict[str, str] = {}  # backend -> why it could not load
+_loaded = False
+_load_lock = threading.Lock()
+_state = threading.local()
+_logged: set = set()
+
+
+def register(op: str, backend: str, supports: Optional[Callable[..., Optional[str]]] = None):
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn):
+        _registry[(op, backend)] = Impl(fn, supports or (lambda *a, **k: None))
+        return fn
+
+    return deco
+
+
+def mark_unavailable(backend: str, reason: str) -> None:
+    _unavailable[backend] = reason
+
+
+def _load_backends() -> None:
+    global _loaded
+    if _loaded:
+        return
+    with _load_lock:
+        if _loaded:
+            return
+        from . import _torch_backend  # noqa: F401  (always there)
+
+        try:
+            from . import _cpu_backend  # noqa: F401
+        except ImportError as e:
+            mark_unavailable("cpu", f"compiled module imagen_fast._C not importable ({e})")
+        try:
+            from . import _cuda_backend  # noqa: F401
+        except ImportError as e:
+            mark_unavailable("cuda", str(e))
+        try:
+            from ..kernels import triton as _triton_backend  # noqa: F401
+        except ImportError as e:
+            mark_unavailable("triton", f"triton not importable ({e})")
+        _loaded = True
+
+
+def _validate_backend_name(name: str, what: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"{what} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+def requested_backend() -> Optional[str]:
+    """The explicitly requested backend, or None for automatic selection."""
+    name = getattr(_state, "backend", None)
+    if name is None:
+        env = os.environ.get("IMAGEN_FAST_BACKEND", "").strip()
+        name = _validate_backend_name(env, "IMAGEN_FAST_BACKEND") if env else None
+    return None if name in (None, "auto") else name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every op inside the block onto one backend ("auto" restores selection)."""
+    name = _validate_backend_name(name, "backend")
+    previous = getattr(_state, "backend", None)
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends() -> Dict[str, str]:
+    """backend -> "available" or the reason it is not."""
+    _load_backends()
+    out = {}
+    for b in BACKENDS:
+        if b in _unavailable:
+            out[b] = _unavailable[b]
+        elif any(key[1] == b for key in _registry):
+            out[b] = "available"
+        else:
+            out[b] = "no implementations registered"
+    return out
+
+
+def _reason(op: str, backend: str, device: torch.device, args) -> Optional[str]:
+    if backend in _unavailable:
+        return _unavailable[backend]
+    impl = _registry.get((op, backend))
+    if impl is None:
+        return f"backend {backend!r} has no implementation of {op}"
+    if backend == "cuda" and device.type != "cuda":
+        return f"backend 'cuda' needs CUDA tensors, got {device.type}"
+    if backend == "triton" and device.type != "cuda" and not triton_interpreter():
+        return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device.type}"
+    if backend == "cpu" and device.type != "cpu":
+        return f"backend 'cpu' needs CPU tensors, got {device.type}"
+    return impl.supports(*args)
+
+
+def resolve(op: str, device: torch.device, *args) -> Callable:
+    """The implementation of ``op`` for this call (args go to ``supports``)."""
+    _load_backends()
+    wanted = requested_backend()
+    if wanted is not None:
+        why = _reason(op, wanted, device, args)
+        if why is not None:
+            raise ValueError(f"{op}: requested backend {wanted!r} cannot run this call: {why}")
+        return _registry[(op, wanted)].fn
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    skipped = []
+    for backend in order:
+        why = _reason(op, backend, device, args)
+        if why is None:
+            if skipped:
+                key = (backend, tuple(skipped))
+                if key not in _logged:
+                    _logged.add(key)
+                    log.warning("imagen_fast.%s (and other ops like it): using backend %r (%s)", op, backend,
+                                "; ".join(f"{b}: {r}" for b, r in skipped))
+            return _registry[(op, backend)].fn
+        skipped.append((backend, why))
+    raise ValueError(f"{op}: no backend can run this call: {skipped}")
+
+
+def selected_backend(op: str, device: torch.device, *args) -> str:
+    """Name of the backend ``resolve`` would pick (for tests, info and benchmarks)."""
+    fn = resolve(op, device, *args)
+    for (o, b), impl in _registry.items():
+        if o == op and impl.fn is fn:
+            return b
+    raise AssertionError("unreachable")
