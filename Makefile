@@ -1,0 +1,41 @@
+# The few targets people run. `make test` and `make bench` set up .venv themselves.
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+# The CPU wheel of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.9.0
+
+.PHONY: venv build test test-fast bench lint cuda-check clean
+
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)" numpy "$(TRITON)" pytest pytest-benchmark \
+		setuptools wheel pybind11 cmake ninja
+	IMAGEN_FAST_REQUIRE_EXTENSION=1 $(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Incremental rebuild of imagen_fast/_C*.so in place (for kernel work).
+build: venv
+	$(VPY) -c "import pybind11,sys; print(pybind11.get_cmake_dir())" > /dev/null
+	cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DPython_EXECUTABLE=$(abspath $(VPY)) \
+		-Dpybind11_DIR=$$($(VPY) -c "import pybind11; print(pybind11.get_cmake_dir())") \
+		-DIMAGEN_FAST_OUTPUT_DIR=$(CURDIR)/imagen_fast > /dev/null
+	cmake --build build/dev
+
+test: venv
+	$(VPY) -m pytest -q tests
+
+bench: venv
+	$(VPY) -m benchmarks.bench_cpu_ops
+
+lint: venv
+	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check imagen_fast tests benchmarks
+
+clean:
+	rm -rf build $(VENV) imagen_fast/_C*.so *.egg-info
