@@ -1,0 +1,1 @@
+"""Benchmarks: importable scripts; results under benchmarks/results/."""

@@ -1,0 +1,191 @@
+"""Timing, machine description and result files shared by the benchmarks.
+
+Rules the numbers follow: candidates compared in one table run in the same process,
+interleaved round by round (so background load hits all of them alike); each
+round times a batch of calls; the table reports the median over rounds with the
+10th/90th percentiles; inputs rotate over several copies whose total size exceeds
+the last-level cache, so no call finds its data already cached.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROTATE_BYTES = 256 << 20        # rotate inputs over at least this many bytes
+
+
+def set_allocator_env() -> None:
+    """glibc returns big blocks to the OS and page-faults them back in on every call
+    unless the mmap/trim thresholds are high; they must be set before the process
+    starts allocating, so the benchmark re-executes itself with them when needed."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296",
+               MALLOC_TRIM_THRESHOLD_="68719476736", MALLOC_TOP_PAD_="1073741824")
+    import sys
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    rounds: int
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def copies_for(nbytes: int, minimum: int = 2, maximum: int = 64) -> int:
+    """How many input copies rotate so their total exceeds ROTATE_BYTES."""
+    return max(minimum, min(maximum, -(-ROTATE_BYTES // max(1, nbytes))))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare(candidates: Dict[str, Callable[[int], object]], *, rounds: int = 21,
+            min_round_s: float = 0.02, warmup: int = 3,
+            device: torch.device = torch.device("cpu")) -> Dict[str, Timing]:
+    """Time each candidate; a candidate is ``fn(i)`` running call number i (which input
+    copy it uses is up to it). Returns per-candidate timings per call."""
+    names = list(candidates)
+    inner = {}
+    for name in names:                      # warm up and size the inner loops
+        fn = candidates[name]
+        for i in range(warmup):
+            fn(i)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(warmup)
+        _sync(device)
+        one = max(time.perf_counter() - t0, 1e-6)
+        inner[name] = max(1, int(min_round_s / one))
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    counter = 0
+    rng = random.Random(0)
+    for _ in range(rounds):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            fn, k = candidates[name], inner[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn(counter)
+                counter += 1
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / k * 1e3)
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=10)
+        out[name] = Timing(statistics.median(s), q[0], q[-1], len(s))
+    return out
+
+
+def measure_copy_bandwidth(device: torch.device = torch.device("cpu"), nbytes: int = 512 << 20,
+                           rounds: int = 15) -> float:
+    """GB/s of dst.copy_(src) over buffers far larger than the cache (read + write)."""
+    n = nbytes // 4
+    src = [torch.rand(n, device=device) for _ in range(2)]
+    dst = [torch.empty(n, device=device) for _ in range(2)]
+    t = compare({"copy": lambda i: dst[i % 2].copy_(src[(i + 1) % 2])}, rounds=rounds,
+                min_round_s=0.05, device=device)["copy"]
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device = torch.device("cpu")) -> dict:
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
+    try:
+        import imagen_fast._C as C
+        info["imagen_fast_build"] = C.build_info()
+    except ImportError:
+        info["imagen_fast_build"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_sms=p.multi_processor_count, cuda=torch.version.cuda,
+                    driver=_nvidia_driver())
+    return info
+
+
+def _nvidia_driver() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass
+class Table:
+    """Rows of results plus the header, written as JSON and markdown."""
+    title: str
+    columns: Sequence[str]
+    rows: List[list] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def add(self, *row):
+        self.rows.append(list(row))
+
+    def markdown(self) -> str:
+        fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "|".join("---" for _ in self.columns) + "|"]
+        lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in self.rows]
+        lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def write_results(name: str, machine: dict, tables: Sequence[Table], raw: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine, "tables": [
+        {"title": t.title, "columns": list(t.columns), "rows": t.rows, "notes": t.notes}
+        for t in tables], "raw": raw}
+    json_path = RESULTS / f"{name}.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    md = [f"# {name}", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()
+                                                     if k != "imagen_fast_build"), ""]
+    md += [t.markdown() for t in tables]
+    (RESULTS / f"{name}.md").write_text("\n".join(md))
+    return json_path
