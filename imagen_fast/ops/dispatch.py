@@ -71,7 +71,7 @@ def _load_backends() -> None:
         try:
             from . import _cpu_backend  # noqa: F401
         except ImportError as e:
-            mark_unavailable("cpu", f"compiled module imagen_fast._C not importable ({e})")
+            mark_unavailable("cpu", str(e))
         try:
             from . import _cuda_backend  # noqa: F401
         except ImportError as e:

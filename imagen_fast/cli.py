@@ -1,0 +1,144 @@
+"""The `imagen-fast` command.
+
+Subcommands import what they need when they run, so `imagen-fast info` starts fast.
+Errors a user can cause end in a one-line message and exit status 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: printed as one line, exit 2."""
+
+
+def _versions() -> dict:
+    import torch
+
+    import imagen_fast
+
+    out = {"imagen_fast": imagen_fast.__version__, "python": platform.python_version(),
+           "torch": torch.__version__}
+    for name in ("triton", "numpy", "jax", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # not installed, or broken: report, never fail
+            out[name] = None
+    return out
+
+
+def info_dict() -> dict:
+    import torch
+
+    from imagen_fast import ops
+    from imagen_fast._compiled import extension_error, load_extension
+
+    C = load_extension()
+    compiled = {"available": C is not None}
+    if C is None:
+        compiled["error"] = extension_error()
+    else:
+        compiled.update(C.build_info())
+        if C.HAS_CUDA:
+            compiled["cuda_runtime"] = C.cuda_runtime_version()
+            compiled["cuda_driver"] = C.cuda_driver_version()
+            compiled["cuda_devices"] = [C.cuda_device_info(i) for i in range(C.cuda_device_count())]
+    devices = [{"device": "cpu", "threads": torch.get_num_threads()}]
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        devices.append({"device": f"cuda:{i}", "name": p.name,
+                        "capability": f"{p.major}.{p.minor}", "memory_gb": round(p.total_memory / 2**30, 1)})
+    return {"versions": _versions(), "compiled": compiled, "backends": ops.available_backends(),
+            "requested_backend": ops.requested_backend(), "devices": devices}
+
+
+def cmd_info(args) -> int:
+    info = info_dict()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print("imagen-fast " + info["versions"]["imagen_fast"])
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "imagen_fast"))
+    c = info["compiled"]
+    if c["available"]:
+        print(f"compiled module: {c['compiler']}; CPU ISA {'/'.join(c['cpu_isa']) or 'baseline'}; "
+              f"OpenMP {c['openmp']} ({c['openmp_max_threads']} threads); "
+              f"CUDA {'archs ' + c['cuda_archs'] if c['cuda'] else 'not built'}")
+    else:
+        print(f"compiled module: NOT AVAILABLE ({c['error']}); ops run on the torch reference")
+    print("backends:")
+    for name, status in info["backends"].items():
+        print(f"  {name:7s} {status}")
+    print("devices: " + "; ".join(", ".join(f"{k}={v}" for k, v in d.items()) for d in info["devices"]))
+    return 0
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def cmd_bench(args) -> int:
+    root = _repo_root()
+    if not (root / "benchmarks" / "bench_cpu_ops.py").exists():
+        raise UsageError("the benchmarks live in the source tree (benchmarks/): run this from a "
+                         "checkout installed with `pip install -e .`")
+    sys.path.insert(0, str(root))
+    from benchmarks import bench_cpu_ops
+
+    extra = ["--quick"] if args.quick else []
+    if args.what in ("ops", "all"):
+        bench_cpu_ops.main(extra)
+    if args.what in ("model", "all"):
+        try:
+            from benchmarks import bench_model
+        except ImportError as e:
+            raise UsageError(f"model benchmark not available: {e}") from None
+        bench_model.main(extra)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from imagen_fast.models import describe_presets
+
+    rows = describe_presets()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']:16s} {r['stage']:6s} {r['resolution']:>5} px  "
+                  f"{r['params'] / 1e6:10.2f} M params")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagen-fast", description="Imagen with fast custom kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("info", help="versions, compiled features, backends, devices")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+    s = sub.add_parser("bench", help="benchmarks (results under benchmarks/results/)")
+    s.add_argument("what", choices=["ops", "model", "all"], nargs="?", default="ops")
+    s.add_argument("--quick", action="store_true", help="a short smoke run")
+    s.set_defaults(func=cmd_bench)
+    s = sub.add_parser("presets", help="model presets with their parameter counts")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"imagen-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
