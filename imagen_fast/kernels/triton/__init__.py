@@ -1,0 +1,9 @@
+"""Backend "triton": Triton kernels for every op (CUDA GPUs; CPU tensors under
+TRITON_INTERPRET=1). Importing this package registers them with the dispatcher;
+an ImportError (no triton) marks the backend unavailable.
+"""
+import triton  # noqa: F401  (ImportError -> backend unavailable)
+
+from . import group_norm  # noqa: F401,E402
+
+__all__ = ["group_norm"]

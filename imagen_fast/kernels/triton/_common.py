@@ -1,0 +1,193 @@
+"""Shared pieces of the Triton backend: device facts, launch-config tuning, maths.
+
+Tuning. ``pick_config`` chooses a launch configuration per *shape class* (a small
+tuple of buckets, never the raw shape, so a new image size does not re-tune) and
+per device. On a GPU it times the candidates once with ``triton.testing.do_bench``
+and caches the winner for the process; candidates that do not compile on this card
+(shared memory or register limits differ between sm_80 and sm_90) are skipped, and
+the first candidate of every list is chosen to be valid on sm_80. Under
+TRITON_INTERPRET=1, during CUDA graph capture, or with IMAGEN_FAST_TRITON_AUTOTUNE=0
+no timing happens and the given default is used.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Any, Callable, Dict, Hashable, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger("imagen_fast")
+
+# Pretend SM count under the interpreter: small, so that tiny test shapes take the
+# split-reduction paths that big GPUs take at real shapes.
+INTERPRETER_SM_COUNT = 4
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_key(device: torch.device) -> Tuple:
+    if device.type != "cuda":
+        return ("interpreter",)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(idx)
+    return (props.name, props.major, props.minor)
+
+
+def bucket(n: int) -> int:
+    """log2 bucket of a size: the unit of a shape class."""
+    return max(0, int(n)).bit_length()
+
+
+def dtype_supported(dt: torch.dtype) -> bool:
+    return dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_device(*tensors) -> str | None:
+    """None when every tensor is on a device the triton backend can run on."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and interpreting():
+            continue
+        return f"triton needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device.type}"
+    return None
+
+
+_tuned: Dict[Hashable, Any] = {}
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    if device.type != "cuda" or interpreting():
+        return False
+    if os.environ.get("IMAGEN_FAST_TRITON_AUTOTUNE", "1").strip() in ("0", "false", "no"):
+        return False
+    try:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+    except Exception:  # pragma: no cover - very old torch
+        pass
+    return True
+
+
+def pick_config(name: str, key: Hashable, device: torch.device, candidates: Sequence[Any],
+                run: Callable[[Any], None], default: Any) -> Any:
+    """The launch config for (name, shape class key, device).
+
+    ``run(cfg)`` launches the op with ``cfg`` (it must only overwrite its outputs,
+    so timing it repeatedly is harmless).
+    """
+    if not autotune_enabled(device):
+        return default
+    full = (name, key, device_key(device))
+    if full in _tuned:
+        return _tuned[full]
+    best, best_ms = None, math.inf
+    for cfg in candidates:
+        try:
+            run(cfg)
+            torch.cuda.synchronize(device)
+            ms = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=25,
+                                         return_mode="median")
+        except Exception as e:  # out of resources on this card, etc.
+            log.debug("imagen_fast triton %s: config %s skipped (%s)", name, cfg, e)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        best = default
+    _tuned[full] = best
+    log.debug("imagen_fast triton %s %s: picked %s (%.4f ms)", name, key, best, best_ms)
+    return best
+
+
+def tuned_configs() -> Dict[Hashable, Any]:
+    """What has been tuned so far in this process (for benchmarks and `info`)."""
+    return dict(_tuned)
+
+
+# ------------------------------------------------------------------- device maths
+# Written with tl.exp only: libdevice calls do not run under the interpreter.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+INV_SQRT2 = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+
+ACT_CODES = {"none": 0, "silu": 1, "gelu": 2}
+
+
+@triton.jit
+def sigmoid(h):
+    return 1.0 / (1.0 + tl.exp(-h))
+
+
+@triton.jit
+def erfc_abs(z):
+    """erfc(|z|) with relative error < 1.2e-7 everywhere (Chebyshev fit of
+    exp(z^2) erfc(z); Numerical Recipes' erfcc). No cancellation for large |z|."""
+    a = tl.abs(z)
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    return t * tl.exp(-a * a + poly)
+
+
+@triton.jit
+def normal_cdf(h):
+    """Phi(h) = (1 + erf(h / sqrt 2)) / 2. float32: from erfc, so accurate in relative
+    terms for h < 0 too; float64: tl.math.erf (exact to float64, as the reference)."""
+    if h.dtype == tl.float64:
+        return 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    else:
+        e = 0.5 * erfc_abs(h * 0.7071067811865476)
+        return tl.where(h < 0, e, 1.0 - e)
+
+
+@triton.jit
+def activation(h, ACT: tl.constexpr):
+    if ACT == 1:
+        return h * sigmoid(h)
+    elif ACT == 2:
+        return h * normal_cdf(h)
+    else:
+        return h
+
+
+@triton.jit
+def activation_grad(h, ACT: tl.constexpr):
+    """d act(h) / dh."""
+    if ACT == 1:
+        sg = sigmoid(h)
+        return sg * (1.0 + h * (1.0 - sg))
+    elif ACT == 2:
+        return normal_cdf(h) + h * (tl.exp(-0.5 * h * h) * 0.3989422804014327)
+    else:
+        return tl.full(h.shape, 1.0, h.dtype)
