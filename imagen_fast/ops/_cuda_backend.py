@@ -9,6 +9,8 @@ from __future__ import annotations
 from .._compiled import load_extension
 
 _C = load_extension()
-if _C is None or not _C.HAS_CUDA:
+if _C is None:
+    raise ImportError("imagen_fast._C is not available")
+if not _C.HAS_CUDA:
     raise ImportError("imagen_fast._C was built without CUDA (no nvcc at build time, "
                       "or IMAGEN_FAST_CUDA=0)")
