@@ -14,6 +14,8 @@ namespace py = pybind11;
 #ifdef IMAGEN_FAST_WITH_CUDA
 void register_cuda(py::module_& m);
 #endif
+// CPU kernel families (csrc/cpu/*.cpp).
+void register_cpu_group_norm(py::module_& m);
 
 static py::dict build_info() {
   py::dict d;
@@ -71,4 +73,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("HAS_CUDA") = false;
 #endif
   // CPU kernel families register themselves here (csrc/cpu/*.cpp).
+  register_cpu_group_norm(m);
 }

@@ -1,0 +1,822 @@
+// GroupNorm + FiLM + activation on the CPU, forward and backward.
+//
+//   h = ((x - mean_g) * rstd_g * w_c + b_c) * (1 + scale_nc) + shift_nc,  y = act(h)
+//
+// Layouts: contiguous (N, C, S) and channels-last (N, S, C), S = prod(spatial).
+// Storage float / double / Half / BFloat16; arithmetic in float (double for double).
+//
+// Statistics are two-level: each chunk of ~4K elements gets an exact two-pass mean
+// and M2 while it sits in L1, and chunks are merged with Chan's formula in double.
+// The forward reads x once from memory for the statistics and once more (from L2
+// when the tile fits) to write y. The backward recomputes h from x, mean and rstd.
+//
+// Parallelism: independent tiles ((n, g) slices for contiguous, samples for
+// channels-last) go to threads whole when there are enough of them; otherwise all
+// threads split each tile and merge their partial statistics after a barrier (the
+// "team" path, which also covers N * G < threads).
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "vec.h"
+
+namespace py = pybind11;
+
+namespace imagen_fast {
+namespace cpu {
+namespace {
+
+#ifdef _OPENMP
+inline int thread_id() { return omp_get_thread_num(); }
+inline int team_size() { return omp_get_num_threads(); }
+#else
+inline int thread_id() { return 0; }
+inline int team_size() { return 1; }
+#endif
+
+constexpr int64_t kChunk = 4096;  // elements per two-pass chunk
+
+// Count, mean and sum of squared deviations; merged with Chan et al.'s formula.
+struct Moments {
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+  void merge(double nb, double mb, double m2b) {
+    if (nb <= 0.0) return;
+    double tot = n + nb;
+    double d = mb - mean;
+    mean += d * (nb / tot);
+    m2 += m2b + d * d * (n * nb / tot);
+    n = tot;
+  }
+  void merge(const Moments& o) { merge(o.n, o.mean, o.m2); }
+};
+
+// Exact two-pass moments of each chunk of a contiguous range, merged into m.
+template <typename T, typename V>
+void range_moments(const T* p, int64_t len, Moments& m) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    const int64_t k = std::min(kChunk, len - c0);
+    const T* q = p + c0;
+    V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+    int64_t i = 0;
+    for (; i + 4 * W <= k; i += 4 * W) {
+      s0 = s0 + load(q + i);
+      s1 = s1 + load(q + i + W);
+      s2 = s2 + load(q + i + 2 * W);
+      s3 = s3 + load(q + i + 3 * W);
+    }
+    for (; i + W <= k; i += W) s0 = s0 + load(q + i);
+    if (i < k) s1 = s1 + load_n(q + i, static_cast<int>(k - i));
+    const A mean = hsum((s0 + s1) + (s2 + s3)) / static_cast<A>(k);
+    const V mv = V::set1(mean);
+    s0 = s1 = s2 = s3 = V::zero();
+    i = 0;
+    for (; i + 4 * W <= k; i += 4 * W) {
+      V d0 = load(q + i) - mv, d1 = load(q + i + W) - mv;
+      V d2 = load(q + i + 2 * W) - mv, d3 = load(q + i + 3 * W) - mv;
+      s0 = fmadd(d0, d0, s0);
+      s1 = fmadd(d1, d1, s1);
+      s2 = fmadd(d2, d2, s2);
+      s3 = fmadd(d3, d3, s3);
+    }
+    for (; i + W <= k; i += W) {
+      V d = load(q + i) - mv;
+      s0 = fmadd(d, d, s0);
+    }
+    if (i < k) {
+      const int r = static_cast<int>(k - i);
+      V d = keep_first(load_n(q + i, r) - mv, r);
+      s1 = fmadd(d, d, s1);
+    }
+    m.merge(static_cast<double>(k), static_cast<double>(mean),
+            static_cast<double>(hsum((s0 + s1) + (s2 + s3))));
+  }
+}
+
+// Channels-last geometry: positions repeat with period P = lcm(C, W) (R rows) when
+// that is small, else P = C (R = 1) with a masked tail in every row.
+struct Period {
+  int64_t P, R;
+};
+template <int W> Period make_period(int64_t C) {
+  int64_t g = C, b = W;
+  while (b) {
+    int64_t t = g % b;
+    g = b;
+    b = t;
+  }
+  int64_t R = W / g;
+  if (R * C <= 1024) return {R * C, R};
+  return {C, 1};
+}
+
+// Calls f(offset_in_block, j, n) for every vector of a flat block of E elements walked
+// with period P: j is the position in the period, n the lanes in use (<= W).
+template <int W, typename F> inline void for_period(int64_t E, int64_t P, F&& f) {
+  for (int64_t off = 0; off < E; off += P) {
+    const int64_t len = std::min(P, E - off);
+    int64_t j = 0;
+    for (; j + W <= len; j += W) f(off + j, j, W);
+    if (j < len) f(off + j, j, static_cast<int>(len - j));
+  }
+}
+
+template <typename V, typename A> inline V load_pos(const A* a, int64_t j, int n) {
+  return n == V::W ? load(a + j) : load_n(a + j, n);
+}
+template <typename V, typename A> inline void store_pos(A* a, int64_t j, V v, int n) {
+  if (n == V::W) store(a + j, v);
+  else store_n(a + j, v, n);
+}
+
+// Scratch of one thread for the channels-last paths.
+template <typename A> struct ClScratch {
+  std::vector<A> acc, acc2, mpos, apos, bpos, rpos, k1, k2, k3;
+  std::vector<double> chan1, chan2;
+  void init(int64_t P, int64_t C) {
+    for (auto* v : {&acc, &acc2, &mpos, &apos, &bpos, &rpos, &k1, &k2, &k3}) v->assign(P + 16, A(0));
+    chan1.assign(C, 0.0);
+    chan2.assign(C, 0.0);
+  }
+};
+
+// Group moments of rows [0, rows) of a channels-last sample (x at the first row),
+// merged into gm[0..G).
+template <typename T, typename V>
+void rows_moments(const T* x, int64_t rows, int64_t C, int64_t G, const Period& per,
+                  ClScratch<typename V::A>& sc, Moments* gm) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const int64_t Cg = C / G, P = per.P;
+  const int64_t chunk_rows = per.R * std::max<int64_t>(8, (kChunk + P - 1) / P);
+  A* acc = sc.acc.data();
+  A* mpos = sc.mpos.data();
+  std::vector<A> gmean(G);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+    const int64_t nr = std::min(chunk_rows, rows - r0);
+    const int64_t E = nr * C;
+    const T* q = x + r0 * C;
+    std::fill(acc, acc + P, A(0));
+    for_period<W>(E, P, [&](int64_t o, int64_t j, int n) {
+      V v = n == W ? load(q + o) : load_n(q + o, n);
+      store_pos<V>(acc, j, load_pos<V>(acc, j, n) + v, n);
+    });
+    // Per-group chunk means (positions past the last partial period hold zeros).
+    std::fill(gmean.begin(), gmean.end(), A(0));
+    for (int64_t j = 0; j < std::min(P, E); ++j) gmean[(j % C) / Cg] += acc[j];
+    const A cnt = static_cast<A>(nr * Cg);
+    for (int64_t g = 0; g < G; ++g) gmean[g] /= cnt;
+    for (int64_t j = 0; j < P; ++j) mpos[j] = gmean[(j % C) / Cg];
+    std::fill(acc, acc + P, A(0));
+    for_period<W>(E, P, [&](int64_t o, int64_t j, int n) {
+      V d = n == W ? load(q + o) - load(mpos + j) : keep_first(load_n(q + o, n) - load_n(mpos + j, n), n);
+      store_pos<V>(acc, j, fmadd(d, d, load_pos<V>(acc, j, n)), n);
+    });
+    std::vector<double> m2(G, 0.0);
+    for (int64_t j = 0; j < std::min(P, E); ++j) m2[(j % C) / Cg] += acc[j];
+    for (int64_t g = 0; g < G; ++g)
+      gm[g].merge(static_cast<double>(nr * Cg), static_cast<double>(gmean[g]), m2[g]);
+  }
+}
+
+// ------------------------------------------------------------------- parameters
+template <typename A> struct Params {
+  const A *w, *b, *s, *sh;  // any may be null
+  int64_t C;
+  A weight(int64_t c) const { return w ? w[c] : A(1); }
+  A bias(int64_t c) const { return b ? b[c] : A(0); }
+  A film(int64_t n, int64_t c) const { return s ? A(1) + s[n * C + c] : A(1); }
+  A shift(int64_t n, int64_t c) const { return sh ? sh[n * C + c] : A(0); }
+  // h = (x - mean) * coef_a + coef_b
+  A coef_a(int64_t n, int64_t c, A rstd) const { return rstd * weight(c) * film(n, c); }
+  A coef_b(int64_t n, int64_t c) const { return bias(c) * film(n, c) + shift(n, c); }
+};
+
+template <typename A> inline void finish_stats(const Moments& m, double eps, A* mean, A* rstd) {
+  const double var = m.n > 0 ? std::max(m.m2 / m.n, 0.0) : 0.0;
+  *mean = static_cast<A>(m.mean);
+  *rstd = static_cast<A>(1.0 / std::sqrt(var + eps));
+}
+
+// Work split of [0, total) among nt parts, boundaries multiples of `align`.
+inline void split_range(int64_t total, int part, int nt, int64_t align, int64_t* b, int64_t* e) {
+  const int64_t units = (total + align - 1) / align;
+  *b = std::min(total, units * part / nt * align);
+  *e = std::min(total, units * (part + 1) / nt * align);
+}
+
+// Chooses whole tiles per thread (true) or the team split (false).
+inline bool whole_tiles(int64_t tiles, int threads, int64_t tile_bytes, int64_t max_bytes) {
+  if (threads <= 1) return true;
+  if (tiles < threads) return false;
+  if (tile_bytes > max_bytes && tiles < 4 * threads) return false;
+  return tiles % threads == 0 || tiles >= 4 * threads;
+}
+
+inline int pick_threads(int threads, int64_t numel) {
+#ifdef _OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#else
+  threads = 1;
+#endif
+  if (numel < (int64_t(1) << 15)) threads = 1;
+  return std::max(1, threads);
+}
+
+// ---------------------------------------------------------------------- forward
+// y = act((x - mean) * a + b) over a contiguous run.
+template <typename T, typename V>
+inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename V::A a,
+                    typename V::A b, Activation act) {
+  constexpr int W = V::W;
+  const V mv = V::set1(mean), av = V::set1(a), bv = V::set1(b);
+  int64_t i = 0;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    V h0 = fmadd(load(x + i) - mv, av, bv);
+    V h1 = fmadd(load(x + i + W) - mv, av, bv);
+    store(y + i, act_fwd(h0, act));
+    store(y + i + W, act_fwd(h1, act));
+  }
+  for (; i < len; i += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, len - i));
+    V h = fmadd(load_n(x + i, n) - mv, av, bv);
+    store_n(y + i, act_fwd(h, act), n);
+  }
+}
+
+// Contiguous layout, elements [p0, p1) of slice (n, g).
+template <typename T, typename V>
+void fwd_slice_part(const T* xs, T* ys, int64_t p0, int64_t p1, int64_t n, int64_t g, int64_t S,
+                    int64_t Cg, typename V::A mean, typename V::A rstd,
+                    const Params<typename V::A>& pr, Activation act) {
+  for (int64_t cl = p0 / S; cl < Cg && cl * S < p1; ++cl) {
+    const int64_t b = std::max(p0, cl * S), e = std::min(p1, (cl + 1) * S);
+    if (b >= e) continue;
+    const int64_t c = g * Cg + cl;
+    fwd_run<T, V>(xs + b, ys + b, e - b, mean, pr.coef_a(n, c, rstd), pr.coef_b(n, c), act);
+  }
+}
+
+// Channels-last: y for rows [0, rows) with per-position mean/a/b.
+template <typename T, typename V>
+void fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Period& per,
+              const ClScratch<typename V::A>& sc, Activation act) {
+  constexpr int W = V::W;
+  const auto* mp = sc.mpos.data();
+  const auto* ap = sc.apos.data();
+  const auto* bp = sc.bpos.data();
+  for_period<W>(rows * C, per.P, [&](int64_t o, int64_t j, int n) {
+    if (n == W) {
+      V h = fmadd(load(x + o) - load(mp + j), load(ap + j), load(bp + j));
+      store(y + o, act_fwd(h, act));
+    } else {
+      V h = fmadd(load_n(x + o, n) - load_n(mp + j, n), load_n(ap + j, n), load_n(bp + j, n));
+      store_n(y + o, act_fwd(h, act), n);
+    }
+  });
+}
+
+// Per-position forward coefficients of sample n from its stats (G means/rstds).
+template <typename A>
+void fill_fwd_pos(ClScratch<A>& sc, const Period& per, int64_t n, int64_t C, int64_t G,
+                  const A* mean, const A* rstd, const Params<A>& pr) {
+  const int64_t Cg = C / G;
+  for (int64_t j = 0; j < per.P; ++j) {
+    const int64_t c = j % C, g = c / Cg;
+    sc.mpos[j] = mean[n * G + g];
+    sc.apos[j] = pr.coef_a(n, c, rstd[n * G + g]);
+    sc.bpos[j] = pr.coef_b(n, c);
+  }
+}
+
+template <typename T>
+void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename VecOf<T>::type::A* rstd,
+                const Params<typename VecOf<T>::type::A>& pr, int64_t N, int64_t C, int64_t S,
+                int64_t G, double eps, bool channels_last, Activation act, int threads) {
+  using V = typename VecOf<T>::type;
+  using A = typename V::A;
+  const int64_t Cg = C / G;
+  threads = pick_threads(threads, N * C * S);
+  if (!channels_last) {
+    const int64_t D = Cg * S, tiles = N * G;
+    const bool whole = whole_tiles(tiles, threads, D * int64_t(sizeof(T)), int64_t(1) << 20);
+    std::vector<Moments> part(2 * threads);
+#pragma omp parallel num_threads(threads)
+    {
+      if (whole) {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t n = t / G, g = t % G;
+          Moments m;
+          range_moments<T, V>(x + t * D, D, m);
+          finish_stats(m, eps, &mean[t], &rstd[t]);
+          fwd_slice_part<T, V>(x + t * D, y + t * D, 0, D, n, g, S, Cg, mean[t], rstd[t], pr, act);
+        }
+      } else {
+        const int tid = thread_id(), nt = team_size();
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t n = t / G, g = t % G;
+          int64_t b, e;
+          split_range(D, tid, nt, 64, &b, &e);
+          Moments& mine = part[(t & 1) * threads + tid];
+          mine = Moments();
+          range_moments<T, V>(x + t * D + b, e - b, mine);
+#pragma omp barrier
+          Moments m;
+          for (int k = 0; k < nt; ++k) m.merge(part[(t & 1) * threads + k]);
+          A mu, rs;
+          finish_stats(m, eps, &mu, &rs);
+          if (tid == 0) {
+            mean[t] = mu;
+            rstd[t] = rs;
+          }
+          fwd_slice_part<T, V>(x + t * D, y + t * D, b, e, n, g, S, Cg, mu, rs, pr, act);
+        }
+      }
+    }
+    return;
+  }
+  // channels-last
+  const Period per = make_period<V::W>(C);
+  const int64_t L = S * C;
+  const bool whole = whole_tiles(N, threads, L * int64_t(sizeof(T)), int64_t(1) << 19);
+  std::vector<Moments> part(2 * threads * G);
+#pragma omp parallel num_threads(threads)
+  {
+    ClScratch<A> sc;
+    sc.init(per.P, C);
+    std::vector<Moments> gm(G);
+    if (whole) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        std::fill(gm.begin(), gm.end(), Moments());
+        rows_moments<T, V>(x + n * L, S, C, G, per, sc, gm.data());
+        for (int64_t g = 0; g < G; ++g) finish_stats(gm[g], eps, &mean[n * G + g], &rstd[n * G + g]);
+        fill_fwd_pos(sc, per, n, C, G, mean, rstd, pr);
+        fwd_rows<T, V>(x + n * L, y + n * L, S, C, per, sc, act);
+      }
+    } else {
+      const int tid = thread_id(), nt = team_size();
+      std::vector<A> mu(G), rs(G);
+      for (int64_t n = 0; n < N; ++n) {
+        int64_t b, e;
+        split_range(S, tid, nt, 1, &b, &e);
+        Moments* mine = &part[((n & 1) * threads + tid) * G];
+        for (int64_t g = 0; g < G; ++g) mine[g] = Moments();
+        rows_moments<T, V>(x + n * L + b * C, e - b, C, G, per, sc, mine);
+#pragma omp barrier
+        for (int64_t g = 0; g < G; ++g) {
+          Moments m;
+          for (int k = 0; k < nt; ++k) m.merge(part[((n & 1) * threads + k) * G + g]);
+          finish_stats(m, eps, &mu[g], &rs[g]);
+          if (tid == 0) {
+            mean[n * G + g] = mu[g];
+            rstd[n * G + g] = rs[g];
+          }
+        }
+        // Local copies: thread 0 may not have stored mean/rstd yet.
+        fill_fwd_pos(sc, per, 0, C, G, mu.data(), rs.data(), Params<A>{pr.w, pr.b,
+                     pr.s ? pr.s + n * C : nullptr, pr.sh ? pr.sh + n * C : nullptr, C});
+        fwd_rows<T, V>(x + n * L + b * C, y + n * L + b * C, e - b, C, per, sc, act);
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------------- backward
+// Sums over a contiguous run of channel c: s1 += dh, s2 += dh * xhat, where
+// dh = gy * act'(h), h = (x - mean) * a + b, xhat = (x - mean) * rstd.
+template <typename T, typename V>
+inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mean,
+                         typename V::A rstd, typename V::A a, typename V::A b, Activation act,
+                         double* s1, double* s2) {
+  constexpr int W = V::W;
+  const V mv = V::set1(mean), rv = V::set1(rstd), av = V::set1(a), bv = V::set1(b);
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    const int64_t k = std::min(kChunk, len - c0);
+    V a1 = V::zero(), a2 = V::zero(), b1 = V::zero(), b2 = V::zero();
+    int64_t i = c0;
+    for (; i + 2 * W <= c0 + k; i += 2 * W) {
+      V d0 = load(x + i) - mv, d1 = load(x + i + W) - mv;
+      V g0 = load(gy + i), g1 = load(gy + i + W);
+      if (act != Activation::None) {
+        g0 = g0 * act_grad(fmadd(d0, av, bv), act);
+        g1 = g1 * act_grad(fmadd(d1, av, bv), act);
+      }
+      a1 = a1 + g0;
+      b1 = b1 + g1;
+      a2 = fmadd(g0, d0, a2);
+      b2 = fmadd(g1, d1, b2);
+    }
+    for (; i < c0 + k; i += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, c0 + k - i));
+      V d = load_n(x + i, n) - mv;
+      V g = load_n(gy + i, n);
+      if (act != Activation::None) g = g * act_grad(fmadd(d, av, bv), act);
+      g = keep_first(g, n);
+      a1 = a1 + g;
+      a2 = fmadd(g, d, a2);
+    }
+    *s1 += static_cast<double>(hsum(a1 + b1));
+    *s2 += static_cast<double>(hsum((a2 + b2) * rv));
+  }
+}
+
+// gx = k1 * dh + (x - mean) * k3 + k2 over a contiguous run.
+template <typename T, typename V>
+inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::A mean,
+                       typename V::A a, typename V::A b, typename V::A k1, typename V::A k2,
+                       typename V::A k3, Activation act) {
+  constexpr int W = V::W;
+  const V mv = V::set1(mean), av = V::set1(a), bv = V::set1(b);
+  const V k1v = V::set1(k1), k2v = V::set1(k2), k3v = V::set1(k3);
+  for (int64_t i = 0; i < len; i += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, len - i));
+    V d, g;
+    if (n == W) {
+      d = load(x + i) - mv;
+      g = load(gy + i);
+    } else {
+      d = load_n(x + i, n) - mv;
+      g = load_n(gy + i, n);
+    }
+    if (act != Activation::None) g = g * act_grad(fmadd(d, av, bv), act);
+    V r = fmadd(k1v, g, fmadd(d, k3v, k2v));
+    if (n == W) store(gx + i, r);
+    else store_n(gx + i, r, n);
+  }
+}
+
+// Channels-last sums for rows [0, rows): per-channel s1 (+= dh), s2 (+= dh * xhat)
+// accumulated into sc.chan1/chan2, using per-position mpos/apos/bpos/rpos.
+template <typename T, typename V>
+void bwd_sums_rows(const T* gy, const T* x, int64_t rows, int64_t C, const Period& per,
+                   ClScratch<typename V::A>& sc, Activation act) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const int64_t P = per.P;
+  const int64_t chunk_rows = per.R * std::max<int64_t>(8, (kChunk + P - 1) / P);
+  A* acc = sc.acc.data();
+  A* acc2 = sc.acc2.data();
+  const A* mp = sc.mpos.data();
+  const A* ap = sc.apos.data();
+  const A* bp = sc.bpos.data();
+  const A* rp = sc.rpos.data();
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+    const int64_t nr = std::min(chunk_rows, rows - r0);
+    const int64_t E = nr * C;
+    const T* xq = x + r0 * C;
+    const T* gq = gy + r0 * C;
+    std::fill(acc, acc + P, A(0));
+    std::fill(acc2, acc2 + P, A(0));
+    for_period<W>(E, P, [&](int64_t o, int64_t j, int n) {
+      V d, g;
+      if (n == W) {
+        d = load(xq + o) - load(mp + j);
+        g = load(gq + o);
+        if (act != Activation::None) g = g * act_grad(fmadd(d, load(ap + j), load(bp + j)), act);
+        store(acc + j, load(acc + j) + g);
+        store(acc2 + j, fmadd(g, d * load(rp + j), load(acc2 + j)));
+      } else {
+        d = load_n(xq + o, n) - load_n(mp + j, n);
+        g = load_n(gq + o, n);
+        if (act != Activation::None) g = g * act_grad(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)), act);
+        g = keep_first(g, n);
+        store_n(acc + j, load_n(acc + j, n) + g, n);
+        store_n(acc2 + j, fmadd(g, d * load_n(rp + j, n), load_n(acc2 + j, n)), n);
+      }
+    });
+    for (int64_t j = 0; j < std::min(P, E); ++j) {
+      sc.chan1[j % C] += static_cast<double>(acc[j]);
+      sc.chan2[j % C] += static_cast<double>(acc2[j]);
+    }
+  }
+}
+
+template <typename T, typename V>
+void bwd_gx_rows(const T* gy, const T* x, T* gx, int64_t rows, int64_t C, const Period& per,
+                 const ClScratch<typename V::A>& sc, Activation act) {
+  constexpr int W = V::W;
+  const auto* mp = sc.mpos.data();
+  const auto* ap = sc.apos.data();
+  const auto* bp = sc.bpos.data();
+  const auto* k1 = sc.k1.data();
+  const auto* k2 = sc.k2.data();
+  const auto* k3 = sc.k3.data();
+  for_period<W>(rows * C, per.P, [&](int64_t o, int64_t j, int n) {
+    if (n == W) {
+      V d = load(x + o) - load(mp + j);
+      V g = load(gy + o);
+      if (act != Activation::None) g = g * act_grad(fmadd(d, load(ap + j), load(bp + j)), act);
+      store(gx + o, fmadd(load(k1 + j), g, fmadd(d, load(k3 + j), load(k2 + j))));
+    } else {
+      V d = load_n(x + o, n) - load_n(mp + j, n);
+      V g = load_n(gy + o, n);
+      if (act != Activation::None) g = g * act_grad(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)), act);
+      store_n(gx + o, fmadd(load_n(k1 + j, n), g, fmadd(d, load_n(k3 + j, n), load_n(k2 + j, n))), n);
+    }
+  });
+}
+
+// For group (n, g) with per-channel sums s1, s2 (Cg entries): gx = k1_c dh + (x-mean) k3 + k2.
+template <typename A>
+inline void gx_coefs(const Params<A>& pr, int64_t n, int64_t g, int64_t Cg, int64_t S, A rstd,
+                     const double* s1, const double* s2, A* k1, A* k2, A* k3) {
+  double c1 = 0.0, c2 = 0.0;
+  for (int64_t cl = 0; cl < Cg; ++cl) {
+    const int64_t c = g * Cg + cl;
+    const double m = static_cast<double>(pr.weight(c)) * static_cast<double>(pr.film(n, c));
+    c1 += m * s1[cl];
+    c2 += m * s2[cl];
+  }
+  const double D = static_cast<double>(Cg * S), r = static_cast<double>(rstd);
+  for (int64_t cl = 0; cl < Cg; ++cl) {
+    const int64_t c = g * Cg + cl;
+    k1[cl] = static_cast<A>(r * static_cast<double>(pr.weight(c)) * static_cast<double>(pr.film(n, c)));
+  }
+  *k2 = static_cast<A>(-r * c1 / D);
+  *k3 = static_cast<A>(-r * r * c2 / D);
+}
+
+template <typename T>
+void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean,
+                 const typename VecOf<T>::type::A* rstd, const Params<typename VecOf<T>::type::A>& pr,
+                 T* gx, typename VecOf<T>::type::A* gw, typename VecOf<T>::type::A* gb,
+                 typename VecOf<T>::type::A* gs, typename VecOf<T>::type::A* gsh, int64_t N,
+                 int64_t C, int64_t S, int64_t G, bool channels_last, Activation act, int threads) {
+  using V = typename VecOf<T>::type;
+  using A = typename V::A;
+  const int64_t Cg = C / G;
+  threads = pick_threads(threads, N * C * S);
+  std::vector<double> S1(N * C, 0.0), S2(N * C, 0.0);  // per (n, c): sum dh, sum dh * xhat
+  if (!channels_last) {
+    const int64_t D = Cg * S, tiles = N * G;
+    const bool whole = whole_tiles(tiles, threads, 2 * D * int64_t(sizeof(T)), int64_t(1) << 20);
+    std::vector<double> part(2 * threads * 2 * Cg);
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<A> k1(Cg);
+      if (whole) {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t n = t / G, g = t % G;
+          const A mu = mean[t], rs = rstd[t];
+          double* s1 = &S1[n * C + g * Cg];
+          double* s2 = &S2[n * C + g * Cg];
+          for (int64_t cl = 0; cl < Cg; ++cl) {
+            const int64_t c = g * Cg + cl, o = t * D + cl * S;
+            bwd_sums_run<T, V>(gy + o, x + o, S, mu, rs, pr.coef_a(n, c, rs), pr.coef_b(n, c), act,
+                               &s1[cl], &s2[cl]);
+          }
+          if (!gx) continue;
+          A k2, k3;
+          gx_coefs(pr, n, g, Cg, S, rs, s1, s2, k1.data(), &k2, &k3);
+          for (int64_t cl = 0; cl < Cg; ++cl) {
+            const int64_t c = g * Cg + cl, o = t * D + cl * S;
+            bwd_gx_run<T, V>(gy + o, x + o, gx + o, S, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
+                             k1[cl], k2, k3, act);
+          }
+        }
+      } else {
+        const int tid = thread_id(), nt = team_size();
+        std::vector<double> s1(Cg), s2(Cg);
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t n = t / G, g = t % G;
+          const A mu = mean[t], rs = rstd[t];
+          int64_t b, e;
+          split_range(D, tid, nt, 64, &b, &e);
+          double* mine = &part[((t & 1) * threads + tid) * 2 * Cg];
+          std::fill(mine, mine + 2 * Cg, 0.0);
+          for (int64_t cl = b / S; cl < Cg && cl * S < e; ++cl) {
+            const int64_t lo = std::max(b, cl * S), hi = std::min(e, (cl + 1) * S);
+            if (lo >= hi) continue;
+            const int64_t c = g * Cg + cl;
+            bwd_sums_run<T, V>(gy + t * D + lo, x + t * D + lo, hi - lo, mu, rs, pr.coef_a(n, c, rs),
+                               pr.coef_b(n, c), act, &mine[cl], &mine[Cg + cl]);
+          }
+#pragma omp barrier
+          for (int64_t cl = 0; cl < Cg; ++cl) {
+            s1[cl] = s2[cl] = 0.0;
+            for (int k = 0; k < nt; ++k) {
+              s1[cl] += part[((t & 1) * threads + k) * 2 * Cg + cl];
+              s2[cl] += part[((t & 1) * threads + k) * 2 * Cg + Cg + cl];
+            }
+          }
+          if (tid == 0) {
+            std::copy(s1.begin(), s1.end(), &S1[n * C + g * Cg]);
+            std::copy(s2.begin(), s2.end(), &S2[n * C + g * Cg]);
+          }
+          if (!gx) continue;
+          A k2, k3;
+          gx_coefs(pr, n, g, Cg, S, rs, s1.data(), s2.data(), k1.data(), &k2, &k3);
+          for (int64_t cl = b / S; cl < Cg && cl * S < e; ++cl) {
+            const int64_t lo = std::max(b, cl * S), hi = std::min(e, (cl + 1) * S);
+            if (lo >= hi) continue;
+            const int64_t c = g * Cg + cl, o = t * D + lo;
+            bwd_gx_run<T, V>(gy + o, x + o, gx + o, hi - lo, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
+                             k1[cl], k2, k3, act);
+          }
+        }
+      }
+    }
+  } else {
+    const Period per = make_period<V::W>(C);
+    const int64_t L = S * C;
+    const bool whole = whole_tiles(N, threads, 2 * L * int64_t(sizeof(T)), int64_t(1) << 19);
+    std::vector<double> part(2 * threads * 2 * C);
+#pragma omp parallel num_threads(threads)
+    {
+      ClScratch<A> sc;
+      sc.init(per.P, C);
+      std::vector<A> k1(Cg), k2(G), k3(G);
+      std::vector<double> s1(C), s2(C);
+      auto fill_pos = [&](int64_t n) {
+        for (int64_t j = 0; j < per.P; ++j) {
+          const int64_t c = j % C, g = c / Cg;
+          const A rs = rstd[n * G + g];
+          sc.mpos[j] = mean[n * G + g];
+          sc.rpos[j] = rs;
+          sc.apos[j] = pr.coef_a(n, c, rs);
+          sc.bpos[j] = pr.coef_b(n, c);
+        }
+      };
+      auto fill_gx = [&](int64_t n, const double* t1, const double* t2) {
+        for (int64_t g = 0; g < G; ++g) {
+          gx_coefs(pr, n, g, Cg, S, rstd[n * G + g], t1 + g * Cg, t2 + g * Cg, k1.data(), &k2[g], &k3[g]);
+          for (int64_t j = g * Cg; j < per.P; j += C)
+            for (int64_t cl = 0; cl < Cg; ++cl) {
+              sc.k1[j + cl] = k1[cl];
+              sc.k2[j + cl] = k2[g];
+              sc.k3[j + cl] = k3[g];
+            }
+        }
+      };
+      if (whole) {
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+          fill_pos(n);
+          std::fill(sc.chan1.begin(), sc.chan1.end(), 0.0);
+          std::fill(sc.chan2.begin(), sc.chan2.end(), 0.0);
+          bwd_sums_rows<T, V>(gy + n * L, x + n * L, S, C, per, sc, act);
+          std::copy(sc.chan1.begin(), sc.chan1.end(), &S1[n * C]);
+          std::copy(sc.chan2.begin(), sc.chan2.end(), &S2[n * C]);
+          if (!gx) continue;
+          fill_gx(n, &S1[n * C], &S2[n * C]);
+          bwd_gx_rows<T, V>(gy + n * L, x + n * L, gx + n * L, S, C, per, sc, act);
+        }
+      } else {
+        const int tid = thread_id(), nt = team_size();
+        for (int64_t n = 0; n < N; ++n) {
+          int64_t b, e;
+          split_range(S, tid, nt, 1, &b, &e);
+          fill_pos(n);
+          std::fill(sc.chan1.begin(), sc.chan1.end(), 0.0);
+          std::fill(sc.chan2.begin(), sc.chan2.end(), 0.0);
+          bwd_sums_rows<T, V>(gy + n * L + b * C, x + n * L + b * C, e - b, C, per, sc, act);
+          double* mine = &part[((n & 1) * threads + tid) * 2 * C];
+          std::copy(sc.chan1.begin(), sc.chan1.end(), mine);
+          std::copy(sc.chan2.begin(), sc.chan2.end(), mine + C);
+#pragma omp barrier
+          for (int64_t c = 0; c < C; ++c) {
+            s1[c] = s2[c] = 0.0;
+            for (int k = 0; k < nt; ++k) {
+              s1[c] += part[((n & 1) * threads + k) * 2 * C + c];
+              s2[c] += part[((n & 1) * threads + k) * 2 * C + C + c];
+            }
+          }
+          if (tid == 0) {
+            std::copy(s1.begin(), s1.end(), &S1[n * C]);
+            std::copy(s2.begin(), s2.end(), &S2[n * C]);
+          }
+          if (!gx) continue;
+          fill_gx(n, s1.data(), s2.data());
+          bwd_gx_rows<T, V>(gy + n * L + b * C, x + n * L + b * C, gx + n * L + b * C, e - b, C, per, sc, act);
+        }
+      }
+    }
+  }
+  // Parameter gradients from the per-(n, c) sums.
+  for (int64_t c = 0; c < C; ++c) {
+    double w_acc = 0.0, b_acc = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      const double f = static_cast<double>(pr.film(n, c));
+      w_acc += f * S2[n * C + c];
+      b_acc += f * S1[n * C + c];
+      if (gs) gs[n * C + c] = static_cast<A>(static_cast<double>(pr.weight(c)) * S2[n * C + c] +
+                                             static_cast<double>(pr.bias(c)) * S1[n * C + c]);
+      if (gsh) gsh[n * C + c] = static_cast<A>(S1[n * C + c]);
+    }
+    if (gw) gw[c] = static_cast<A>(w_acc);
+    if (gb) gb[c] = static_cast<A>(b_acc);
+  }
+}
+
+// ---------------------------------------------------------------------- binding
+template <typename P> inline P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
+
+void check_common(int64_t N, int64_t C, int64_t S, int64_t G, int dtype, int activation) {
+  if (N <= 0 || C <= 0 || S <= 0 || G <= 0)
+    throw std::invalid_argument("group_norm: N, C, S and G must be positive (got N=" + std::to_string(N) +
+                                ", C=" + std::to_string(C) + ", S=" + std::to_string(S) +
+                                ", G=" + std::to_string(G) + ")");
+  if (C % G != 0) throw std::invalid_argument("group_norm: G must divide C");
+  if (dtype < 0 || dtype > 3) throw std::invalid_argument("group_norm: unknown dtype code " + std::to_string(dtype));
+  if (activation < 0 || activation > 2)
+    throw std::invalid_argument("group_norm: unknown activation code " + std::to_string(activation));
+}
+
+void group_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t mean, uintptr_t rstd, uintptr_t w, uintptr_t b,
+                    uintptr_t s, uintptr_t sh, int64_t N, int64_t C, int64_t S, int64_t G, double eps,
+                    bool channels_last, int dtype, int activation, int threads) {
+  check_common(N, C, S, G, dtype, activation);
+  if (!x || !y || !mean || !rstd) throw std::invalid_argument("group_norm_fwd: x, y, mean and rstd are required");
+  if (!(eps > 0.0)) throw std::invalid_argument("group_norm_fwd: eps must be > 0");
+  const Activation act = static_cast<Activation>(activation);
+  py::gil_scoped_release nogil;
+  if (static_cast<DType>(dtype) == DType::Float64) {
+    Params<double> pr{ptr<const double>(w), ptr<const double>(b), ptr<const double>(s), ptr<const double>(sh), C};
+    gn_forward<double>(ptr<const double>(x), ptr<double>(y), ptr<double>(mean), ptr<double>(rstd), pr, N, C, S,
+                       G, eps, channels_last, act, threads);
+    return;
+  }
+  Params<float> pr{ptr<const float>(w), ptr<const float>(b), ptr<const float>(s), ptr<const float>(sh), C};
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32:
+      gn_forward<float>(ptr<const float>(x), ptr<float>(y), ptr<float>(mean), ptr<float>(rstd), pr, N, C, S, G,
+                        eps, channels_last, act, threads);
+      break;
+    case DType::Float16:
+      gn_forward<Half>(ptr<const Half>(x), ptr<Half>(y), ptr<float>(mean), ptr<float>(rstd), pr, N, C, S, G, eps,
+                       channels_last, act, threads);
+      break;
+    case DType::BFloat16:
+      gn_forward<BFloat16>(ptr<const BFloat16>(x), ptr<BFloat16>(y), ptr<float>(mean), ptr<float>(rstd), pr, N,
+                           C, S, G, eps, channels_last, act, threads);
+      break;
+    default:
+      break;
+  }
+}
+
+void group_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t mean, uintptr_t rstd, uintptr_t w, uintptr_t b,
+                    uintptr_t s, uintptr_t sh, uintptr_t gx, uintptr_t gw, uintptr_t gb, uintptr_t gs,
+                    uintptr_t gsh, int64_t N, int64_t C, int64_t S, int64_t G, bool channels_last, int dtype,
+                    int activation, int threads) {
+  check_common(N, C, S, G, dtype, activation);
+  if (!gy || !x || !mean || !rstd)
+    throw std::invalid_argument("group_norm_bwd: grad_y, x, mean and rstd are required");
+  const Activation act = static_cast<Activation>(activation);
+  py::gil_scoped_release nogil;
+  if (static_cast<DType>(dtype) == DType::Float64) {
+    Params<double> pr{ptr<const double>(w), ptr<const double>(b), ptr<const double>(s), ptr<const double>(sh), C};
+    gn_backward<double>(ptr<const double>(gy), ptr<const double>(x), ptr<const double>(mean),
+                        ptr<const double>(rstd), pr, ptr<double>(gx), ptr<double>(gw), ptr<double>(gb),
+                        ptr<double>(gs), ptr<double>(gsh), N, C, S, G, channels_last, act, threads);
+    return;
+  }
+  Params<float> pr{ptr<const float>(w), ptr<const float>(b), ptr<const float>(s), ptr<const float>(sh), C};
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    gn_backward<T>(ptr<const T>(gy), ptr<const T>(x), ptr<const float>(mean), ptr<const float>(rstd), pr,
+                   ptr<T>(gx), ptr<float>(gw), ptr<float>(gb), ptr<float>(gs), ptr<float>(gsh), N, C, S, G,
+                   channels_last, act, threads);
+  };
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32: run(float{}); break;
+    case DType::Float16: run(Half{}); break;
+    case DType::BFloat16: run(BFloat16{}); break;
+    default: break;
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace imagen_fast
+
+void register_cpu_group_norm(py::module_& m) {
+  using namespace imagen_fast::cpu;
+  m.def("group_norm_fwd", &group_norm_fwd,
+        "GroupNorm + FiLM + activation forward on CPU buffers (data pointers). "
+        "Writes y (x's dtype and layout) and mean/rstd (N, G) in float32 (float64 for float64).",
+        py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
+        py::arg("scale"), py::arg("shift"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
+        py::arg("eps"), py::arg("channels_last"), py::arg("dtype"), py::arg("activation"),
+        py::arg("threads") = 0);
+  m.def("group_norm_bwd", &group_norm_bwd,
+        "GroupNorm + FiLM + activation backward on CPU buffers (data pointers; 0 = absent). "
+        "Writes any of grad_x, grad_weight, grad_bias, grad_scale, grad_shift whose pointer is non-zero.",
+        py::arg("grad_y"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
+        py::arg("scale"), py::arg("shift"), py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
+        py::arg("grad_scale"), py::arg("grad_shift"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
+        py::arg("channels_last"), py::arg("dtype"), py::arg("activation"), py::arg("threads") = 0);
+}

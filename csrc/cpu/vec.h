@@ -1,0 +1,279 @@
+// A small SIMD layer for the CPU kernels: VF (16 float lanes) and VD (1 double lane).
+//
+// With AVX-512 (F/BW/DQ/VL, chosen at compile time: the build uses -march=native) VF
+// is one __m512 register and exp/erfc are polynomial approximations accurate to a
+// few float ulps. Elsewhere VF is a plain array that the compiler vectorises for
+// whatever ISA it has, with the libm functions per lane. VD is the float64 path:
+// scalar double with libm, used where inputs are float64 (tests, gradcheck).
+//
+// Loads convert the storage type (float, double, Half, BFloat16) to the lane type;
+// stores round back (round to nearest even, as torch does). `n`-suffixed forms touch
+// only the first n lanes and zero the others on load.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "imagen_fast/common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && !defined(IMAGEN_FAST_PORTABLE)
+#define IMAGEN_FAST_AVX512 1
+#include <immintrin.h>
+#else
+#define IMAGEN_FAST_AVX512 0
+#endif
+
+namespace imagen_fast {
+namespace cpu {
+
+// ------------------------------------------------------------------ scalar helpers
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(Half v) { return f16_to_f32(v.bits); }
+inline float to_acc(BFloat16 v) { return bf16_to_f32(v.bits); }
+
+template <typename T> inline T from_acc(float v);
+template <> inline float from_acc<float>(float v) { return v; }
+template <> inline Half from_acc<Half>(float v) { return Half{f32_to_f16(v)}; }
+template <> inline BFloat16 from_acc<BFloat16>(float v) {
+  // torch's rounding: NaN -> canonical quiet NaN, otherwise round to nearest even.
+  uint32_t u = f32_bits(v);
+  if (v != v) return BFloat16{0x7fc0};
+  return BFloat16{static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+template <typename T> inline T from_acc(double v);
+template <> inline double from_acc<double>(double v) { return v; }
+
+// ===================================================================== VD: double
+struct VD {
+  static constexpr int W = 1;
+  using A = double;
+  double v;
+  VD() = default;
+  VD(double x) : v(x) {}
+  static VD set1(double a) { return VD(a); }
+  static VD zero() { return VD(0.0); }
+};
+inline VD operator+(VD a, VD b) { return a.v + b.v; }
+inline VD operator-(VD a, VD b) { return a.v - b.v; }
+inline VD operator*(VD a, VD b) { return a.v * b.v; }
+inline VD operator/(VD a, VD b) { return a.v / b.v; }
+inline VD fmadd(VD a, VD b, VD c) { return a.v * b.v + c.v; }
+inline VD keep_first(VD a, int n) { return n > 0 ? a : VD(0.0); }
+inline double hsum(VD a) { return a.v; }
+inline VD load(const double* p) { return *p; }
+inline VD load_n(const double* p, int n) { return n > 0 ? *p : 0.0; }
+inline void store(double* p, VD a) { *p = a.v; }
+inline void store_n(double* p, VD a, int n) {
+  if (n > 0) *p = a.v;
+}
+inline VD act_fwd(VD h, Activation act) { return activate<double>(h.v, act); }
+inline VD act_grad(VD h, Activation act) { return activate_grad<double>(h.v, act); }
+
+// ====================================================================== VF: float
+#if IMAGEN_FAST_AVX512
+
+struct VF {
+  static constexpr int W = 16;
+  using A = float;
+  __m512 v;
+  VF() = default;
+  VF(__m512 x) : v(x) {}
+  static VF set1(float a) { return VF(_mm512_set1_ps(a)); }
+  static VF zero() { return VF(_mm512_setzero_ps()); }
+};
+inline __mmask16 first_n(int n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+inline VF operator+(VF a, VF b) { return _mm512_add_ps(a.v, b.v); }
+inline VF operator-(VF a, VF b) { return _mm512_sub_ps(a.v, b.v); }
+inline VF operator*(VF a, VF b) { return _mm512_mul_ps(a.v, b.v); }
+inline VF operator/(VF a, VF b) { return _mm512_div_ps(a.v, b.v); }
+inline VF fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+inline VF keep_first(VF a, int n) { return _mm512_maskz_mov_ps(first_n(n), a.v); }
+inline float hsum(VF a) { return _mm512_reduce_add_ps(a.v); }
+
+inline VF load(const float* p) { return _mm512_loadu_ps(p); }
+inline VF load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(first_n(n), p); }
+inline void store(float* p, VF a) { _mm512_storeu_ps(p, a.v); }
+inline void store_n(float* p, VF a, int n) { _mm512_mask_storeu_ps(p, first_n(n), a.v); }
+
+inline VF widen_bf16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m256i narrow_bf16(VF a) {
+  __m512i u = _mm512_castps_si512(a.v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc00000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+inline VF load(const BFloat16* p) {
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline VF load_n(const BFloat16* p, int n) { return widen_bf16(_mm256_maskz_loadu_epi16(first_n(n), p)); }
+inline void store(BFloat16* p, VF a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(a)); }
+inline void store_n(BFloat16* p, VF a, int n) { _mm256_mask_storeu_epi16(p, first_n(n), narrow_bf16(a)); }
+
+inline VF load(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline VF load_n(const Half* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n(n), p)); }
+inline void store(Half* p, VF a) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store_n(Half* p, VF a, int n) {
+  _mm256_mask_storeu_epi16(p, first_n(n), _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// 1/d to ~1 ulp: 14-bit estimate and one Newton step.
+inline VF recip(VF d) {
+  __m512 r = _mm512_rcp14_ps(d.v);
+  return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d.v, r, _mm512_set1_ps(1.0f)), r);
+}
+
+// e^x: x = n ln2 + r, |r| <= ln2/2, minimax degree-6 polynomial (rel. error ~1e-7),
+// scaled by 2^n with vscalefps (overflow to inf, gradual underflow to 0).
+inline VF vexp(VF x) {
+  __m512 xc = _mm512_min_ps(_mm512_max_ps(x.v, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(0.0013836836442351341f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.008374815806746483f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.04166822507977486f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666419804096222f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49999991059303284f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline VF vabs(VF a) { return _mm512_abs_ps(a.v); }
+
+// erfc(a) for a >= 0 given e = exp(-a^2): t = 1 / (1 + 0.47 a),
+// erfc(a) = e * t * P(t), P a degree-9 fit of erfc(a) exp(a^2) / t on a in [0, 10]
+// (relative error ~2e-7 in float arithmetic).
+inline VF erfc_pos(VF a, VF e) {
+  VF t = recip(fmadd(a, VF::set1(0.47f), VF::set1(1.0f)));
+  __m512 p = _mm512_set1_ps(-0.01830999f);
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(0.04902491f));
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(0.05052609f));
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(-0.28739695f));
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(0.2483227f));
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(-0.01435505f));
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(0.21160253f));
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(0.22964843f));
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(0.26579481f));
+  p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(0.26514251f));
+  return _mm512_mul_ps(_mm512_mul_ps(p, t.v), e.v);
+}
+
+// Phi(h) = 0.5 (1 + erf(h / sqrt 2)) and, optionally, its density, sharing exp(-h^2/2).
+inline VF gauss_cdf(VF h, VF* pdf) {
+  VF a = vabs(h) * VF::set1(0.70710678118654752f);
+  a = _mm512_min_ps(a.v, _mm512_set1_ps(10.0f));
+  VF e = vexp(VF::zero() - a * a);
+  VF tail = erfc_pos(a, e) * VF::set1(0.5f);  // Phi(-|h|)
+  __mmask16 neg = _mm512_cmp_ps_mask(h.v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  if (pdf) *pdf = e * VF::set1(0.39894228040143267794f);
+  return _mm512_mask_blend_ps(neg, (VF::set1(1.0f) - tail).v, tail.v);
+}
+
+inline VF act_fwd(VF h, Activation act) {
+  if (act == Activation::SiLU) return h * recip(VF::set1(1.0f) + vexp(VF::zero() - h));
+  if (act == Activation::GELU) return h * gauss_cdf(h, nullptr);
+  return h;
+}
+inline VF act_grad(VF h, Activation act) {
+  if (act == Activation::SiLU) {
+    VF s = recip(VF::set1(1.0f) + vexp(VF::zero() - h));
+    return s * fmadd(h, VF::set1(1.0f) - s, VF::set1(1.0f));
+  }
+  if (act == Activation::GELU) {
+    VF pdf;
+    VF cdf = gauss_cdf(h, &pdf);
+    return fmadd(h, pdf, cdf);
+  }
+  return VF::set1(1.0f);
+}
+
+#else  // portable
+
+struct VF {
+  static constexpr int W = 16;
+  using A = float;
+  float v[16];
+  static VF set1(float a) {
+    VF r;
+    for (int i = 0; i < 16; ++i) r.v[i] = a;
+    return r;
+  }
+  static VF zero() { return set1(0.0f); }
+};
+#define IF_VF_BINOP(op)                                   \
+  inline VF operator op(const VF& a, const VF& b) {       \
+    VF r;                                                 \
+    for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] op b.v[i]; \
+    return r;                                             \
+  }
+IF_VF_BINOP(+)
+IF_VF_BINOP(-)
+IF_VF_BINOP(*)
+IF_VF_BINOP(/)
+#undef IF_VF_BINOP
+inline VF fmadd(const VF& a, const VF& b, const VF& c) {
+  VF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+  return r;
+}
+inline VF keep_first(const VF& a, int n) {
+  VF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = i < n ? a.v[i] : 0.0f;
+  return r;
+}
+inline float hsum(const VF& a) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += a.v[i];
+  return s;
+}
+template <typename T> inline VF load(const T* p) {
+  VF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = to_acc(p[i]);
+  return r;
+}
+template <typename T> inline VF load_n(const T* p, int n) {
+  VF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = i < n ? to_acc(p[i]) : 0.0f;
+  return r;
+}
+template <typename T> inline void store(T* p, const VF& a) {
+  for (int i = 0; i < 16; ++i) p[i] = from_acc<T>(a.v[i]);
+}
+template <typename T> inline void store_n(T* p, const VF& a, int n) {
+  for (int i = 0; i < n && i < 16; ++i) p[i] = from_acc<T>(a.v[i]);
+}
+inline VF act_fwd(const VF& h, Activation act) {
+  VF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = activate<float>(h.v[i], act);
+  return r;
+}
+inline VF act_grad(const VF& h, Activation act) {
+  VF r;
+  for (int i = 0; i < 16; ++i) r.v[i] = activate_grad<float>(h.v[i], act);
+  return r;
+}
+
+#endif
+
+// The lane type that accumulates storage type T.
+template <typename T> struct VecOf { using type = VF; };
+template <> struct VecOf<double> { using type = VD; };
+
+}  // namespace cpu
+}  // namespace imagen_fast

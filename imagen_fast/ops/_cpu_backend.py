@@ -1,0 +1,130 @@
+"""Backend "cpu": the C++/OpenMP kernels of csrc/cpu, through imagen_fast._C.
+
+Tensors cross as data pointers, sizes, a layout flag and a dtype code; outputs are
+allocated here with torch and written completely by the kernels. The kernels run
+with torch's thread count (torch.get_num_threads()) and release the GIL.
+
+Attention on CPU runs torch's flash-attention CPU kernel
+(aten._scaled_dot_product_flash_attention_for_cpu and its backward) with the key
+padding mask as an additive 0 / -inf mask; batches whose keys are all masked get
+zero output and zero gradients (the kernel itself would produce NaN there).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .._compiled import load_extension
+from . import _torch_backend
+from .dispatch import register
+
+_C = load_extension()
+if _C is None or not hasattr(_C, "group_norm_fwd"):
+    raise ImportError("imagen_fast._C is not built (or was built without the CPU kernels)")
+
+# Must match csrc/include/imagen_fast/common.h (DType, Activation).
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_ACTIVATION_CODES = {"none": 0, "silu": 1, "gelu": 2}
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """(N, *spatial, C) in memory and not also plain contiguous."""
+    if x.ndim < 3 or x.is_contiguous():
+        return False
+    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
+    return x.permute(perm).is_contiguous()
+
+
+def _layout_reason(t: torch.Tensor, name: str) -> Optional[str]:
+    if t.device.type != "cpu":
+        return f"{name} must be a CPU tensor, got {t.device.type}"
+    if t.dtype not in _DTYPE_CODES:
+        return f"{name} has dtype {t.dtype}; the cpu kernels take float32/float64/float16/bfloat16"
+    if not (t.is_contiguous() or _channels_last(t)):
+        return f"{name} must be contiguous or channels-last"
+    return None
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor with x's shape, dtype and exact strides."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _same_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t with x's dtype and strides (a copy only when they differ)."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    out = _empty_like_layout(x)
+    out.copy_(t)
+    return out
+
+
+def _param(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------- group_norm_silu
+def _gn_supports(x, *rest) -> Optional[str]:
+    why = _layout_reason(x, "x")
+    if why is None and x.ndim < 2:
+        return "x must have at least 2 dims"
+    return why
+
+
+def _gn_geometry(x: torch.Tensor, num_groups: int):
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c) if n * c else 0
+    return n, c, s, num_groups, _channels_last(x)
+
+
+@register("group_norm_silu_fwd", "cpu", supports=_gn_supports)
+def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activation):
+    pdt = _stat_dtype(x)
+    n, c, s, g, cl = _gn_geometry(x, num_groups)
+    w, b, sc, sh = (_param(t, pdt) for t in (weight, bias, scale, shift))
+    y = _empty_like_layout(x)
+    mean = torch.empty((n, g), dtype=pdt)
+    rstd = torch.empty((n, g), dtype=pdt)
+    _C.group_norm_fwd(x.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
+                      _ptr(b), _ptr(sc), _ptr(sh), n, c, s, g, float(eps), cl,
+                      _DTYPE_CODES[x.dtype], _ACTIVATION_CODES[activation], _threads())
+    return y, mean, rstd
+
+
+@register("group_norm_silu_bwd", "cpu", supports=_gn_supports)
+def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift,
+                        activation, needs):
+    pdt = _stat_dtype(x)
+    n, c, s, g, cl = _gn_geometry(x, num_groups)
+    grad_y = _same_layout(grad_y, x)
+    mean = mean.to(pdt).contiguous()
+    rstd = rstd.to(pdt).contiguous()
+    w, b, sc, sh = (_param(t, pdt) for t in (weight, bias, scale, shift))
+    need_x, need_w, need_b, need_s, need_sh = needs
+    gx = _empty_like_layout(x) if need_x else None
+    gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
+    gb = torch.empty(c, dtype=pdt) if need_b and b is not None else None
+    gs = torch.empty((n, c), dtype=pdt) if need_s and sc is not None else None
+    gsh = torch.empty((n, c), dtype=pdt) if need_sh and sh is not None else None
+    _C.group_norm_bwd(grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                      _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), _ptr(gx), _ptr(gw), _ptr(gb),
+                      _ptr(gs), _ptr(gsh), n, c, s, g, cl, _DTYPE_CODES[x.dtype],
+                      _ACTIVATION_CODES[activation], _threads())
+    params = (weight, bias, scale, shift)
+    grads = (gw, gb, gs, gsh)
+    return (gx,) + tuple(None if gr is None else gr.to(p.dtype).reshape(p.shape)
+                         for gr, p in zip(grads, params))
