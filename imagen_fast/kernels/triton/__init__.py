@@ -4,6 +4,6 @@ an ImportError (no triton) marks the backend unavailable.
 """
 import triton  # noqa: F401  (ImportError -> backend unavailable)
 
-from . import attention, group_norm  # noqa: F401,E402
+from . import attention, group_norm, threshold  # noqa: F401,E402
 
-__all__ = ["attention", "group_norm"]
+__all__ = ["attention", "group_norm", "threshold"]
