@@ -21,6 +21,7 @@ level's channels, text projected to context_dim before the attention layers.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any, Dict, List
 
 import torch
@@ -91,7 +92,8 @@ def preset_config(name: str, **overrides) -> Dict[str, Any]:
         if key in ("arch", "name"):
             raise ValueError(f"{key} cannot be overridden")
         config[key] = value
-    return config
+    # JSON-normal form (tuples -> lists), so a config compares equal to its saved copy
+    return json.loads(json.dumps(config))
 
 
 def unet_from_config(config: Dict[str, Any], device=None, dtype=None) -> torch.nn.Module:

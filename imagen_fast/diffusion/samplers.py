@@ -1,0 +1,196 @@
+"""Samplers with classifier-free guidance and thresholding.
+
+* "ddpm": ancestral sampling (the posterior q(z_s | z_t, x0_hat) with its noise).
+* "ddim": DDIM with any number of steps and ``eta`` (0 = deterministic).
+* "dpmpp2m": DPM-Solver++(2M), the multistep second-order data-prediction solver for
+  few-step sampling; its x0 predictions are thresholded like the others, the last step
+  (to t = 0) is first order.
+
+Every step calls the model ONCE: with guidance, the conditional and unconditional
+inputs are stacked into one batch of size 2B (unconditional = zeroed text with every
+token masked, exactly what training's text dropout produces). Guidance combine ->
+x0 -> thresholding -> posterior runs in one fused ``ops.sampler_step`` call
+(DPM-Solver++ asks the same op for the thresholded x0 alone, a step to t = 0).
+
+The time grid is uniform in t, from 1 to 0 in ``steps`` steps; the final point t = 0 is
+treated as clean data (alpha = 1, sigma = 0), so the result is the last (thresholded)
+x0 prediction.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .gaussian import GaussianDiffusion, _draw, null_text
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+THRESHOLDS = ("dynamic", "static", "none")
+
+
+class GuidedDenoiser:
+    """Model predictions for the conditional and unconditional branch in one forward.
+
+    The batch-doubled inputs (text | null text, low-res image twice) are built once;
+    each call stacks [z, z] and returns (pred_cond, pred_uncond), pred_uncond None when
+    guidance is off (guidance_scale == 1 or no text).
+    """
+
+    def __init__(self, model: Callable, batch: int, text_embeds: Optional[Tensor],
+                 text_mask: Optional[Tensor], guidance_scale: float,
+                 lowres: Optional[Tensor] = None, aug_level: Optional[Tensor] = None):
+        self.model = model
+        self.batch = batch
+        self.guided = text_embeds is not None and float(guidance_scale) != 1.0
+        self.calls = 0
+        if text_embeds is not None and text_mask is None:
+            text_mask = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)
+        if self.guided:
+            null_e, null_m = null_text(text_embeds)
+            text_embeds = torch.cat([text_embeds, null_e])
+            text_mask = torch.cat([text_mask.bool(), null_m])
+            if lowres is not None:
+                lowres = torch.cat([lowres, lowres])
+                aug_level = torch.cat([aug_level, aug_level])
+        self.text_embeds, self.text_mask = text_embeds, text_mask
+        self.kwargs = {} if lowres is None else dict(lowres=lowres, aug_level=aug_level)
+
+    def __call__(self, z: Tensor, t: float) -> Tuple[Tensor, Optional[Tensor]]:
+        self.calls += 1
+        n = z.shape[0] * (2 if self.guided else 1)
+        tt = torch.full((n,), float(t), device=z.device, dtype=torch.float32)
+        zz = torch.cat([z, z]) if self.guided else z
+        out = self.model(zz, tt, self.text_embeds, self.text_mask, **self.kwargs).to(z.dtype)
+        if not self.guided:
+            return out, None
+        cond, uncond = out.chunk(2)
+        return cond, uncond
+
+
+def time_grid(steps: int) -> List[float]:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    return [1.0 - i / steps for i in range(steps)] + [0.0]
+
+
+def _alpha_sigma(diffusion: GaussianDiffusion, t: float) -> Tuple[float, float]:
+    if t <= 0.0:
+        return 1.0, 0.0
+    a, s = diffusion.alpha_sigma(torch.tensor(t, dtype=torch.float64))
+    return float(a), float(s)
+
+
+def _prepare_lowres(diffusion, lowres, aug_level, batch, generator, device):
+    if lowres is None:
+        return None, None
+    level = torch.full((batch,), float(aug_level), dtype=torch.float64, device=device)
+    noisy = diffusion.augment_lowres(lowres.to(device), level, generator)
+    return noisy, level.float()
+
+
+@torch.no_grad()
+def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
+           text_embeds: Optional[Tensor] = None, text_mask: Optional[Tensor] = None,
+           lowres: Optional[Tensor] = None, aug_level: float = 0.0,
+           guidance_scale: float = 1.0, sampler: str = "ddpm", steps: int = 50,
+           eta: float = 0.0, threshold: str = "dynamic", percentile: float = 0.995,
+           generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
+           device=None, dtype: torch.dtype = torch.float32,
+           denoiser: Optional[GuidedDenoiser] = None) -> Tensor:
+    """Draw samples of ``shape`` (B, C, H, W) from ``model`` (called as
+    ``model(z, t, text_embeds, text_mask[, lowres=, aug_level=])``).
+
+    guidance_scale w: pred = w * pred(text) + (1 - w) * pred(no text).
+    threshold: "dynamic" (percentile p of |x0|, the paper's p = 0.995), "static"
+    (clip to [-1, 1]) or "none". For super-resolution, ``lowres`` is noise-augmented to
+    the fixed ``aug_level`` before sampling and the level is given to the model.
+    ``noise`` is the starting z_1 (default: standard normal from ``generator``).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    grid = time_grid(steps)
+    if device is None:
+        device = noise.device if noise is not None else (
+            text_embeds.device if text_embeds is not None else torch.device("cpu"))
+    b = shape[0]
+    z = (noise.to(device=device, dtype=dtype) if noise is not None
+         else _draw("normal", shape, generator, device, dtype))
+    if denoiser is None:
+        lowres_aug, level = _prepare_lowres(diffusion, lowres, aug_level, b, generator, device)
+        denoiser = GuidedDenoiser(model, b, text_embeds, text_mask, guidance_scale, lowres_aug, level)
+    step_kw = dict(guidance_scale=float(guidance_scale), threshold=threshold,
+                   percentile=percentile, prediction=diffusion.prediction, generator=generator)
+    if sampler == "dpmpp2m":
+        return _dpmpp2m(denoiser, diffusion, z, grid, step_kw)
+    for t, s in zip(grid[:-1], grid[1:]):
+        a_t, s_t = _alpha_sigma(diffusion, t)
+        a_s, s_s = _alpha_sigma(diffusion, s)
+        cond, uncond = denoiser(z, t)
+        z = ops.sampler_step(z, cond, uncond, alpha_t=a_t, sigma_t=s_t, alpha_s=a_s, sigma_s=s_s,
+                             sampler=sampler, eta=eta if sampler == "ddim" else 0.0, **step_kw)
+    return z
+
+
+def _dpmpp2m(denoiser: GuidedDenoiser, diffusion: GaussianDiffusion, z: Tensor,
+             grid: List[float], step_kw) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep in lambda = log(alpha / sigma)."""
+    x0_prev: Optional[Tensor] = None
+    h_prev = 0.0
+    for t, s in zip(grid[:-1], grid[1:]):
+        a_t, s_t = _alpha_sigma(diffusion, t)
+        a_s, s_s = _alpha_sigma(diffusion, s)
+        cond, uncond = denoiser(z, t)
+        # guided, thresholded data prediction: a DDIM step to t = 0 returns x0 itself
+        x0 = ops.sampler_step(z, cond, uncond, alpha_t=a_t, sigma_t=s_t, alpha_s=1.0,
+                              sigma_s=0.0, sampler="ddim", eta=0.0, **step_kw)
+        if s_s == 0.0:
+            return x0                                          # first-order final step
+        h = math.log(a_s / s_s) - math.log(a_t / s_t)
+        if x0_prev is None:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        z = (s_s / s_t) * z - (a_s * math.expm1(-h)) * d
+        x0_prev, h_prev = x0, h
+    return z
+
+
+@torch.no_grad()
+def ddim_invert(model: Callable, diffusion: GaussianDiffusion, x0: Tensor, *, steps: int = 50,
+                text_embeds: Optional[Tensor] = None, text_mask: Optional[Tensor] = None,
+                lowres: Optional[Tensor] = None, aug_level: float = 0.0,
+                guidance_scale: float = 1.0) -> Tensor:
+    """Deterministic DDIM encoding x0 -> z_1 (the reverse of ``sample(..., sampler="ddim",
+    eta=0, threshold="none")`` on the same grid, up to discretisation error).
+
+    Step t -> s (s > t) uses the model at (z_t, t): z_s = alpha_s x0_hat + sigma_s eps_hat.
+    No thresholding (it is not invertible). With ``lowres`` the augmentation level must
+    be 0 or the encoding is random.
+    """
+    b = x0.shape[0]
+    if lowres is not None and aug_level != 0.0:
+        raise ValueError("ddim_invert needs aug_level=0 to be deterministic")
+    lowres_aug, level = _prepare_lowres(diffusion, lowres, aug_level, b, None, x0.device)
+    denoiser = GuidedDenoiser(model, b, text_embeds, text_mask, guidance_scale, lowres_aug, level)
+    grid = time_grid(steps)[::-1]
+    z = x0
+    w = float(guidance_scale)
+    for t, s in zip(grid[:-1], grid[1:]):
+        a_t, s_t = _alpha_sigma(diffusion, t)
+        a_s, s_s = _alpha_sigma(diffusion, s)
+        cond, uncond = denoiser(z, t)
+        pred = cond if uncond is None else uncond + w * (cond - uncond)
+        if diffusion.prediction == "eps":
+            eps = pred
+            x0_hat = (z - s_t * eps) / a_t
+        else:
+            x0_hat = a_t * z - s_t * pred
+            eps = s_t * z + a_t * pred
+        z = a_s * x0_hat + s_s * eps
+    return z
