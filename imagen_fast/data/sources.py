@@ -7,7 +7,7 @@ after the split across ranks/workers and the shuffle buffer.
 
 Tar shards: members are grouped webdataset-style by key = the member path up to the first dot
 of its base name (``00000/000000012.jpg`` and ``00000/000000012.txt`` form one sample);
-read with the standard library's ``tarfile`` in streaming mode (plain or compressed tars).
+read with the standard library's ``tarfile`` (plain or gzip/bz2/xz-compressed tars).
 """
 from __future__ import annotations
 
@@ -101,11 +101,13 @@ class TarShards:
     def records(self, unit: int, on_error: Optional[Callable[[str, str], None]] = None) -> Iterator[Record]:
         """Records of shard ``unit`` in file order. An error part way (truncated or corrupt
         tar, I/O error) ends the shard: ``on_error(shard, message)`` is called, the samples
-        before it are kept, the incomplete one is dropped."""
+        before it are kept, the incomplete one is dropped. ``tarfile`` alone ends a truncated
+        archive silently; here a shard must end with its end-of-archive block, or it counts
+        as unreadable (never a silent hole)."""
         path = self.shards[unit]
         cur_key, cur = None, {}
         try:
-            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            with tarfile.open(path, mode="r:*") as tf:
                 for m in tf:
                     if not m.isfile():
                         continue
@@ -113,11 +115,19 @@ class TarShards:
                     if key is None or os.path.basename(key).startswith((".", "__")):
                         continue
                     data = tf.extractfile(m).read()
+                    if len(data) != m.size:
+                        raise tarfile.ReadError(f"member {m.name}: {len(data)} of {m.size} bytes")
                     if key != cur_key:
                         if cur_key is not None:
                             yield Record(cur_key, cur, path)
                         cur_key, cur = key, {}
                     cur[ext] = data
+                    tf.members.clear()          # TarFile keeps every header otherwise
+                tf.fileobj.seek(tf.offset)
+                end = tf.fileobj.read(512)
+                if len(end) != 512 or any(end):
+                    raise tarfile.ReadError(f"no end-of-archive block at byte {tf.offset} "
+                                            f"(truncated or corrupt after {cur_key!r})")
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             if on_error is None:
                 raise UnreadableUnit(f"{path}: {type(e).__name__}: {e}") from e

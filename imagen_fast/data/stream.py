@@ -17,12 +17,16 @@ worker's epoch), and
 ``lowres`` (3, s, s) for super-resolution transforms, ``meta`` (the .json, parsed) when
 ``with_meta=True``. ``collate`` stacks tensors and keeps strings and dicts as lists.
 
-Resume: feed every consumed batch to a ``StreamPosition``; save its ``state_dict()``; on
-resume call ``dataset.set_position(state)`` before building the DataLoader. Each worker
-re-reads its epoch's records without decoding them up to the last consumed one and goes on
-from there: no sample repeated or lost, provided world size, worker count, seed and data
-are unchanged (otherwise the position restarts at the earliest saved epoch, with a warning).
-Random crops are seeded by (seed, epoch, worker, index), so they also replay identically.
+Resume: feed every consumed batch (each one, in order) to a ``StreamPosition``; save its
+``state_dict()``; on resume call ``dataset.set_position(state)`` before building the
+DataLoader. Each worker re-reads its epoch's records without decoding them up to the last
+consumed one and goes on from there, and the workers are rotated so that the new loader's
+first batch comes from the worker that owed the next one: the resumed batches are exactly
+those an uninterrupted run would have produced, in the same order (for endless streams; a
+finite stream's tail, where workers run dry at different times, keeps the same set of
+samples). This holds when world size, worker count, seed and data are unchanged; otherwise
+the position restarts at the earliest saved epoch, with a warning. Random crops are seeded
+by (seed, epoch, worker, index), so they replay identically too.
 """
 from __future__ import annotations
 
@@ -103,6 +107,7 @@ class StreamDataset(IterableDataset):
         self.skips = counter or SkipCounter()
         self._resume: Dict[int, tuple] = {}
         self._resume_workers: Optional[int] = None
+        self._rotation = 0
 
     # -- epochs and positions ----------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -112,7 +117,7 @@ class StreamDataset(IterableDataset):
 
     def set_position(self, state: Optional[dict]) -> None:
         """Resume from a ``StreamPosition.state_dict()`` (None clears it)."""
-        self._resume, self._resume_workers = {}, None
+        self._resume, self._resume_workers, self._rotation = {}, None, 0
         if not state:
             return
         if state.get("seed", self.seed) != self.seed or state.get("rank", self.rank) != self.rank \
@@ -123,12 +128,18 @@ class StreamDataset(IterableDataset):
             return
         self._resume = {int(g): (int(e), int(n)) for g, (e, n) in state["positions"].items()}
         self._resume_workers = state.get("global_workers")
+        if self._resume_workers:
+            # DataLoader takes batches from its workers round-robin starting at worker 0; the
+            # worker that owes the next batch must be worker 0 of the new loader
+            self._rotation = int(state.get("batches", 0)) % max(1, self._resume_workers // self.world_size)
         if self._resume:
             self.start_epoch = min(e for e, _ in self._resume.values())
 
     def _slot(self):
         info = get_worker_info()
         nw, w = (1, 0) if info is None else (info.num_workers, info.id)
+        if self._resume_workers == self.world_size * nw:
+            w = (w + self._rotation) % nw
         return self.rank * nw + w, self.world_size * nw
 
     def _epoch_records(self, epoch: int, gid: int, G: int) -> Iterator[Record]:
@@ -259,12 +270,14 @@ class StreamPosition:
     def __init__(self, dataset: Optional[StreamDataset] = None):
         self.positions: Dict[int, tuple] = {}
         self.global_workers: Optional[int] = None
+        self.batches = 0
         self.seed = dataset.seed if dataset is not None else None
         self.rank = dataset.rank if dataset is not None else None
         self.world_size = dataset.world_size if dataset is not None else None
 
     def update(self, batch) -> None:
         pos = batch["pos"] if isinstance(batch, dict) else batch
+        self.batches += 1
         for g, G, e, n in pos.reshape(-1, 4).tolist():
             self.global_workers = G
             cur = self.positions.get(g)
@@ -274,7 +287,7 @@ class StreamPosition:
     def state_dict(self) -> dict:
         s = {"positions": {str(g): list(p) for g, p in sorted(self.positions.items())},
              "min_epoch": min((e for e, _ in self.positions.values()), default=0),
-             "global_workers": self.global_workers}
+             "global_workers": self.global_workers, "batches": self.batches}
         for k in ("seed", "rank", "world_size"):
             if getattr(self, k) is not None:
                 s[k] = getattr(self, k)
@@ -283,6 +296,7 @@ class StreamPosition:
     def load_state_dict(self, state: dict) -> None:
         self.positions = {int(g): tuple(p) for g, p in state.get("positions", {}).items()}
         self.global_workers = state.get("global_workers")
+        self.batches = int(state.get("batches", 0))
 
 
 def make_loader(dataset: StreamDataset, batch_size: int, *, num_workers: int = 0,
