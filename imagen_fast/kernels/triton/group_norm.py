@@ -467,9 +467,19 @@ def make_plan(N: int, C: int, S: int, G: int, channels_last: bool, sms: int, cfg
     if gb > 1 and cb < cg_p2:
         raise ValueError("groups_per_program > 1 needs channel_block >= next_pow2(C/G)")
     ncb = cm.cdiv(cg, cb)
+    # The fused plan (one read of x) wins when a whole group block fits one tile:
+    # give up groups per program (contiguity along channels) to get there.
+    fused = False
+    if ncb == 1 and "groups_per_program" not in f:
+        gf = gb
+        while gf > 1 and gf * cb * s_p2 > fused_max:
+            gf //= 2
+        if gf * cb * s_p2 <= fused_max:
+            gb, fused = gf, True
+    elif ncb == 1:
+        fused = gb * cb * s_p2 <= fused_max
     rows = gb * cb
     gblk = cm.cdiv(G, gb)
-    fused = ncb == 1 and rows * s_p2 <= fused_max
     bs = s_p2 if fused else min(s_p2, max(1, tile // rows))
     bs = f.get("block_s", bs)
     fused = f.get("fused", fused) and ncb == 1 and bs >= S
