@@ -8,9 +8,11 @@ float64 (the coefficients are per-sample scalars, precision is free).
 * "cosine": lambda(t) = -2 log tan(a t + b), the cosine schedule of Nichol & Dhariwal in
   log-SNR form, with a and b chosen so that lambda(0) = logsnr_max and
   lambda(1) = logsnr_min (defaults +20 / -20), so neither end is singular.
-* "linear": the continuous limit of DDPM's linear betas from 1e-4 to 0.02 over 1000
-  steps: alpha_t^2 = exp(-(b0 t + (b1 - b0) t^2 / 2)) with b0 = 0.1, b1 = 20, its
-  log-SNR clipped to logsnr_max near t = 0.
+* "linear": DDPM's linear betas from 1e-4 to 0.02 over N = 1000 steps, made continuous:
+  -log alpha_bar after n steps, sum_{i<=n} -log(1 - beta_i), is replaced by its midpoint
+  integral over [0.5, n + 0.5] with beta linear in the step index, which has a closed
+  form; at t = n / N it matches the discrete alpha_bar to ~1e-6 relative. The log-SNR
+  is clipped to logsnr_max near t = 0.
 """
 from __future__ import annotations
 
@@ -70,13 +72,21 @@ class LinearSchedule(Schedule):
     def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000,
                  logsnr_min: float = -20.0, logsnr_max: float = 20.0):
         super().__init__(logsnr_min, logsnr_max)
+        if not 0.0 < beta_start < beta_end < 1.0 or num_steps < 2:
+            raise ValueError(f"need 0 < beta_start < beta_end < 1 and num_steps >= 2, got "
+                             f"{beta_start}, {beta_end}, {num_steps}")
         self.beta_start, self.beta_end, self.num_steps = float(beta_start), float(beta_end), int(num_steps)
-        self._b0 = beta_start * num_steps
-        self._b1 = beta_end * num_steps
+        self._k = (self.beta_end - self.beta_start) / (self.num_steps - 1)   # beta per step
+
+    def _antiderivative(self, x: Tensor) -> Tensor:
+        """F with F' = -log(1 - beta(x)), beta(x) = beta_start + k (x - 1)."""
+        u = 1.0 - (self.beta_start + self._k * (x - 1.0))
+        return (u * torch.log(u) - u) / self._k
 
     def _logsnr(self, t: Tensor) -> Tensor:
-        # log(alpha^2 / sigma^2) = -log(exp(g) - 1), g = -log(alpha^2) = b0 t + (b1 - b0) t^2 / 2
-        g = self._b0 * t + 0.5 * (self._b1 - self._b0) * t * t
+        # g = -log(alpha_bar); log(alpha^2 / sigma^2) = -log(exp(g) - 1)
+        n = t * self.num_steps
+        g = self._antiderivative(n + 0.5) - self._antiderivative(torch.full_like(n, 0.5))
         return -torch.log(torch.expm1(g.clamp(min=1e-30)))
 
     def config(self) -> dict:
