@@ -83,10 +83,12 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, blocks_ptr, count_ptr,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                     H, Lq, Lk, NBLK, qk_scale,
+                     H, Lq, Lk, NBLK, qk_scale, consts_ptr,
                      D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      HAS_MASK: tl.constexpr, CDT: tl.constexpr, UPCAST: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, SC64: tl.constexpr):
+    if SC64:  # float64: the scale in float64 (float kernel arguments are float32)
+        qk_scale = tl.load(consts_ptr)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -161,10 +163,13 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
                           dk_ptr, dv_ptr,
                           sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                           sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                          H, Lq, Lk, qk_scale, scale,
+                          H, Lq, Lk, qk_scale, scale, consts_ptr,
                           D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
                           BN: tl.constexpr, HAS_MASK: tl.constexpr, CDT: tl.constexpr,
-                          UPCAST: tl.constexpr, PREC: tl.constexpr):
+                          UPCAST: tl.constexpr, PREC: tl.constexpr, SC64: tl.constexpr):
+    if SC64:
+        qk_scale = tl.load(consts_ptr)
+        scale = tl.load(consts_ptr + 1)
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -215,10 +220,13 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr,
                         blocks_ptr, count_ptr, dq_ptr,
                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
-                        sdqb, sdqh, sdqm, H, Lq, Lk, NBLK, qk_scale, scale,
+                        sdqb, sdqh, sdqm, H, Lq, Lk, NBLK, qk_scale, scale, consts_ptr,
                         D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
                         BN: tl.constexpr, HAS_MASK: tl.constexpr, CDT: tl.constexpr,
-                        UPCAST: tl.constexpr, PREC: tl.constexpr):
+                        UPCAST: tl.constexpr, PREC: tl.constexpr, SC64: tl.constexpr):
+    if SC64:
+        qk_scale = tl.load(consts_ptr)
+        scale = tl.load(consts_ptr + 1)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -314,6 +322,14 @@ def _block_list(mask_u8: torch.Tensor, lk: int, bn: int):
     return blocks, count, nblk
 
 
+def _consts(q, scale):
+    """float64 inputs: [scale * log2(e), scale] as a float64 tensor; else None."""
+    if q.dtype != torch.float64:
+        return None
+    return torch.tensor([float(scale) * cm.LOG2E, float(scale)], dtype=torch.float64,
+                        device=q.device)
+
+
 def _mask_u8(mask):
     return None if mask is None else mask.contiguous().view(torch.uint8)
 
@@ -336,6 +352,7 @@ def _forward(q, k, v, mask, scale, lse_dtype):
     m8 = _mask_u8(mask)
     upcast = cm.interpreting() and q.dtype in (torch.float16, torch.bfloat16)
     lists = {}
+    consts = _consts(q, scale)
 
     def run(cfg):
         bm, bn, nw, ns = cfg
@@ -350,9 +367,10 @@ def _forward(q, k, v, mask, scale, lse_dtype):
             q, k, v, out, lse, m8 if m8 is not None else lse, blocks, count,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, Lq, Lk, nblk, float(scale) * cm.LOG2E,
+            H, Lq, Lk, nblk, float(scale) * cm.LOG2E, consts if consts is not None else lse,
             D=D, DP=_head_pad(D), BM=bm, BN=bn, HAS_MASK=m8 is not None, CDT=_cdt(q.dtype),
-            UPCAST=upcast, PREC=_prec(q.dtype), num_warps=nw, num_stages=ns)
+            UPCAST=upcast, PREC=_prec(q.dtype), SC64=consts is not None, num_warps=nw,
+            num_stages=ns)
 
     if "fwd" in _FORCED:
         cfg = tuple(_FORCED["fwd"]) + (4, 2)
@@ -391,11 +409,14 @@ def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
         do.stride(2), H, Lq, D=D, DP=dp_, BM=64, CDT=cdt, num_warps=4)
     lists = {}
     qk_scale = float(scale) * cm.LOG2E
+    consts = _consts(q, scale)
+    cptr = consts if consts is not None else delta
 
     def run(cfg):
         bm, bn, nw, ns = cfg
         common = dict(D=D, DP=dp_, BM=bm, BN=bn, HAS_MASK=m8 is not None, CDT=cdt,
-                      UPCAST=upcast, PREC=_prec(q.dtype), num_warps=nw, num_stages=ns)
+                      UPCAST=upcast, PREC=_prec(q.dtype), SC64=consts is not None,
+                      num_warps=nw, num_stages=ns)
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
                    do.stride(2))
@@ -403,7 +424,7 @@ def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
         _attn_bwd_dkdv_kernel[(cm.cdiv(Lk, bn), B * H)](
             q, k, v, do, lse, delta, mptr, dk, dv, *strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            H, Lq, Lk, qk_scale, float(scale), **common)
+            H, Lq, Lk, qk_scale, float(scale), cptr, **common)
         if m8 is not None:
             if bn not in lists:
                 lists[bn] = _block_list(m8, Lk, bn)
@@ -414,7 +435,7 @@ def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
         _attn_bwd_dq_kernel[(cm.cdiv(Lq, bm), B * H)](
             q, k, v, do, lse, delta, mptr, blocks, count, dq, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2), H, Lq, Lk, nblk, qk_scale, float(scale),
-            **common)
+            cptr, **common)
 
     if "bwd" in _FORCED:
         cfg = tuple(_FORCED["bwd"]) + (4, 2)

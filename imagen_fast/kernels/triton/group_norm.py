@@ -119,6 +119,13 @@ def _row_params(n, c, valid, C, w_ptr, b_ptr, sc_ptr, sh_ptr, CDT: tl.constexpr,
 
 
 @triton.jit
+def _as_float(v, CDT: tl.constexpr):
+    """An int (a tensor, or a constexpr when Triton specialised an argument equal
+    to 1) as a CDT scalar, exactly."""
+    return v + tl.zeros([], CDT)
+
+
+@triton.jit
 def _rsqrt(v):
     if v.dtype == tl.float64:
         return 1.0 / tl.sqrt(v)
@@ -206,7 +213,7 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_pt
     base = n.to(tl.int64) * C * S
     s_begin = split * CHUNK
     s_end = tl.minimum(s_begin + CHUNK, S)
-    M = (Cg * S).to(CDT)
+    M = _as_float(Cg * S, CDT)
 
     if MODE == 0:
         c, valid = _rows(g0, 0, G, Cg, GB, CB)
@@ -379,7 +386,7 @@ def _gn_bwd_dx_kernel(gy_ptr, x_ptr, gx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s
     base = n.to(tl.int64) * C * S
     s_begin = split * CHUNK
     s_end = tl.minimum(s_begin + CHUNK, S)
-    inv_m = 1.0 / (Cg * S).to(CDT)
+    inv_m = 1.0 / _as_float(Cg * S, CDT)
     mr, rr = _load_group_stats(mean_ptr, rstd_ptr, n, gvec, G, GB, CB, CDT)
     c1 = tl.load(c12_ptr + (n * G + gvec) * 2, mask=gvec < G, other=0.0).to(CDT)
     c2 = tl.load(c12_ptr + (n * G + gvec) * 2 + 1, mask=gvec < G, other=0.0).to(CDT)
@@ -424,7 +431,7 @@ def _gn_bwd_fused_kernel(gy_ptr, x_ptr, gx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr
     _store_param_grads(n, c, valid, C, p1, p2, w, b, film, gsh_ptr, gsc_ptr, gw_ptr, gb_ptr,
                        NEED_W, NEED_B, NEED_SC, NEED_SH)
     if NEED_X:
-        inv_m = 1.0 / (Cg * S).to(CDT)
+        inv_m = 1.0 / _as_float(Cg * S, CDT)
         a = w * film
         c1r = _to_rows(_group_sum(a * p1, GB, CB), GB, CB) * inv_m
         c2r = _to_rows(_group_sum(a * p2, GB, CB), GB, CB) * inv_m
