@@ -138,7 +138,8 @@ def bench_group_norm(shapes, dtype, copy_gbs, table_f, table_b, raw):
                 torch.randn(n, c, device="cuda", requires_grad=True)
             wl, bl, sl, shl = (t.detach().to(dtype).requires_grad_() for t in (w, b, s, sh))
             fwd = {
-                "triton": _triton(lambda i: ops.group_norm_silu(xs[i], 32, w, b, scale=s, shift=sh)),
+                "triton": _triton(lambda i: ops.group_norm_silu(xs[i], 32, w, b, scale=s,
+                                                                shift=sh)),
                 "eager": lambda i: _eager_gn(xs[i], 32, wl, bl, sl, shl),
                 "compile": lambda i: compiled(xs[i], 32, wl, bl, 1e-5, sl, shl, "silu"),
             }

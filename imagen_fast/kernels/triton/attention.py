@@ -132,7 +132,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, blocks_ptr, 
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    safe_l = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(safe_l)) * 0.6931471805599453)
     o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
     tl.store(o_base + offs_m[:, None] * som + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m < Lq)[:, None] & dmask[None, :])

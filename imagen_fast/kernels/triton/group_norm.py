@@ -202,7 +202,7 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_pt
                    CDT: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, NCB: tl.constexpr,
                    BS: tl.constexpr, CL: tl.constexpr, MODE: tl.constexpr,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr,
-                   HAS_SH: tl.constexpr, ACT: tl.constexpr):
+                   HAS_SH: tl.constexpr, ACT: tl.constexpr, SP2: tl.constexpr):
     """MODE 0: fused single tile; 1: stats loop then apply loop; 2: merge partials."""
     pid = tl.program_id(0)
     if MODE == 2:
@@ -235,15 +235,17 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_pt
             _, mean, m2 = _chunk_stats(x_ptr, base, n, g0, G, Cg, C, S, 0, S, CDT, GB, CB,
                                        NCB, BS, CL)
         else:
-            cnt = tl.zeros([GB], CDT)
-            mean = tl.zeros([GB], CDT)
-            m2 = tl.zeros([GB], CDT)
-            for i in range(SPLIT):
-                off = ((n * SPLIT + i) * G + gvec) * 2
-                pm = tl.load(part_ptr + off, mask=gvec < G, other=0.0)
-                pm2 = tl.load(part_ptr + off + 1, mask=gvec < G, other=0.0)
-                pc = (Cg * (tl.minimum(i * CHUNK + CHUNK, S) - i * CHUNK)).to(CDT)
-                cnt, mean, m2 = _chan_merge(cnt, mean, m2, pc, pm, pm2)
+            # all chunks at once: mean = sum n_i m_i / n, M2 = sum M2_i + n_i (m_i - mean)^2
+            i = tl.arange(0, SP2)
+            pmask = (i < SPLIT)[:, None] & (gvec < G)[None, :]
+            off = ((n * SPLIT + i[:, None]) * G + gvec[None, :]) * 2
+            pm = tl.load(part_ptr + off, mask=pmask, other=0.0).to(CDT)
+            pm2 = tl.load(part_ptr + off + 1, mask=pmask, other=0.0).to(CDT)
+            pc = tl.where(i < SPLIT, Cg * (tl.minimum(i * CHUNK + CHUNK, S) - i * CHUNK), 0)
+            pc = _as_float(pc, CDT)[:, None]
+            mean = tl.sum(pc * pm, axis=0) / M
+            dev = tl.where(pmask, pm - mean[None, :], 0.0)
+            m2 = tl.sum(pm2 + pc * dev * dev, axis=0)
         rstd = _rsqrt(m2 / M + eps)
         for cb in range(NCB):
             c, valid = _rows(g0, cb, G, Cg, GB, CB)
@@ -345,7 +347,7 @@ def _gn_bwd_finalize_kernel(part_ptr, w_ptr, b_ptr, sc_ptr, c12_ptr, gsh_ptr, gs
                             CDT: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr,
                             NCB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                             HAS_SC: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                            NEED_SC: tl.constexpr, NEED_SH: tl.constexpr):
+                            NEED_SC: tl.constexpr, NEED_SH: tl.constexpr, SP2: tl.constexpr):
     """Merge the chunk partials; per (n, c) parameter-gradient pieces; c1, c2 per group."""
     pid = tl.program_id(0)
     n = pid // GBLK
@@ -357,12 +359,11 @@ def _gn_bwd_finalize_kernel(part_ptr, w_ptr, b_ptr, sc_ptr, c12_ptr, gsh_ptr, gs
         c, valid = _rows(g0, cb, G, Cg, GB, CB)
         w, b, film, _ = _row_params(n, c, valid, C, w_ptr, b_ptr, sc_ptr, sc_ptr, CDT,
                                     HAS_W, HAS_B, HAS_SC, False)
-        p1 = tl.zeros([GB * CB], CDT)
-        p2 = tl.zeros([GB * CB], CDT)
-        for i in range(SPLIT):
-            off = (n * SPLIT + i) * C + c
-            p1 += tl.load(part_ptr + off, mask=valid, other=0.0)
-            p2 += tl.load(part_ptr + PST + off, mask=valid, other=0.0)
+        i = tl.arange(0, SP2)
+        off = (n * SPLIT + i[:, None]) * C + c[None, :]
+        pmask = (i < SPLIT)[:, None] & valid[None, :]
+        p1 = tl.sum(tl.load(part_ptr + off, mask=pmask, other=0.0), axis=0).to(CDT)
+        p2 = tl.sum(tl.load(part_ptr + PST + off, mask=pmask, other=0.0), axis=0).to(CDT)
         _store_param_grads(n, c, valid, C, p1, p2, w, b, film, gsh_ptr, gsc_ptr, gw_ptr,
                            gb_ptr, NEED_W, NEED_B, NEED_SC, NEED_SH)
         a = w * film
@@ -453,38 +454,41 @@ class _Plan:
 
 # (loop tile elements, largest single tile for the fused plan, num_warps); the first
 # of each list is the default (valid on sm_80 and sm_90).
+MIN_CHUNK = 8192
 _FWD_CONFIGS = [(4096, 8192, 8), (2048, 4096, 4), (4096, 8192, 16), (8192, 16384, 16)]
 _BWD_CONFIGS = [(2048, 4096, 8), (1024, 2048, 4), (4096, 4096, 8), (2048, 8192, 16)]
 
 
 def make_plan(N: int, C: int, S: int, G: int, channels_last: bool, sms: int, cfg) -> _Plan:
+    """Launch plan for x seen as (N, C, S) with G groups (see the module docstring)."""
     tile, fused_max, num_warps = cfg
     f = _FORCED
     cg = C // G
     cg_p2, s_p2, g_p2 = cm.next_pow2(cg), cm.next_pow2(S), cm.next_pow2(G)
-    if channels_last:
+    forced_rows = "channel_block" in f or "groups_per_program" in f
+    fused = False
+    if cg_p2 * s_p2 <= fused_max and not forced_rows:
+        # One read of x: a whole group block in one tile. Channels-last prefers >= 128
+        # contiguous channels a tile; contiguous rows are already contiguous.
+        cb = cg_p2
+        gb = min(g_p2, max(1, (128 if channels_last else tile // s_p2) // cb))
+        while gb > 1 and gb * cb * s_p2 > fused_max:
+            gb //= 2
+        fused = True
+    elif channels_last:
         cb = min(cg_p2, 256)
         gb = min(g_p2, max(1, 128 // cb)) if cb == cg_p2 else 1
     else:
-        bs0 = min(s_p2, 1024)
-        cb = min(cg_p2, max(1, tile // bs0))
-        gb = min(g_p2, max(1, tile // (bs0 * cb))) if cb == cg_p2 else 1
+        # rows of >= 256 contiguous pixels (or the whole plane), as many channels as fit
+        cb = min(cg_p2, max(1, tile // min(s_p2, 256)))
+        gb = min(g_p2, max(1, tile // (cb * s_p2))) if cb == cg_p2 else 1
     cb = f.get("channel_block", cb)
     gb = f.get("groups_per_program", gb if cb == cg_p2 else 1)
     if gb > 1 and cb < cg_p2:
         raise ValueError("groups_per_program > 1 needs channel_block >= next_pow2(C/G)")
     ncb = cm.cdiv(cg, cb)
-    # The fused plan (one read of x) wins when a whole group block fits one tile:
-    # give up groups per program (contiguity along channels) to get there.
-    fused = False
-    if ncb == 1 and "groups_per_program" not in f:
-        gf = gb
-        while gf > 1 and gf * cb * s_p2 > fused_max:
-            gf //= 2
-        if gf * cb * s_p2 <= fused_max:
-            gb, fused = gf, True
-    elif ncb == 1:
-        fused = gb * cb * s_p2 <= fused_max
+    if forced_rows:
+        fused = ncb == 1 and gb * cb * s_p2 <= fused_max
     rows = gb * cb
     gblk = cm.cdiv(G, gb)
     bs = s_p2 if fused else min(s_p2, max(1, tile // rows))
@@ -495,7 +499,10 @@ def make_plan(N: int, C: int, S: int, G: int, channels_last: bool, sms: int, cfg
         tiles = cm.cdiv(S, bs)
         programs = N * gblk
         if programs < 2 * sms:
-            split = max(1, min(tiles, cm.cdiv(4 * sms, programs)))
+            # enough programs for the card, but >= MIN_CHUNK elements each, so the
+            # partials stay few
+            most = max(1, (min(gb, G) * cg * S) // MIN_CHUNK)
+            split = max(1, min(tiles, cm.cdiv(4 * sms, programs), most))
         split = max(1, min(tiles, f.get("split", split)))
         chunk = cm.cdiv(tiles, split) * bs
         split = cm.cdiv(S, chunk)
@@ -568,7 +575,7 @@ def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activati
             mean, rstd, part, C, S, G, C // G, p.GBLK, p.SPLIT, p.CHUNK, float(eps),
             CDT=cdt, GB=p.GB, CB=p.CB, NCB=p.NCB, BS=p.BS, CL=cl, MODE=mode,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
-            HAS_SH=shift is not None, ACT=act, num_warps=p.num_warps)
+            HAS_SH=shift is not None, ACT=act, SP2=cm.next_pow2(p.SPLIT), num_warps=p.num_warps)
 
     key = _tune_key(x, G, (act, weight is not None, scale is not None))
     cfg = cm.pick_config("group_norm_fwd", key, x.device, _FWD_CONFIGS, run, _FWD_CONFIGS[0])
@@ -633,7 +640,7 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
             part, opt(weight), opt(bias), opt(scale), c12, opt(gsh), opt(gsc), opt(gw_n),
             opt(gb_n), C, G, C // G, p.GBLK, p.SPLIT, N * p.SPLIT * C, CDT=cdt, GB=p.GB,
             CB=p.CB, NCB=p.NCB, HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"],
-            HAS_SC=flags["HAS_SC"], **needf, num_warps=4)
+            HAS_SC=flags["HAS_SC"], **needf, SP2=cm.next_pow2(p.SPLIT), num_warps=4)
         if need_x:
             _gn_bwd_dx_kernel[grid](
                 gy, x, gx, mean, rstd, opt(weight), opt(bias), opt(scale), opt(shift), c12,
