@@ -124,9 +124,11 @@ class GaussianDiffusion:
 
     # ------------------------------------------------- conditioning helpers
     def augment_lowres(self, lowres: Tensor, aug_level: Tensor,
-                       generator: Optional[torch.Generator] = None) -> Tensor:
+                       generator: Optional[torch.Generator] = None,
+                       noise: Optional[Tensor] = None) -> Tensor:
         """Noise the low-res conditioning image to ``aug_level`` (B,) in [0, 1]."""
-        noise = _draw("normal", lowres.shape, generator, lowres.device, lowres.dtype)
+        if noise is None:
+            noise = _draw("normal", lowres.shape, generator, lowres.device, lowres.dtype)
         level = aug_level.detach().double()
         alpha, sigma = self.aug_schedule.alpha_sigma(level)
         # level 0 means "no augmentation": exactly the clean image
@@ -139,11 +141,13 @@ class GaussianDiffusion:
              text_mask: Optional[Tensor] = None, lowres: Optional[Tensor] = None, *,
              t: Optional[Tensor] = None, noise: Optional[Tensor] = None,
              aug_level: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+             drop: Optional[Tensor] = None, aug_noise: Optional[Tensor] = None,
              reduction: str = "mean") -> Tensor:
         """Squared error between the model output and the target (eps or v).
 
-        Draws t ~ U(0, 1), the noise, the text-dropout coin (p = cond_drop_prob) and,
-        when ``lowres`` is given, the augmentation level ~ U(0, aug_level_max), from
+        Draws t ~ U(0, 1), the noise, the text-dropout coins (``drop``, bool (B,),
+        True = drop, with p = cond_drop_prob) and, when ``lowres`` is given, the
+        augmentation level ~ U(0, aug_level_max) and its noise (``aug_noise``), from
         ``generator`` unless given explicitly. reduction "mean" or "none" (per sample).
         """
         b = x0.shape[0]
@@ -153,9 +157,10 @@ class GaussianDiffusion:
         if noise is None:
             noise = _draw("normal", x0.shape, generator, dev, x0.dtype)
         z_t = self.q_sample(x0, t, noise)
-        if text_embeds is not None and self.cond_drop_prob > 0:
-            drop = _draw("uniform", (b,), generator, dev, torch.float64) < self.cond_drop_prob
-            text_embeds, text_mask = drop_text(text_embeds, text_mask, drop)
+        if text_embeds is not None and (drop is not None or self.cond_drop_prob > 0):
+            if drop is None:
+                drop = _draw("uniform", (b,), generator, dev, torch.float64) < self.cond_drop_prob
+            text_embeds, text_mask = drop_text(text_embeds, text_mask, drop.to(dev))
         kwargs = {}
         if lowres is not None:
             if aug_level is None:
@@ -164,7 +169,7 @@ class GaussianDiffusion:
                 else:
                     aug_level = torch.zeros(b, dtype=torch.float64)
             aug_level = aug_level.to(dev)
-            kwargs = dict(lowres=self.augment_lowres(lowres, aug_level, generator),
+            kwargs = dict(lowres=self.augment_lowres(lowres, aug_level, generator, aug_noise),
                           aug_level=aug_level.float())
         pred = model(z_t, t.float(), text_embeds, text_mask, **kwargs)
         err = (pred.float() - self.target(x0, noise, t).float()) ** 2
