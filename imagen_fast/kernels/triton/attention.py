@@ -279,12 +279,24 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_pt
 
 
 # ------------------------------------------------------------------------ launch
-# (BM, BN, num_warps, num_stages); the first entry is the default, valid on sm_80
-# for every head dim <= 128 and every dtype.
+# (BM, BN, num_warps, num_stages) candidates for the autotuner (GPU only).
 _FWD_CONFIGS = [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
-                (64, 128, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3)]
-_BWD_CONFIGS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2),
-                (128, 64, 8, 2), (32, 128, 4, 2)]
+                (64, 128, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (32, 32, 4, 1)]
+_BWD_CONFIGS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 64, 8, 2),
+                (32, 128, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 1)]
+
+
+def _default_config(kind: str, dtype: torch.dtype, dp: int):
+    """A config that fits sm_80's shared memory and registers for this row size; what
+    runs when nothing is tuned (and what the tuner falls back to)."""
+    row_bytes = torch.finfo(dtype).bits // 8 * dp
+    if row_bytes > 256:                       # float32 with D > 64, float64 with D > 32
+        return (32, 32, 4, 1)
+    if kind == "fwd":
+        return (64, 64, 4, 2)
+    return (32, 64, 8, 2) if dp > 64 else (64, 64, 4, 2)
+
+
 _INTERP_BLOCKS = (32, 32)
 
 
@@ -379,7 +391,7 @@ def _forward(q, k, v, mask, scale, lse_dtype):
         cfg = _INTERP_BLOCKS + (4, 1)
     else:
         cfg = cm.pick_config("attention_fwd", _tune_key(q, k, mask), q.device, _FWD_CONFIGS,
-                             run, _FWD_CONFIGS[0])
+                             run, _default_config("fwd", q.dtype, _head_pad(D)))
     run(cfg)
     return out, lse
 
@@ -444,6 +456,6 @@ def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
         cfg = _INTERP_BLOCKS + (4, 1)
     else:
         cfg = cm.pick_config("attention_bwd", _tune_key(q, k, mask), q.device, _BWD_CONFIGS,
-                             run, _BWD_CONFIGS[0])
+                             run, _default_config("bwd", q.dtype, dp_))
     run(cfg)
     return dq, dk, dv
