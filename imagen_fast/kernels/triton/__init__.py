@@ -16,9 +16,9 @@ Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU):
 * It cannot see what only a GPU shows: tl.dot needs every block dim >= 16 (kept by
   construction: BM, BN >= 16, head dim padded to >= 16), shared-memory and register
   limits per card, races between programs, real bf16 MMA rounding.
-* Float kernel arguments are float64 in the interpreter but float32 on a GPU: float64
-  kernels take their float64 scalars from a small tensor (attention._consts,
-  threshold._params) so both agree.
+* Python float kernel arguments are float32 (interpreter and GPU alike), while float
+  literals inside a kernel take the other operand's dtype: float64 kernels take their
+  float64 scalars from a small tensor (attention._consts, threshold._params).
 * Integer arguments equal to 1 become compile-time constants on a GPU (not in the
   interpreter): an expression such as (Cg * S).to(...) breaks when both are 1, hence
   group_norm._as_float.
