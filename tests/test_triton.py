@@ -58,10 +58,6 @@ def _dev(*ts):
     return [None if t is None else t.to(DEVICE) for t in ts]
 
 
-def _lp(t, dtype):
-    return None if t is None else t.to(dtype)
-
-
 def _d64(t):
     return None if t is None else t.double()
 
@@ -420,7 +416,6 @@ def test_pick_config_tunes_once_and_skips_failures(monkeypatch):
         if cfg == "bad":
             raise RuntimeError("out of resources")
 
-    last = {}
     monkeypatch.setattr(cm.triton.testing, "do_bench",
                         lambda fn, **kw: (fn(), times[calls[-1]])[1])
     key = ("test-class", len(cm._tuned))
@@ -428,7 +423,6 @@ def test_pick_config_tunes_once_and_skips_failures(monkeypatch):
     n = len(calls)
     assert cm.pick_config("t", key, DEVICE, ["a", "bad", "b", "c"], run, "a") == "b"
     assert len(calls) == n, "a tuned shape class must not be re-timed"
-    del last
 
 
 def test_interpreter_uses_fixed_configs():
