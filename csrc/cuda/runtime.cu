@@ -1,11 +1,14 @@
 // CUDA runtime queries with every call checked.
 #include <cuda_runtime.h>
 
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "imagen_fast/cuda_api.h"
 #include "imagen_fast/cuda_check.cuh"
+#include "imagen_fast/cuda_context.cuh"
 
 namespace imagen_fast {
 namespace cuda {
@@ -38,6 +41,52 @@ DeviceInfo device_info(int device) {
   info.shared_memory_per_block_optin = static_cast<int>(prop.sharedMemPerBlockOptin);
   info.l2_cache_bytes = prop.l2CacheSize;
   return info;
+}
+
+const DeviceProps& device_props(int device) {
+  static std::mutex mutex;
+  static std::vector<DeviceProps> cache;
+  static std::vector<bool> known;
+  int n = device_count();
+  if (n == 0) {
+    throw std::runtime_error(
+        "imagen_fast CUDA kernels need a CUDA device, but the CUDA runtime finds none "
+        "(no GPU or no driver on this machine); use backend 'cpu' or 'torch'");
+  }
+  if (device < 0 || device >= n) {
+    throw std::invalid_argument("device must be in [0, " + std::to_string(n) + "), got " +
+                                std::to_string(device));
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() < static_cast<size_t>(n)) {
+    cache.resize(n);
+    known.resize(n, false);
+  }
+  if (!known[device]) {
+    DeviceProps p;
+    auto attr = [device](cudaDeviceAttr a) {
+      int v = 0;
+      IF_CUDA_CHECK(cudaDeviceGetAttribute(&v, a, device));
+      return v;
+    };
+    p.major = attr(cudaDevAttrComputeCapabilityMajor);
+    p.minor = attr(cudaDevAttrComputeCapabilityMinor);
+    p.multiprocessors = attr(cudaDevAttrMultiProcessorCount);
+    p.max_threads_per_sm = attr(cudaDevAttrMaxThreadsPerMultiProcessor);
+    p.regs_per_sm = attr(cudaDevAttrMaxRegistersPerMultiprocessor);
+    p.smem_per_block_optin = attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+    p.smem_per_sm = attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+    p.l2_bytes = attr(cudaDevAttrL2CacheSize);
+    if (p.major < 8) {
+      throw std::runtime_error("imagen_fast CUDA kernels are built for compute capability "
+                               ">= 8.0 (sm_80, sm_90a); device " + std::to_string(device) +
+                               " has " + std::to_string(p.major) + "." +
+                               std::to_string(p.minor));
+    }
+    cache[device] = p;
+    known[device] = true;
+  }
+  return cache[device];
 }
 
 static std::string version_string(int v) {
