@@ -137,7 +137,8 @@ Geometry make_geometry(const GroupNormArgs& a, bool bwd, const DeviceProps* prop
     int64_t lanes, opc, base, item_extent;
     if (!cl) {
       item_extent = a.S / vec;
-      lanes = std::min<int64_t>(kSplitThreads, pow2_ceil(item_extent));
+      // Lanes per channel row: at least 4 vectors (one unrolled batch) per lane.
+      lanes = std::min<int64_t>(kSplitThreads, pow2_ceil(ceil_div(item_extent, 4)));
       opc = kSplitThreads / lanes;
       base = ceil_div(NC, opc);
     } else {

@@ -290,7 +290,8 @@ __global__ void __launch_bounds__(kThreads) select_kernel(Params p, int pass) {
   const double lo = Radix<KT>::value(next.prefix[0]);
   const double hi = Radix<KT>::value(next.prefix[1]);
   const QuantileRank r = quantile_rank(p.percentile, p.L);
-  double s = lo + (hi - lo) * r.frac;
+  // Rounded exactly like torch's below + (above - below) * frac (no fused multiply-add).
+  double s = __dadd_rn(lo, __dmul_rn(__dsub_rn(hi, lo), r.frac));
   s = s > p.min_value ? s : p.min_value;
   p.svals[n] = s;
   if (p.s_out) p.s_out[n] = s;
