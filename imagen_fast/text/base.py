@@ -88,9 +88,9 @@ class TextEncoder:
         mask = torch.zeros(len(prompts), L, dtype=torch.bool, device=self.device)
         row = 0
         for e, m in zip(embs, masks):
-            n, l = m.shape
-            mask[row:row + n, :l] = m
-            emb[row:row + n, :l] = e * m[..., None].to(e.dtype)
+            n, length = m.shape
+            mask[row:row + n, :length] = m
+            emb[row:row + n, :length] = e * m[..., None].to(e.dtype)
             row += n
         return emb, mask  # allocated outside inference_mode: ordinary tensors
 
