@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -150,6 +151,63 @@ template <typename A> struct ClScratch {
   }
 };
 
+// Calls f(j, c) for every position j of a period and its channel c = j % C.
+template <typename F> inline void for_positions(int64_t P, int64_t C, F&& f) {
+  for (int64_t j0 = 0; j0 < P; j0 += C)
+    for (int64_t c = 0; c < C; ++c) f(j0 + c, c);
+}
+// Same with the group g = c / Cg.
+template <typename F> inline void for_positions_g(int64_t P, int64_t C, int64_t Cg, F&& f) {
+  for (int64_t j0 = 0; j0 < P; j0 += C)
+    for (int64_t c0 = 0, g = 0; c0 < C; c0 += Cg, ++g)
+      for (int64_t c = c0; c < c0 + Cg; ++c) f(j0 + c, c, g);
+}
+
+inline int64_t chunk_rows_for(const Period& per) {
+  return per.R * std::max<int64_t>(16, (2 * kChunk + per.P - 1) / per.P);
+}
+
+// Column-blocked sums over `np` whole periods (rows of P elements) of q: K vectors of
+// accumulators stay in registers while the rows stream by. acc[j..j+K*W) is overwritten.
+template <int K, typename T, typename V>
+inline void col_sums(const T* q, int64_t np, int64_t P, int64_t j, typename V::A* acc) {
+  constexpr int W = V::W;
+  V s[K];
+  for (int k = 0; k < K; ++k) s[k] = V::zero();
+  for (int64_t r = 0; r < np; ++r) {
+    const T* p = q + r * P + j;
+    for (int k = 0; k < K; ++k) s[k] = s[k] + load(p + k * W);
+  }
+  for (int k = 0; k < K; ++k) store(acc + j + k * W, s[k]);
+}
+// Same for sum (x - m)^2 with m per position.
+template <int K, typename T, typename V>
+inline void col_m2(const T* q, int64_t np, int64_t P, int64_t j, const typename V::A* m,
+                   typename V::A* acc) {
+  constexpr int W = V::W;
+  V s[K], mv[K];
+  for (int k = 0; k < K; ++k) {
+    s[k] = V::zero();
+    mv[k] = load(m + j + k * W);
+  }
+  for (int64_t r = 0; r < np; ++r) {
+    const T* p = q + r * P + j;
+    for (int k = 0; k < K; ++k) {
+      V d = load(p + k * W) - mv[k];
+      s[k] = fmadd(d, d, s[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) store(acc + j + k * W, s[k]);
+}
+// Calls f(integral_constant<int, K>, j) over [0, nvec * W) in blocks of 8, 4, 2, 1 vectors.
+template <int W, typename F> inline void for_col_blocks(int64_t nvec, F&& f) {
+  int64_t v = 0;
+  for (; v + 8 <= nvec; v += 8) f(std::integral_constant<int, 8>{}, v * W);
+  if (v + 4 <= nvec) { f(std::integral_constant<int, 4>{}, v * W); v += 4; }
+  if (v + 2 <= nvec) { f(std::integral_constant<int, 2>{}, v * W); v += 2; }
+  if (v < nvec) f(std::integral_constant<int, 1>{}, v * W);
+}
+
 // Group moments of rows [0, rows) of a channels-last sample (x at the first row),
 // merged into gm[0..G).
 template <typename T, typename V>
@@ -158,32 +216,56 @@ void rows_moments(const T* x, int64_t rows, int64_t C, int64_t G, const Period& 
   using A = typename V::A;
   constexpr int W = V::W;
   const int64_t Cg = C / G, P = per.P;
-  const int64_t chunk_rows = per.R * std::max<int64_t>(8, (kChunk + P - 1) / P);
+  const int64_t chunk_rows = chunk_rows_for(per);
   A* acc = sc.acc.data();
   A* mpos = sc.mpos.data();
   std::vector<A> gmean(G);
+  std::vector<double> m2(G);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
     const int64_t nr = std::min(chunk_rows, rows - r0);
     const int64_t E = nr * C;
     const T* q = x + r0 * C;
-    std::fill(acc, acc + P, A(0));
-    for_period<W>(E, P, [&](int64_t o, int64_t j, int n) {
-      V v = n == W ? load(q + o) : load_n(q + o, n);
+    // Whole periods column-blocked in registers (P a multiple of W), the rest generic.
+    const int64_t np = P % W == 0 ? E / P : 0;
+    if (np > 0) {
+      for_col_blocks<W>(P / W, [&](auto k, int64_t j) { col_sums<decltype(k)::value, T, V>(q, np, P, j, acc); });
+    } else {
+      std::fill(acc, acc + P, A(0));
+    }
+    for_period<W>(E - np * P, P, [&](int64_t o, int64_t j, int n) {
+      V v = n == W ? load(q + np * P + o) : load_n(q + np * P + o, n);
       store_pos<V>(acc, j, load_pos<V>(acc, j, n) + v, n);
     });
     // Per-group chunk means (positions past the last partial period hold zeros).
     std::fill(gmean.begin(), gmean.end(), A(0));
-    for (int64_t j = 0; j < std::min(P, E); ++j) gmean[(j % C) / Cg] += acc[j];
+    for (int64_t j0 = 0; j0 < P; j0 += C)
+      for (int64_t g = 0; g < G; ++g) {
+        A t = 0;
+        for (int64_t cl = 0; cl < Cg; ++cl) t += acc[j0 + g * Cg + cl];
+        gmean[g] += t;
+      }
     const A cnt = static_cast<A>(nr * Cg);
     for (int64_t g = 0; g < G; ++g) gmean[g] /= cnt;
-    for (int64_t j = 0; j < P; ++j) mpos[j] = gmean[(j % C) / Cg];
-    std::fill(acc, acc + P, A(0));
-    for_period<W>(E, P, [&](int64_t o, int64_t j, int n) {
-      V d = n == W ? load(q + o) - load(mpos + j) : keep_first(load_n(q + o, n) - load_n(mpos + j, n), n);
+    for (int64_t j0 = 0; j0 < P; j0 += C)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t cl = 0; cl < Cg; ++cl) mpos[j0 + g * Cg + cl] = gmean[g];
+    if (np > 0) {
+      for_col_blocks<W>(P / W, [&](auto k, int64_t j) { col_m2<decltype(k)::value, T, V>(q, np, P, j, mpos, acc); });
+    } else {
+      std::fill(acc, acc + P, A(0));
+    }
+    for_period<W>(E - np * P, P, [&](int64_t o, int64_t j, int n) {
+      const T* qq = q + np * P;
+      V d = n == W ? load(qq + o) - load(mpos + j) : keep_first(load_n(qq + o, n) - load_n(mpos + j, n), n);
       store_pos<V>(acc, j, fmadd(d, d, load_pos<V>(acc, j, n)), n);
     });
-    std::vector<double> m2(G, 0.0);
-    for (int64_t j = 0; j < std::min(P, E); ++j) m2[(j % C) / Cg] += acc[j];
+    std::fill(m2.begin(), m2.end(), 0.0);
+    for (int64_t j0 = 0; j0 < P; j0 += C)
+      for (int64_t g = 0; g < G; ++g) {
+        A t = 0;
+        for (int64_t cl = 0; cl < Cg; ++cl) t += acc[j0 + g * Cg + cl];
+        m2[g] += static_cast<double>(t);
+      }
     for (int64_t g = 0; g < G; ++g)
       gm[g].merge(static_cast<double>(nr * Cg), static_cast<double>(gmean[g]), m2[g]);
   }
@@ -234,54 +316,77 @@ inline int pick_threads(int threads, int64_t numel) {
 }
 
 // ---------------------------------------------------------------------- forward
-// y = act((x - mean) * a + b) over a contiguous run.
-template <typename T, typename V>
+// y = act((x - mean) * a + b) over a contiguous run; pf (or null): data of the next
+// tile to pull into L2 meanwhile, so its statistics pass does not wait on memory.
+template <Activation act, typename T, typename V>
 inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename V::A a,
-                    typename V::A b, Activation act) {
+                    typename V::A b, const T* pf) {
   constexpr int W = V::W;
   const V mv = V::set1(mean), av = V::set1(a), bv = V::set1(b);
   int64_t i = 0;
   for (; i + 2 * W <= len; i += 2 * W) {
+    if (pf) prefetch_span<int(2 * W * sizeof(T))>(pf + i);
     V h0 = fmadd(load(x + i) - mv, av, bv);
     V h1 = fmadd(load(x + i + W) - mv, av, bv);
-    store(y + i, act_fwd(h0, act));
-    store(y + i + W, act_fwd(h1, act));
+    store(y + i, act_fwd<act, sizeof(T) == 2>(h0));
+    store(y + i + W, act_fwd<act, sizeof(T) == 2>(h1));
   }
   for (; i < len; i += W) {
     const int n = static_cast<int>(std::min<int64_t>(W, len - i));
     V h = fmadd(load_n(x + i, n) - mv, av, bv);
-    store_n(y + i, act_fwd(h, act), n);
+    store_n(y + i, act_fwd<act, sizeof(T) == 2>(h), n);
   }
 }
 
 // Contiguous layout, elements [p0, p1) of slice (n, g).
-template <typename T, typename V>
+template <Activation act, typename T, typename V>
 void fwd_slice_part(const T* xs, T* ys, int64_t p0, int64_t p1, int64_t n, int64_t g, int64_t S,
                     int64_t Cg, typename V::A mean, typename V::A rstd,
-                    const Params<typename V::A>& pr, Activation act) {
+                    const Params<typename V::A>& pr, const T* pf) {
   for (int64_t cl = p0 / S; cl < Cg && cl * S < p1; ++cl) {
     const int64_t b = std::max(p0, cl * S), e = std::min(p1, (cl + 1) * S);
     if (b >= e) continue;
     const int64_t c = g * Cg + cl;
-    fwd_run<T, V>(xs + b, ys + b, e - b, mean, pr.coef_a(n, c, rstd), pr.coef_b(n, c), act);
+    fwd_run<act, T, V>(xs + b, ys + b, e - b, mean, pr.coef_a(n, c, rstd), pr.coef_b(n, c),
+                       pf ? pf + b : nullptr);
   }
 }
 
 // Channels-last: y for rows [0, rows) with per-position mean/a/b.
-template <typename T, typename V>
+template <Activation act, typename T, typename V>
 void fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Period& per,
-              const ClScratch<typename V::A>& sc, Activation act) {
+              const ClScratch<typename V::A>& sc, const T* pf) {
   constexpr int W = V::W;
   const auto* mp = sc.mpos.data();
   const auto* ap = sc.apos.data();
   const auto* bp = sc.bpos.data();
-  for_period<W>(rows * C, per.P, [&](int64_t o, int64_t j, int n) {
+  const int64_t P = per.P, E = rows * C;
+  int64_t done = 0;
+  if (P % (2 * W) == 0) {  // whole periods, two full vectors per step, no masks
+    constexpr int kLine = 64 / int(sizeof(T)) > 2 * W ? 2 * W : 64 / int(sizeof(T));
+    for (; done + P <= E; done += P) {
+      const T* xr = x + done;
+      T* yr = y + done;
+      for (int64_t j = 0; j < P; j += 2 * W) {
+        if (pf) {
+          for (int k = 0; k < 2 * W; k += kLine) prefetch_l2(pf + done + j + k);
+        }
+        V h0 = fmadd(load(xr + j) - load(mp + j), load(ap + j), load(bp + j));
+        V h1 = fmadd(load(xr + j + W) - load(mp + j + W), load(ap + j + W), load(bp + j + W));
+        store(yr + j, act_fwd<act, sizeof(T) == 2>(h0));
+        store(yr + j + W, act_fwd<act, sizeof(T) == 2>(h1));
+      }
+    }
+  }
+  for_period<W>(E - done, P, [&](int64_t o, int64_t j, int n) {
+    const int64_t oo = done + o;
+    if (pf) prefetch_l2(pf + oo);
     if (n == W) {
-      V h = fmadd(load(x + o) - load(mp + j), load(ap + j), load(bp + j));
-      store(y + o, act_fwd(h, act));
+      V h = fmadd(load(x + oo) - load(mp + j), load(ap + j), load(bp + j));
+      store(y + oo, act_fwd<act, sizeof(T) == 2>(h));
     } else {
-      V h = fmadd(load_n(x + o, n) - load_n(mp + j, n), load_n(ap + j, n), load_n(bp + j, n));
-      store_n(y + o, act_fwd(h, act), n);
+      V h = fmadd(load_n(x + oo, n) - load_n(mp + j, n), load_n(ap + j, n), load_n(bp + j, n));
+      store_n(y + oo, act_fwd<act, sizeof(T) == 2>(h), n);
     }
   });
 }
@@ -291,18 +396,17 @@ template <typename A>
 void fill_fwd_pos(ClScratch<A>& sc, const Period& per, int64_t n, int64_t C, int64_t G,
                   const A* mean, const A* rstd, const Params<A>& pr) {
   const int64_t Cg = C / G;
-  for (int64_t j = 0; j < per.P; ++j) {
-    const int64_t c = j % C, g = c / Cg;
+  for_positions_g(per.P, C, Cg, [&](int64_t j, int64_t c, int64_t g) {
     sc.mpos[j] = mean[n * G + g];
     sc.apos[j] = pr.coef_a(n, c, rstd[n * G + g]);
     sc.bpos[j] = pr.coef_b(n, c);
-  }
+  });
 }
 
-template <typename T>
+template <Activation act, typename T>
 void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename VecOf<T>::type::A* rstd,
                 const Params<typename VecOf<T>::type::A>& pr, int64_t N, int64_t C, int64_t S,
-                int64_t G, double eps, bool channels_last, Activation act, int threads) {
+                int64_t G, double eps, bool channels_last, int threads) {
   using V = typename VecOf<T>::type;
   using A = typename V::A;
   const int64_t Cg = C / G;
@@ -320,7 +424,8 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
           Moments m;
           range_moments<T, V>(x + t * D, D, m);
           finish_stats(m, eps, &mean[t], &rstd[t]);
-          fwd_slice_part<T, V>(x + t * D, y + t * D, 0, D, n, g, S, Cg, mean[t], rstd[t], pr, act);
+          fwd_slice_part<act, T, V>(x + t * D, y + t * D, 0, D, n, g, S, Cg, mean[t], rstd[t], pr,
+                                    t + 1 < tiles ? x + (t + 1) * D : nullptr);
         }
       } else {
         const int tid = thread_id(), nt = team_size();
@@ -340,7 +445,8 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
             mean[t] = mu;
             rstd[t] = rs;
           }
-          fwd_slice_part<T, V>(x + t * D, y + t * D, b, e, n, g, S, Cg, mu, rs, pr, act);
+          fwd_slice_part<act, T, V>(x + t * D, y + t * D, b, e, n, g, S, Cg, mu, rs, pr,
+                                    t + 1 < tiles ? x + (t + 1) * D : nullptr);
         }
       }
     }
@@ -363,7 +469,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
         rows_moments<T, V>(x + n * L, S, C, G, per, sc, gm.data());
         for (int64_t g = 0; g < G; ++g) finish_stats(gm[g], eps, &mean[n * G + g], &rstd[n * G + g]);
         fill_fwd_pos(sc, per, n, C, G, mean, rstd, pr);
-        fwd_rows<T, V>(x + n * L, y + n * L, S, C, per, sc, act);
+        fwd_rows<act, T, V>(x + n * L, y + n * L, S, C, per, sc, n + 1 < N ? x + (n + 1) * L : nullptr);
       }
     } else {
       const int tid = thread_id(), nt = team_size();
@@ -387,7 +493,8 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
         // Local copies: thread 0 may not have stored mean/rstd yet.
         fill_fwd_pos(sc, per, 0, C, G, mu.data(), rs.data(), Params<A>{pr.w, pr.b,
                      pr.s ? pr.s + n * C : nullptr, pr.sh ? pr.sh + n * C : nullptr, C});
-        fwd_rows<T, V>(x + n * L + b * C, y + n * L + b * C, e - b, C, per, sc, act);
+        fwd_rows<act, T, V>(x + n * L + b * C, y + n * L + b * C, e - b, C, per, sc,
+                            n + 1 < N ? x + (n + 1) * L + b * C : nullptr);
       }
     }
   }
@@ -396,9 +503,9 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
 // --------------------------------------------------------------------- backward
 // Sums over a contiguous run of channel c: s1 += dh, s2 += dh * xhat, where
 // dh = gy * act'(h), h = (x - mean) * a + b, xhat = (x - mean) * rstd.
-template <typename T, typename V>
+template <Activation act, typename T, typename V>
 inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mean,
-                         typename V::A rstd, typename V::A a, typename V::A b, Activation act,
+                         typename V::A rstd, typename V::A a, typename V::A b,
                          double* s1, double* s2) {
   constexpr int W = V::W;
   const V mv = V::set1(mean), rv = V::set1(rstd), av = V::set1(a), bv = V::set1(b);
@@ -410,8 +517,8 @@ inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mea
       V d0 = load(x + i) - mv, d1 = load(x + i + W) - mv;
       V g0 = load(gy + i), g1 = load(gy + i + W);
       if (act != Activation::None) {
-        g0 = g0 * act_grad(fmadd(d0, av, bv), act);
-        g1 = g1 * act_grad(fmadd(d1, av, bv), act);
+        g0 = g0 * act_grad<act>(fmadd(d0, av, bv));
+        g1 = g1 * act_grad<act>(fmadd(d1, av, bv));
       }
       a1 = a1 + g0;
       b1 = b1 + g1;
@@ -422,7 +529,7 @@ inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mea
       const int n = static_cast<int>(std::min<int64_t>(W, c0 + k - i));
       V d = load_n(x + i, n) - mv;
       V g = load_n(gy + i, n);
-      if (act != Activation::None) g = g * act_grad(fmadd(d, av, bv), act);
+      if (act != Activation::None) g = g * act_grad<act>(fmadd(d, av, bv));
       g = keep_first(g, n);
       a1 = a1 + g;
       a2 = fmadd(g, d, a2);
@@ -433,10 +540,10 @@ inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mea
 }
 
 // gx = k1 * dh + (x - mean) * k3 + k2 over a contiguous run.
-template <typename T, typename V>
+template <Activation act, typename T, typename V>
 inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::A mean,
                        typename V::A a, typename V::A b, typename V::A k1, typename V::A k2,
-                       typename V::A k3, Activation act) {
+                       typename V::A k3) {
   constexpr int W = V::W;
   const V mv = V::set1(mean), av = V::set1(a), bv = V::set1(b);
   const V k1v = V::set1(k1), k2v = V::set1(k2), k3v = V::set1(k3);
@@ -450,7 +557,7 @@ inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::
       d = load_n(x + i, n) - mv;
       g = load_n(gy + i, n);
     }
-    if (act != Activation::None) g = g * act_grad(fmadd(d, av, bv), act);
+    if (act != Activation::None) g = g * act_grad<act>(fmadd(d, av, bv));
     V r = fmadd(k1v, g, fmadd(d, k3v, k2v));
     if (n == W) store(gx + i, r);
     else store_n(gx + i, r, n);
@@ -459,13 +566,13 @@ inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::
 
 // Channels-last sums for rows [0, rows): per-channel s1 (+= dh), s2 (+= dh * xhat)
 // accumulated into sc.chan1/chan2, using per-position mpos/apos/bpos/rpos.
-template <typename T, typename V>
+template <Activation act, typename T, typename V>
 void bwd_sums_rows(const T* gy, const T* x, int64_t rows, int64_t C, const Period& per,
-                   ClScratch<typename V::A>& sc, Activation act) {
+                   ClScratch<typename V::A>& sc) {
   using A = typename V::A;
   constexpr int W = V::W;
   const int64_t P = per.P;
-  const int64_t chunk_rows = per.R * std::max<int64_t>(8, (kChunk + P - 1) / P);
+  const int64_t chunk_rows = chunk_rows_for(per);
   A* acc = sc.acc.data();
   A* acc2 = sc.acc2.data();
   const A* mp = sc.mpos.data();
@@ -484,28 +591,28 @@ void bwd_sums_rows(const T* gy, const T* x, int64_t rows, int64_t C, const Perio
       if (n == W) {
         d = load(xq + o) - load(mp + j);
         g = load(gq + o);
-        if (act != Activation::None) g = g * act_grad(fmadd(d, load(ap + j), load(bp + j)), act);
+        if (act != Activation::None) g = g * act_grad<act>(fmadd(d, load(ap + j), load(bp + j)));
         store(acc + j, load(acc + j) + g);
         store(acc2 + j, fmadd(g, d * load(rp + j), load(acc2 + j)));
       } else {
         d = load_n(xq + o, n) - load_n(mp + j, n);
         g = load_n(gq + o, n);
-        if (act != Activation::None) g = g * act_grad(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)), act);
+        if (act != Activation::None) g = g * act_grad<act>(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)));
         g = keep_first(g, n);
         store_n(acc + j, load_n(acc + j, n) + g, n);
         store_n(acc2 + j, fmadd(g, d * load_n(rp + j, n), load_n(acc2 + j, n)), n);
       }
     });
-    for (int64_t j = 0; j < std::min(P, E); ++j) {
-      sc.chan1[j % C] += static_cast<double>(acc[j]);
-      sc.chan2[j % C] += static_cast<double>(acc2[j]);
-    }
+    for_positions(P, C, [&](int64_t j, int64_t c) {
+      sc.chan1[c] += static_cast<double>(acc[j]);
+      sc.chan2[c] += static_cast<double>(acc2[j]);
+    });
   }
 }
 
-template <typename T, typename V>
+template <Activation act, typename T, typename V>
 void bwd_gx_rows(const T* gy, const T* x, T* gx, int64_t rows, int64_t C, const Period& per,
-                 const ClScratch<typename V::A>& sc, Activation act) {
+                 const ClScratch<typename V::A>& sc) {
   constexpr int W = V::W;
   const auto* mp = sc.mpos.data();
   const auto* ap = sc.apos.data();
@@ -517,12 +624,12 @@ void bwd_gx_rows(const T* gy, const T* x, T* gx, int64_t rows, int64_t C, const 
     if (n == W) {
       V d = load(x + o) - load(mp + j);
       V g = load(gy + o);
-      if (act != Activation::None) g = g * act_grad(fmadd(d, load(ap + j), load(bp + j)), act);
+      if (act != Activation::None) g = g * act_grad<act>(fmadd(d, load(ap + j), load(bp + j)));
       store(gx + o, fmadd(load(k1 + j), g, fmadd(d, load(k3 + j), load(k2 + j))));
     } else {
       V d = load_n(x + o, n) - load_n(mp + j, n);
       V g = load_n(gy + o, n);
-      if (act != Activation::None) g = g * act_grad(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)), act);
+      if (act != Activation::None) g = g * act_grad<act>(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)));
       store_n(gx + o, fmadd(load_n(k1 + j, n), g, fmadd(d, load_n(k3 + j, n), load_n(k2 + j, n))), n);
     }
   });
@@ -548,12 +655,12 @@ inline void gx_coefs(const Params<A>& pr, int64_t n, int64_t g, int64_t Cg, int6
   *k3 = static_cast<A>(-r * r * c2 / D);
 }
 
-template <typename T>
+template <Activation act, typename T>
 void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean,
                  const typename VecOf<T>::type::A* rstd, const Params<typename VecOf<T>::type::A>& pr,
                  T* gx, typename VecOf<T>::type::A* gw, typename VecOf<T>::type::A* gb,
                  typename VecOf<T>::type::A* gs, typename VecOf<T>::type::A* gsh, int64_t N,
-                 int64_t C, int64_t S, int64_t G, bool channels_last, Activation act, int threads) {
+                 int64_t C, int64_t S, int64_t G, bool channels_last, int threads) {
   using V = typename VecOf<T>::type;
   using A = typename V::A;
   const int64_t Cg = C / G;
@@ -575,7 +682,7 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           double* s2 = &S2[n * C + g * Cg];
           for (int64_t cl = 0; cl < Cg; ++cl) {
             const int64_t c = g * Cg + cl, o = t * D + cl * S;
-            bwd_sums_run<T, V>(gy + o, x + o, S, mu, rs, pr.coef_a(n, c, rs), pr.coef_b(n, c), act,
+            bwd_sums_run<act, T, V>(gy + o, x + o, S, mu, rs, pr.coef_a(n, c, rs), pr.coef_b(n, c),
                                &s1[cl], &s2[cl]);
           }
           if (!gx) continue;
@@ -583,8 +690,8 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           gx_coefs(pr, n, g, Cg, S, rs, s1, s2, k1.data(), &k2, &k3);
           for (int64_t cl = 0; cl < Cg; ++cl) {
             const int64_t c = g * Cg + cl, o = t * D + cl * S;
-            bwd_gx_run<T, V>(gy + o, x + o, gx + o, S, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
-                             k1[cl], k2, k3, act);
+            bwd_gx_run<act, T, V>(gy + o, x + o, gx + o, S, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
+                             k1[cl], k2, k3);
           }
         }
       } else {
@@ -601,8 +708,8 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
             const int64_t lo = std::max(b, cl * S), hi = std::min(e, (cl + 1) * S);
             if (lo >= hi) continue;
             const int64_t c = g * Cg + cl;
-            bwd_sums_run<T, V>(gy + t * D + lo, x + t * D + lo, hi - lo, mu, rs, pr.coef_a(n, c, rs),
-                               pr.coef_b(n, c), act, &mine[cl], &mine[Cg + cl]);
+            bwd_sums_run<act, T, V>(gy + t * D + lo, x + t * D + lo, hi - lo, mu, rs, pr.coef_a(n, c, rs),
+                               pr.coef_b(n, c), &mine[cl], &mine[Cg + cl]);
           }
 #pragma omp barrier
           for (int64_t cl = 0; cl < Cg; ++cl) {
@@ -623,8 +730,8 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
             const int64_t lo = std::max(b, cl * S), hi = std::min(e, (cl + 1) * S);
             if (lo >= hi) continue;
             const int64_t c = g * Cg + cl, o = t * D + lo;
-            bwd_gx_run<T, V>(gy + o, x + o, gx + o, hi - lo, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
-                             k1[cl], k2, k3, act);
+            bwd_gx_run<act, T, V>(gy + o, x + o, gx + o, hi - lo, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
+                             k1[cl], k2, k3);
           }
         }
       }
@@ -641,14 +748,13 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
       std::vector<A> k1(Cg), k2(G), k3(G);
       std::vector<double> s1(C), s2(C);
       auto fill_pos = [&](int64_t n) {
-        for (int64_t j = 0; j < per.P; ++j) {
-          const int64_t c = j % C, g = c / Cg;
+        for_positions_g(per.P, C, Cg, [&](int64_t j, int64_t c, int64_t g) {
           const A rs = rstd[n * G + g];
           sc.mpos[j] = mean[n * G + g];
           sc.rpos[j] = rs;
           sc.apos[j] = pr.coef_a(n, c, rs);
           sc.bpos[j] = pr.coef_b(n, c);
-        }
+        });
       };
       auto fill_gx = [&](int64_t n, const double* t1, const double* t2) {
         for (int64_t g = 0; g < G; ++g) {
@@ -667,12 +773,12 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           fill_pos(n);
           std::fill(sc.chan1.begin(), sc.chan1.end(), 0.0);
           std::fill(sc.chan2.begin(), sc.chan2.end(), 0.0);
-          bwd_sums_rows<T, V>(gy + n * L, x + n * L, S, C, per, sc, act);
+          bwd_sums_rows<act, T, V>(gy + n * L, x + n * L, S, C, per, sc);
           std::copy(sc.chan1.begin(), sc.chan1.end(), &S1[n * C]);
           std::copy(sc.chan2.begin(), sc.chan2.end(), &S2[n * C]);
           if (!gx) continue;
           fill_gx(n, &S1[n * C], &S2[n * C]);
-          bwd_gx_rows<T, V>(gy + n * L, x + n * L, gx + n * L, S, C, per, sc, act);
+          bwd_gx_rows<act, T, V>(gy + n * L, x + n * L, gx + n * L, S, C, per, sc);
         }
       } else {
         const int tid = thread_id(), nt = team_size();
@@ -682,7 +788,7 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           fill_pos(n);
           std::fill(sc.chan1.begin(), sc.chan1.end(), 0.0);
           std::fill(sc.chan2.begin(), sc.chan2.end(), 0.0);
-          bwd_sums_rows<T, V>(gy + n * L + b * C, x + n * L + b * C, e - b, C, per, sc, act);
+          bwd_sums_rows<act, T, V>(gy + n * L + b * C, x + n * L + b * C, e - b, C, per, sc);
           double* mine = &part[((n & 1) * threads + tid) * 2 * C];
           std::copy(sc.chan1.begin(), sc.chan1.end(), mine);
           std::copy(sc.chan2.begin(), sc.chan2.end(), mine + C);
@@ -700,7 +806,7 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           }
           if (!gx) continue;
           fill_gx(n, s1.data(), s2.data());
-          bwd_gx_rows<T, V>(gy + n * L + b * C, x + n * L + b * C, gx + n * L + b * C, e - b, C, per, sc, act);
+          bwd_gx_rows<act, T, V>(gy + n * L + b * C, x + n * L + b * C, gx + n * L + b * C, e - b, C, per, sc);
         }
       }
     }
@@ -735,37 +841,38 @@ void check_common(int64_t N, int64_t C, int64_t S, int64_t G, int dtype, int act
     throw std::invalid_argument("group_norm: unknown activation code " + std::to_string(activation));
 }
 
+// Calls f(tag) with tag = Activation constant for the runtime code.
+template <typename F> void with_activation(int activation, F&& f) {
+  switch (static_cast<Activation>(activation)) {
+    case Activation::SiLU: f(std::integral_constant<Activation, Activation::SiLU>{}); break;
+    case Activation::GELU: f(std::integral_constant<Activation, Activation::GELU>{}); break;
+    default: f(std::integral_constant<Activation, Activation::None>{}); break;
+  }
+}
+
 void group_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t mean, uintptr_t rstd, uintptr_t w, uintptr_t b,
                     uintptr_t s, uintptr_t sh, int64_t N, int64_t C, int64_t S, int64_t G, double eps,
                     bool channels_last, int dtype, int activation, int threads) {
   check_common(N, C, S, G, dtype, activation);
   if (!x || !y || !mean || !rstd) throw std::invalid_argument("group_norm_fwd: x, y, mean and rstd are required");
   if (!(eps > 0.0)) throw std::invalid_argument("group_norm_fwd: eps must be > 0");
-  const Activation act = static_cast<Activation>(activation);
   py::gil_scoped_release nogil;
-  if (static_cast<DType>(dtype) == DType::Float64) {
-    Params<double> pr{ptr<const double>(w), ptr<const double>(b), ptr<const double>(s), ptr<const double>(sh), C};
-    gn_forward<double>(ptr<const double>(x), ptr<double>(y), ptr<double>(mean), ptr<double>(rstd), pr, N, C, S,
-                       G, eps, channels_last, act, threads);
-    return;
-  }
-  Params<float> pr{ptr<const float>(w), ptr<const float>(b), ptr<const float>(s), ptr<const float>(sh), C};
-  switch (static_cast<DType>(dtype)) {
-    case DType::Float32:
-      gn_forward<float>(ptr<const float>(x), ptr<float>(y), ptr<float>(mean), ptr<float>(rstd), pr, N, C, S, G,
-                        eps, channels_last, act, threads);
-      break;
-    case DType::Float16:
-      gn_forward<Half>(ptr<const Half>(x), ptr<Half>(y), ptr<float>(mean), ptr<float>(rstd), pr, N, C, S, G, eps,
-                       channels_last, act, threads);
-      break;
-    case DType::BFloat16:
-      gn_forward<BFloat16>(ptr<const BFloat16>(x), ptr<BFloat16>(y), ptr<float>(mean), ptr<float>(rstd), pr, N,
-                           C, S, G, eps, channels_last, act, threads);
-      break;
-    default:
-      break;
-  }
+  with_activation(activation, [&](auto tag) {
+    constexpr Activation act = decltype(tag)::value;
+    auto run = [&](auto type_tag, auto acc_tag) {
+      using T = decltype(type_tag);
+      using A = decltype(acc_tag);
+      Params<A> pr{ptr<const A>(w), ptr<const A>(b), ptr<const A>(s), ptr<const A>(sh), C};
+      gn_forward<act, T>(ptr<const T>(x), ptr<T>(y), ptr<A>(mean), ptr<A>(rstd), pr, N, C, S, G, eps,
+                         channels_last, threads);
+    };
+    switch (static_cast<DType>(dtype)) {
+      case DType::Float32: run(float{}, float{}); break;
+      case DType::Float64: run(double{}, double{}); break;
+      case DType::Float16: run(Half{}, float{}); break;
+      case DType::BFloat16: run(BFloat16{}, float{}); break;
+    }
+  });
 }
 
 void group_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t mean, uintptr_t rstd, uintptr_t w, uintptr_t b,
@@ -775,28 +882,24 @@ void group_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t mean, uintptr_t rstd, u
   check_common(N, C, S, G, dtype, activation);
   if (!gy || !x || !mean || !rstd)
     throw std::invalid_argument("group_norm_bwd: grad_y, x, mean and rstd are required");
-  const Activation act = static_cast<Activation>(activation);
   py::gil_scoped_release nogil;
-  if (static_cast<DType>(dtype) == DType::Float64) {
-    Params<double> pr{ptr<const double>(w), ptr<const double>(b), ptr<const double>(s), ptr<const double>(sh), C};
-    gn_backward<double>(ptr<const double>(gy), ptr<const double>(x), ptr<const double>(mean),
-                        ptr<const double>(rstd), pr, ptr<double>(gx), ptr<double>(gw), ptr<double>(gb),
-                        ptr<double>(gs), ptr<double>(gsh), N, C, S, G, channels_last, act, threads);
-    return;
-  }
-  Params<float> pr{ptr<const float>(w), ptr<const float>(b), ptr<const float>(s), ptr<const float>(sh), C};
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    gn_backward<T>(ptr<const T>(gy), ptr<const T>(x), ptr<const float>(mean), ptr<const float>(rstd), pr,
-                   ptr<T>(gx), ptr<float>(gw), ptr<float>(gb), ptr<float>(gs), ptr<float>(gsh), N, C, S, G,
-                   channels_last, act, threads);
-  };
-  switch (static_cast<DType>(dtype)) {
-    case DType::Float32: run(float{}); break;
-    case DType::Float16: run(Half{}); break;
-    case DType::BFloat16: run(BFloat16{}); break;
-    default: break;
-  }
+  with_activation(activation, [&](auto tag) {
+    constexpr Activation act = decltype(tag)::value;
+    auto run = [&](auto type_tag, auto acc_tag) {
+      using T = decltype(type_tag);
+      using A = decltype(acc_tag);
+      Params<A> pr{ptr<const A>(w), ptr<const A>(b), ptr<const A>(s), ptr<const A>(sh), C};
+      gn_backward<act, T>(ptr<const T>(gy), ptr<const T>(x), ptr<const A>(mean), ptr<const A>(rstd), pr,
+                          ptr<T>(gx), ptr<A>(gw), ptr<A>(gb), ptr<A>(gs), ptr<A>(gsh), N, C, S, G,
+                          channels_last, threads);
+    };
+    switch (static_cast<DType>(dtype)) {
+      case DType::Float32: run(float{}, float{}); break;
+      case DType::Float64: run(double{}, double{}); break;
+      case DType::Float16: run(Half{}, float{}); break;
+      case DType::BFloat16: run(BFloat16{}, float{}); break;
+    }
+  });
 }
 
 }  // namespace
