@@ -115,6 +115,24 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import logging
+
+    from .checkpoint import CheckpointError
+    from .train import Trainer
+    from .train_config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    summary = trainer.run()
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagen-fast", description="Imagen with fast custom kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -125,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["ops", "model", "all"], nargs="?", default="ops")
     s.add_argument("--quick", action="store_true", help="a short smoke run")
     s.set_defaults(func=cmd_bench)
+    s = sub.add_parser("train", help="train one stage of the cascade from a TOML config")
+    s.add_argument("--config", required=True, help="TOML file (see imagen_fast/train_config.py)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    s.set_defaults(func=cmd_train)
+    from .data.cli import add_data_parser
+    add_data_parser(sub)
     s = sub.add_parser("presets", help="model presets with their parameter counts")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_presets)

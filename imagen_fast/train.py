@@ -1,0 +1,440 @@
+"""`imagen-fast train`: one stage of the cascade, from one CPU to torchrun.
+
+Determinism is what makes resume exact and ranks equivalent:
+* the data stream (imagen_fast.data.StreamDataset, split over ranks and workers) has a
+  position that is saved with every checkpoint and restored on resume, so the resumed
+  run reads exactly the batches the uninterrupted run would have read;
+* every random draw of a step (t, noise, text-dropout coins, augmentation levels and
+  their noise) is made for the GLOBAL batch from a generator seeded by (seed, step),
+  and each rank and accumulation micro-batch takes its slice.
+So a run killed at any moment (SIGKILL included) and resumed from its last checkpoint
+recomputes the same steps with the same data and noise, and N ranks whose local
+batches make up a global batch follow a single process given that global batch (up to
+floating-point reduction order).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ck
+from .data import StreamDataset, StreamPosition, make_loader, open_dataset, transform_for_stage
+from .diffusion import GaussianDiffusion
+from .models import build_unet
+from .train_config import Config
+
+log = logging.getLogger("imagen_fast.train")
+
+
+# ------------------------------------------------------------------ distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain run is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device is cuda but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+# ------------------------------------------------------------------- schedules
+def lr_factor(step: int, cfg) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the parameters (float32 shadow copies)."""
+
+    def __init__(self, params: Dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: Dict[str, torch.Tensor], step: int) -> None:
+        # The usual warmup, so early weights do not dominate a short run.
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in params.items():
+            self.shadow[k].lerp_(v.detach().float(), 1 - d)
+
+
+# ----------------------------------------------------------------------- data
+def build_dataset(cfg: Config, d: Dist) -> StreamDataset:
+    """The configured image-caption stream, split over this rank."""
+    dc = cfg.data
+    transform = transform_for_stage(dc.resolution, dc.lowres_resolution or None,
+                                    random_crop=dc.random_crop)
+    source = dc.path
+    if dc.kind == "shapes" and dc.path.startswith("shapes:"):
+        return open_dataset(dc.path, transform, seed=cfg.train.seed, rank=d.rank, world_size=d.world)
+    return StreamDataset(source, transform, seed=cfg.train.seed, rank=d.rank, world_size=d.world)
+
+
+def build_text_source(tc, model_config: Dict[str, Any]):
+    """captions -> (embeddings, mask) from the embedding cache or the frozen encoder."""
+    from .text import EmbeddingCache, get_text_encoder
+
+    encoder = get_text_encoder(tc.encoder, max_length=tc.max_length)
+    if tc.cache:
+        encoder = EmbeddingCache(tc.cache, fallback=encoder)
+    if encoder.dim != model_config["text_dim"]:
+        raise ValueError(f"text encoder {tc.encoder!r} gives {encoder.dim}-d embeddings but the "
+                         f"model expects text_dim={model_config['text_dim']} (set model.overrides.text_dim)")
+    return encoder.encode
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed + 1) * 1_000_000_007 + step)
+
+
+# ------------------------------------------------------------------ the trainer
+class Trainer:
+    def __init__(self, cfg: Config, *, text_source=None, batches=None, resume: bool = False):
+        """text_source(captions) -> (embeddings (B, L, D), mask (B, L)); default: the
+        configured encoder or embedding cache. batches: an iterator of collated batch
+        dicts ("image", "caption", "lowres" for SR) of this rank's micro-batch size, to
+        replace the configured dataset (tests use it); resume needs the dataset."""
+        self.cfg = cfg
+        tc = cfg.train
+        self.dist = init_distributed("cuda" if tc.device.startswith("cuda") or
+                                     (tc.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = pick_device(tc.device, self.dist)
+        if tc.batch_size % (tc.grad_accum * self.dist.world):
+            raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by grad_accum x "
+                             f"world size = {tc.grad_accum * self.dist.world}")
+        self.micro_batch = tc.batch_size // (tc.grad_accum * self.dist.world)
+        self.out_dir = Path(cfg.log.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+        torch.manual_seed(tc.seed)
+        self.model = build_unet(cfg.model.preset, **cfg.model.overrides).to(self.device)
+        self.stage = self.model.config["stage"]
+        if self.stage == "sr" and not cfg.data.lowres_resolution:
+            raise ValueError("data.lowres_resolution must be set for a super-resolution preset")
+        if self.stage == "base" and cfg.data.lowres_resolution:
+            raise ValueError("data.lowres_resolution must be 0 for a base preset")
+        if self.model.config["image_size"] != cfg.data.resolution:
+            raise ValueError(f"data.resolution={cfg.data.resolution} differs from the preset's "
+                             f"image_size={self.model.config['image_size']}")
+        dc = cfg.diffusion
+        self.diffusion = GaussianDiffusion(schedule=dc.schedule, prediction=dc.prediction,
+                                           cond_drop_prob=dc.cond_drop_prob,
+                                           noise_aug=dc.noise_aug and self.stage == "sr",
+                                           aug_level_max=dc.aug_level_max)
+        self.ema = EMA(dict(self.model.named_parameters()), tc.ema_decay) if tc.ema_decay > 0 else None
+        self.train_model = self._wrap(self.model)
+        self.optimizer = self._optimizer()
+        self.step = 0
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        self.text_source = text_source or build_text_source(cfg.text, self.model.config)
+        self.dataset = None if batches is not None else build_dataset(cfg, self.dist)
+        self.position = StreamPosition(self.dataset)
+        if resume:
+            self._resume()
+        self.batches = batches if batches is not None else iter(make_loader(
+            self.dataset, self.micro_batch, num_workers=cfg.data.num_workers))
+        self._stop = False
+
+    # ---------------------------------------------------------------- set-up
+    def _wrap(self, model):
+        if self.dist.world > 1:
+            if self.cfg.distributed.strategy == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for block in list(model.modules())[1:]:
+                    if type(block).__name__ in ("UNetLayer", "DBlock", "UBlock"):
+                        fully_shard(block)
+                fully_shard(model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                model = DistributedDataParallel(
+                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        return model
+
+    def _optimizer(self):
+        tc = self.cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if tc.optimizer == "adafactor":
+            return torch.optim.Adafactor(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
+                                 weight_decay=tc.weight_decay)
+
+    # ------------------------------------------------------------ checkpoints
+    def _full_state(self):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=opts)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        return model_sd, optim_sd
+
+    def save(self) -> None:
+        model_sd, optim_sd = self._full_state()
+        if not self.dist.main:
+            return
+        state = {"data_position": self.position.state_dict(), "config": self.cfg.to_dict(),
+                 "skips": self.dataset.skips.state_dict() if self.dataset else None,
+                 "model_config": self.model.config, "diffusion": self.diffusion.config(),
+                 "rng": ck.capture_rng_state(), "scaler": self.scaler.state_dict()}
+        ema = {k: v.clone() for k, v in self.ema.shadow.items()} if self.ema else None
+        try:
+            ck.save_checkpoint(self.ckpt_dir, self.step, model=model_sd, optimizer=optim_sd,
+                               ema=ema, state=state, keep=self.cfg.log.keep)
+        except OSError as e:
+            # The previous checkpoint is intact; keep training and retry at the next save.
+            log.error("saving checkpoint at step %d failed (%s); previous checkpoint kept", self.step, e)
+
+    def _resume(self) -> None:
+        path = ck.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            log.warning("--resume: no checkpoint under %s, starting from step 0", self.ckpt_dir)
+            return
+        data = ck.load_checkpoint(path)
+        state = data["state"]
+        if state.get("model_config") != self.model.config:
+            raise ck.CheckpointError(f"{path} was written for another model: checkpoint "
+                                     f"{state.get('model_config')} vs config {self.model.config}")
+        ck.check_state_dict_matches(self.model, data["model"], str(path))
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, data["model"], options=opts)
+        set_optimizer_state_dict(self.model, self.optimizer, data["optimizer"], options=opts)
+        if self.ema and data["ema"] is not None:
+            self.ema.shadow = {k: v.float() for k, v in data["ema"].items()}
+        self.step = state["step"]
+        if self.dataset is None:
+            raise ValueError("resume needs the configured dataset (not an injected batch iterator)")
+        self.dataset.set_position(state["data_position"])
+        self.position.load_state_dict(state["data_position"])
+        if state.get("skips"):
+            self.dataset.skips.load_state_dict(state["skips"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ck.restore_rng_state(state["rng"])
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    # ------------------------------------------------------------------ steps
+    def _draws(self, lowres: bool) -> Dict[str, Any]:
+        """Every random number of this step, for the global batch."""
+        tc, res = self.cfg.train, self.cfg.data.resolution
+        g = step_generator(tc.seed, self.step)
+        b = tc.batch_size
+        d = {"t": torch.rand(b, generator=g, dtype=torch.float64),
+             "noise": torch.randn(b, 3, res, res, generator=g),
+             "drop": torch.rand(b, generator=g, dtype=torch.float64)}
+        if lowres:
+            lr = self.cfg.data.lowres_resolution
+            d["aug_level"] = (torch.rand(b, generator=g, dtype=torch.float64)
+                              * self.diffusion.aug_level_max if self.diffusion.noise_aug
+                              else torch.zeros(b, dtype=torch.float64))
+            d["aug_noise"] = torch.randn(b, 3, lr, lr, generator=g)
+        return d
+
+    def train_step(self) -> Dict[str, float]:
+        tc = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = tc.lr * lr_factor(self.step, tc)
+        draws = self._draws(self.stage == "sr")
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16 if tc.precision == "bf16"
+                                   else torch.float16) if tc.precision != "fp32"
+                    else contextlib.nullcontext())
+        total_loss = 0.0
+        for k in range(tc.grad_accum):
+            batch = next(self.batches)
+            if self.dataset is not None:
+                self.position.update(batch)
+            images = batch["image"].to(self.device)
+            if images.shape[0] != self.micro_batch:
+                raise RuntimeError(f"data gave a batch of {images.shape[0]}, expected {self.micro_batch}")
+            emb, mask = self.text_source(batch["caption"])
+            emb, mask = emb.to(self.device), mask.to(self.device)
+            lo = k * (tc.batch_size // tc.grad_accum) + self.dist.rank * self.micro_batch
+            sub = {name: v[lo:lo + self.micro_batch].to(self.device) for name, v in draws.items()}
+            lowres = batch["lowres"].to(self.device) if self.stage == "sr" else None
+            if tc.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            sync = contextlib.nullcontext()
+            if k < tc.grad_accum - 1 and hasattr(self.train_model, "no_sync"):
+                sync = self.train_model.no_sync()
+            with sync:
+                with autocast:
+                    loss = self.diffusion.loss(self.train_model, images, emb, mask, lowres,
+                                               t=sub["t"], noise=sub["noise"].to(images.dtype),
+                                               drop=sub["drop"] < self.diffusion.cond_drop_prob,
+                                               aug_level=sub.get("aug_level"),
+                                               aug_noise=sub.get("aug_noise"))
+                self.scaler.scale(loss / tc.grad_accum).backward()
+            total_loss += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                     if tc.grad_clip > 0 else torch.tensor(0.0))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(dict(self.model.named_parameters()), self.step)
+        self.step += 1
+        loss_value = total_loss / tc.grad_accum
+        if self.dist.world > 1:
+            t = torch.tensor([loss_value], device=self.device)
+            dist.all_reduce(t)
+            loss_value = t.item() / self.dist.world
+        return {"loss": loss_value, "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"]}
+
+    # -------------------------------------------------------------------- run
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            log.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
+            self._stop = True
+        with contextlib.suppress(ValueError):          # not the main thread
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+
+    def run(self, sample_fn=None) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.out_dir, self.step, enabled=self.dist.main,
+                             tensorboard=cfg.log.tensorboard)
+        self._install_signal_handlers()
+        bar = Progress(cfg.train.steps, self.step, enabled=self.dist.main and cfg.log.progress)
+        t_last, step_last = time.perf_counter(), self.step
+        last = {}
+        while self.step < cfg.train.steps and not self._stop:
+            last = self.train_step()
+            if self.step % cfg.log.log_every == 0 or self.step == cfg.train.steps:
+                now = time.perf_counter()
+                rate = (self.step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, self.step
+                last.update(it_s=rate, images_s=rate * cfg.train.batch_size, skipped=self.skipped)
+                metrics.write(self.step, last)
+                bar.update(self.step, last)
+            if self.step % cfg.log.ckpt_every == 0:
+                self.save()
+            if sample_fn and cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.dist.main:
+                sample_fn(self)
+        if self.step % cfg.log.ckpt_every != 0 or self._stop:
+            self.save()
+        bar.close()
+        metrics.close()
+        summary = {"step": self.step, "skipped_samples": self.skipped, **last}
+        if self.dist.main and self.skipped:
+            log.warning("data: %s", self.dataset.skips.summary())
+        return summary
+
+    @property
+    def skipped(self) -> int:
+        return self.dataset.skips.skipped if self.dataset is not None else 0
+
+
+class MetricsLog:
+    """JSONL metrics (and TensorBoard when installed). On resume, lines past the
+    resumed step are dropped so the log has each step once."""
+
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            ck.write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
+        self.f = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, step: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.f.flush()
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            if self.tb:
+                self.tb.close()
+
+
+class Progress:
+    """A progress bar with loss, it/s and ETA (tqdm when installed, else log lines)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled, self.total, self.bar = enabled, total, None
+        self.t0, self.start = time.perf_counter(), start
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, step: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values.get('images_s', 0):.1f}")
+            self.bar.refresh()
+        else:
+            rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - step) / max(rate, 1e-9)
+            print(f"step {step}/{self.total} loss {values['loss']:.4f} {rate:.2f} it/s "
+                  f"ETA {eta / 60:.1f} min", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
