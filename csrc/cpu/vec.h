@@ -310,6 +310,28 @@ template <Activation act, bool LO = false> inline VF act_grad(const VF& h) {
 
 #endif
 
+// clamp(x, -s, s) with torch.minimum/maximum semantics: a NaN x stays NaN.
+inline VD clamp_sym(VD x, VD s) {
+  double m = s.v < x.v ? s.v : x.v;
+  return -s.v > m ? -s.v : m;
+}
+#if IMAGEN_FAST_AVX512
+inline VF clamp_sym(VF x, VF s) {
+  // vminps/vmaxps return the second operand when either is NaN.
+  __m512 m = _mm512_min_ps(s.v, x.v);
+  return _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), s.v), m);
+}
+#else
+inline VF clamp_sym(const VF& x, const VF& s) {
+  VF r;
+  for (int i = 0; i < 16; ++i) {
+    float m = s.v[i] < x.v[i] ? s.v[i] : x.v[i];
+    r.v[i] = -s.v[i] > m ? -s.v[i] : m;
+  }
+  return r;
+}
+#endif
+
 // Asks for the cache line holding p in L2 (read, moderate locality).
 inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 

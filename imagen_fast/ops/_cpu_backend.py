@@ -11,7 +11,6 @@ zero output and zero gradients (the kernel itself would produce NaN there).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -128,3 +127,114 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
     grads = (gw, gb, gs, gsh)
     return (gx,) + tuple(None if gr is None else gr.to(p.dtype).reshape(p.shape)
                          for gr, p in zip(grads, params))
+
+
+# ------------------------------------------------------------ dynamic thresholding
+def _flat_reason(*tensors) -> Optional[str]:
+    """All given tensors on the CPU, same supported dtype and identical dense strides."""
+    ref = tensors[0]
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        why = _layout_reason(t, f"tensor {i}")
+        if why is not None:
+            return why
+        if t.dtype != ref.dtype or t.shape != ref.shape or t.stride() != ref.stride():
+            return "tensors must share dtype, shape and memory layout"
+    return None
+
+
+def _threshold_supports(x0, *rest) -> Optional[str]:
+    return _flat_reason(x0)
+
+
+@register("dynamic_threshold", "cpu", supports=_threshold_supports)
+def dynamic_threshold(x0, percentile, min_value):
+    n = x0.shape[0]
+    y = _empty_like_layout(x0)
+    _C.dynamic_threshold(x0.data_ptr(), y.data_ptr(), n, x0.numel() // n, _DTYPE_CODES[x0.dtype],
+                         float(percentile), float(min_value), _threads())
+    return y
+
+
+_THRESHOLD_CODES = {"none": 0, "static": 1, "dynamic": 2}
+
+
+def _step_supports(z_t, pred_cond, pred_uncond=None, noise=None, *rest) -> Optional[str]:
+    return _flat_reason(z_t, pred_cond, pred_uncond, noise)
+
+
+@register("sampler_step", "cpu", supports=_step_supports)
+def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold,
+                 percentile, min_value):
+    n = z_t.shape[0]
+    coefs = coefs.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    if coefs.shape != (n, 5):
+        raise ValueError(f"coefs must have shape ({n}, 5), got {tuple(coefs.shape)}")
+    out = _empty_like_layout(z_t)
+    _C.sampler_step(z_t.data_ptr(), pred_cond.data_ptr(), _ptr(pred_uncond), _ptr(noise),
+                    out.data_ptr(), coefs.data_ptr(), n, z_t.numel() // n, _DTYPE_CODES[z_t.dtype],
+                    float(guidance_scale), _THRESHOLD_CODES[threshold], float(percentile),
+                    float(min_value), _threads())
+    return out
+
+
+# ----------------------------------------------------------------------- attention
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _attention_supports(q, k, v, mask=None) -> Optional[str]:
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if t.device.type != "cpu":
+            return f"{name} must be a CPU tensor"
+        if t.dtype not in _DTYPE_CODES:
+            return f"{name} has unsupported dtype {t.dtype}"
+    return None
+
+
+def _use_flash(q) -> bool:
+    return _FLASH is not None and _FLASH_BWD is not None and q.dtype in _FLASH_DTYPES
+
+
+def _additive_mask(mask, q):
+    """(B, 1, 1, Lk) 0 / -inf mask in q's dtype, with fully masked batches opened up
+    (their results are zeroed afterwards), and the (B,) bool of those batches."""
+    if mask is None:
+        return None, None
+    empty = ~mask.any(dim=1)
+    keep = mask | empty[:, None]
+    add = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, float("-inf"))
+    return add[:, None, None, :], (empty if bool(empty.any()) else None)
+
+
+def _zero_batches(t, empty, value=0.0):
+    return t.masked_fill(empty.reshape(-1, *([1] * (t.ndim - 1))), value)
+
+
+@register("attention_fwd", "cpu", supports=_attention_supports)
+def attention_fwd(q, k, v, mask, scale):
+    if not _use_flash(q):
+        return _torch_backend.attention_fwd(q, k, v, mask, scale)
+    add, empty = _additive_mask(mask, q)
+    out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=add, scale=scale)
+    out, lse = out.contiguous(), lse.float().contiguous()
+    if empty is not None:
+        out = _zero_batches(out, empty)
+        lse = _zero_batches(lse, empty, float("-inf"))
+    return out, lse
+
+
+@register("attention_bwd", "cpu", supports=_attention_supports)
+def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
+    if not _use_flash(q):
+        return _torch_backend.attention_bwd(grad_out, q, k, v, mask, out, lse, scale)
+    add, empty = _additive_mask(mask, q)
+    if empty is not None:  # finite stand-ins where the forward zeroed the batch
+        lse = _zero_batches(lse, empty)
+    dq, dk, dv = _FLASH_BWD(grad_out.contiguous(), q, k, v, out, lse.float(), 0.0, False,
+                            attn_mask=add, scale=scale)
+    if empty is not None:
+        dq, dk, dv = (_zero_batches(g, empty) for g in (dq, dk, dv))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()

@@ -1,0 +1,565 @@
+// Dynamic thresholding and the fused sampler step on the CPU.
+//
+// The percentile is exact (torch.quantile's linear interpolation between the order
+// statistics at floor(p (n-1)) and the next one) and found by radix selection on the
+// bit patterns of |x|: for non-negative IEEE floats the unsigned bit order is the
+// value order, so a 4096-bin histogram of the top bits names the bucket holding the
+// wanted rank; a second level on the next bits is used only when that bucket is
+// still large; the few candidates left are gathered and ranked with nth_element.
+// Typically that is two reads of a sample (histogram, gather) plus the output pass,
+// with no sort and no 2^24-element limit.
+//
+// Samples go whole to threads when there are enough of them; otherwise all threads
+// work on each sample (histograms and candidates merged after barriers), so batch 1
+// uses every core too.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "vec.h"
+
+namespace py = pybind11;
+
+namespace imagen_fast {
+namespace cpu {
+namespace {
+
+#ifdef _OPENMP
+inline int thread_id() { return omp_get_thread_num(); }
+inline int team_size() { return omp_get_num_threads(); }
+#else
+inline int thread_id() { return 0; }
+inline int team_size() { return 1; }
+#endif
+
+template <typename T> using AccOf = typename VecOf<T>::type::A;
+
+template <typename A> struct KeyOf;
+template <> struct KeyOf<float> {
+  using K = uint32_t;
+};
+template <> struct KeyOf<double> {
+  using K = uint64_t;
+};
+
+constexpr int kBinBits = 12;
+constexpr int kBins = 1 << kBinBits;
+constexpr int64_t kBlock = 1024;  // keys computed per block
+
+// Bit pattern of |v| in the accumulation type: ordered like the value.
+template <typename T> inline typename KeyOf<AccOf<T>>::K abs_key(T v) {
+  using A = AccOf<T>;
+  using K = typename KeyOf<A>::K;
+  A a = to_acc(v);
+  K k;
+  std::memcpy(&k, &a, sizeof(k));
+  return k & (~K(0) >> 1);
+}
+template <typename K, typename A> inline A key_value(K k) {
+  A a;
+  std::memcpy(&a, &k, sizeof(a));
+  return a;
+}
+
+// keys of |x[0..n)|, n <= kBlock.
+template <typename T> inline void abs_keys(const T* x, int64_t n, typename KeyOf<AccOf<T>>::K* out) {
+#if IMAGEN_FAST_AVX512
+  if constexpr (!std::is_same<T, double>::value) {
+    const __m512i mask = _mm512_set1_epi32(0x7fffffff);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_si512(out + i, _mm512_and_si512(_mm512_castps_si512(load(x + i).v), mask));
+    if (i < n) {
+      const int r = static_cast<int>(n - i);
+      _mm512_mask_storeu_epi32(out + i, first_n(r),
+                               _mm512_and_si512(_mm512_castps_si512(load_n(x + i, r).v), mask));
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = abs_key(x[i]);
+}
+
+// One level of the radix selection over x[b, e): histogram of bits [shift, shift + nb)
+// of the keys whose bits above `shift + nb` equal `prefix`.
+template <typename T>
+void histogram(const T* x, int64_t b, int64_t e, typename KeyOf<AccOf<T>>::K prefix, int shift, int nb,
+               bool all, uint32_t* hist) {
+  using K = typename KeyOf<AccOf<T>>::K;
+  std::fill(hist, hist + kBins, 0u);
+  alignas(64) K keys[kBlock];
+  alignas(64) uint32_t h2[kBins];  // a second copy breaks store-to-load chains on repeated bins
+  std::fill(h2, h2 + kBins, 0u);
+  const K mask = (K(1) << nb) - 1;
+  for (int64_t i0 = b; i0 < e; i0 += kBlock) {
+    const int64_t n = std::min(kBlock, e - i0);
+    abs_keys(x + i0, n, keys);
+    if (all) {
+      int64_t i = 0;
+      for (; i + 2 <= n; i += 2) {
+        ++hist[(keys[i] >> shift) & mask];
+        ++h2[(keys[i + 1] >> shift) & mask];
+      }
+      if (i < n) ++hist[(keys[i] >> shift) & mask];
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        if ((keys[i] >> (shift + nb)) == prefix) ++hist[(keys[i] >> shift) & mask];
+    }
+  }
+  for (int i = 0; i < kBins; ++i) hist[i] += h2[i];
+}
+
+// A growable array that never zero-fills what it is about to overwrite.
+template <typename K> struct KeyBuf {
+  std::vector<K> v;  // capacity
+  size_t n = 0;      // used
+  void clear() { n = 0; }
+  K* reserve_more(size_t m) {
+    if (n + m > v.size()) v.resize(std::max(n + m, 2 * v.size()));
+    return v.data() + n;
+  }
+  K* begin() { return v.data(); }
+  K* end() { return v.data() + n; }
+};
+
+// Keys of x[b, e) whose bits from `shift` up equal `prefix` are appended to out; the
+// smallest key above that bucket is min-merged into *above.
+template <typename T>
+void gather(const T* x, int64_t b, int64_t e, typename KeyOf<AccOf<T>>::K prefix, int shift,
+            KeyBuf<typename KeyOf<AccOf<T>>::K>& out, typename KeyOf<AccOf<T>>::K* above) {
+  using K = typename KeyOf<AccOf<T>>::K;
+  alignas(64) K keys[kBlock];
+  K amin = *above;
+  for (int64_t i0 = b; i0 < e; i0 += kBlock) {
+    const int64_t n = std::min(kBlock, e - i0);
+    abs_keys(x + i0, n, keys);
+    K* dst = out.reserve_more(static_cast<size_t>(n));
+    size_t cnt = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const K k = keys[i];
+      const K top = k >> shift;
+      dst[cnt] = k;
+      cnt += top == prefix;
+      amin = (top > prefix && k < amin) ? k : amin;
+    }
+    out.n += cnt;
+  }
+  *above = amin;
+}
+
+// Shared state of a team selecting on one sample.
+template <typename K> struct TeamState {
+  std::vector<uint32_t> hist;             // threads * kBins
+  std::vector<KeyBuf<K>> cand;            // per thread
+  std::vector<K> above;                   // per thread
+  K lo = 0, hi = 0;
+  explicit TeamState(int threads) : hist(size_t(threads) * kBins), cand(threads), above(threads) {}
+};
+
+inline void team_barrier(bool team) {
+  if (team) {
+#pragma omp barrier
+  }
+}
+
+// Order statistics qr.lo and qr.hi of |x| over x[0, n), by the calling team (team =
+// all threads of the enclosing parallel region call it; otherwise one thread alone).
+// Each thread scans its part [b, e). If `level0_done`, the caller already wrote this
+// thread's first-level histogram (all keys, shift = B - 1 - 12) into its hist slot.
+template <typename T>
+void select_pair(const T* x, int64_t n, int64_t b, int64_t e, const QuantileRank& qr, bool team, int tid,
+                 int nt, TeamState<typename KeyOf<AccOf<T>>::K>& st, bool level0_done,
+                 typename KeyOf<AccOf<T>>::K* lo_out, typename KeyOf<AccOf<T>>::K* hi_out) {
+  using K = typename KeyOf<AccOf<T>>::K;
+  constexpr int B = 8 * sizeof(K);
+  // Few enough candidates to rank directly: below this, another histogram level costs more.
+  const int64_t cap = std::max<int64_t>(4096, n / 32);
+  int64_t k = qr.lo;
+  K prefix = 0;
+  int pbits = 0;
+  for (int level = 0;; ++level) {
+    const int nb = std::min(kBinBits, B - 1 - pbits);
+    const int shift = B - 1 - pbits - nb;
+    uint32_t* mine = st.hist.data() + size_t(tid) * kBins;
+    if (!(level == 0 && level0_done)) histogram(x, b, e, prefix, shift, nb, level == 0, mine);
+    team_barrier(team);
+    int64_t below = 0, count = 0;
+    int bin = 0;
+    for (; bin < (1 << nb); ++bin) {
+      int64_t c = 0;
+      for (int t = 0; t < nt; ++t) c += st.hist[size_t(t) * kBins + bin];
+      if (below + c > k) {
+        count = c;
+        break;
+      }
+      below += c;
+    }
+    team_barrier(team);  // the histograms may be overwritten from here on
+    k -= below;
+    prefix = (prefix << nb) | K(bin);
+    pbits += nb;
+    const int rest = B - 1 - pbits;  // bits below the resolved prefix
+    if (rest == 0 || count <= cap) {
+      st.cand[tid].clear();
+      st.above[tid] = std::numeric_limits<K>::max();
+      if (rest == 0) {
+        // Every key of the bucket equals prefix: only the key above may be needed.
+        if (k + 1 >= count && qr.hi != qr.lo) gather(x, b, e, prefix, 0, st.cand[tid], &st.above[tid]);
+      } else {
+        gather(x, b, e, prefix, rest, st.cand[tid], &st.above[tid]);
+      }
+      team_barrier(team);
+      if (tid == 0) {
+        K lo, hi;
+        K above = std::numeric_limits<K>::max();
+        for (int t = 0; t < nt; ++t) above = std::min(above, st.above[t]);
+        if (rest == 0) {
+          lo = prefix;
+          hi = k + 1 < count ? prefix : above;
+        } else {
+          KeyBuf<K>& all = st.cand[0];
+          for (int t = 1; t < nt; ++t) {
+            K* dst = all.reserve_more(st.cand[t].n);
+            std::copy(st.cand[t].begin(), st.cand[t].end(), dst);
+            all.n += st.cand[t].n;
+          }
+          std::nth_element(all.begin(), all.begin() + k, all.end());
+          lo = all.begin()[k];
+          hi = k + 1 < count ? *std::min_element(all.begin() + k + 1, all.end()) : above;
+        }
+        if (qr.hi == qr.lo || hi == std::numeric_limits<K>::max()) hi = lo;
+        st.lo = lo;
+        st.hi = hi;
+      }
+      team_barrier(team);
+      *lo_out = st.lo;
+      *hi_out = st.hi;
+      return;
+    }
+  }
+}
+
+// below + (above - below) * frac in A, rounded after each operation like torch's
+// quantile_linear (no fused multiply-add).
+template <typename A> A lerp_exact(A below, A above, double frac) {
+  volatile A d = above - below;
+  volatile A m = d * static_cast<A>(frac);
+  return below + m;
+}
+
+inline int pick_threads(int threads, int64_t numel) {
+#ifdef _OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#else
+  threads = 1;
+#endif
+  if (numel < (int64_t(1) << 15)) threads = 1;
+  return std::max(1, threads);
+}
+
+inline bool whole_samples(int64_t N, int threads) {
+  if (threads <= 1) return true;
+  if (N < threads) return false;
+  return N % threads == 0 || N >= 4 * threads;
+}
+
+inline void split_range(int64_t total, int part, int nt, int64_t* b, int64_t* e) {
+  const int64_t align = 64, units = (total + align - 1) / align;
+  *b = std::min(total, units * part / nt * align);
+  *e = std::min(total, units * (part + 1) / nt * align);
+}
+
+// Runs body(n, b, e, team, tid, nt) for every sample n, either whole per thread or
+// split over the team.
+template <typename F> void for_samples(int64_t N, int64_t L, int threads, F&& body) {
+  const bool whole = whole_samples(N, threads);
+#pragma omp parallel num_threads(threads)
+  {
+    if (whole) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) body(n, int64_t(0), L, false, 0, 1);
+    } else {
+      const int tid = thread_id(), nt = team_size();
+      int64_t b, e;
+      split_range(L, tid, nt, &b, &e);
+      for (int64_t n = 0; n < N; ++n) body(n, b, e, true, tid, nt);
+    }
+  }
+}
+
+// ----------------------------------------------------------------- dynamic threshold
+template <typename T>
+void threshold_out(const T* x, T* y, int64_t b, int64_t e, AccOf<T> s) {
+  using V = typename VecOf<T>::type;
+  constexpr int W = V::W;
+  const V sv = V::set1(s);
+  int64_t i = b;
+  for (; i + W <= e; i += W) store(y + i, clamp_sym(load(x + i), sv) / sv);
+  if (i < e) {
+    const int r = static_cast<int>(e - i);
+    store_n(y + i, clamp_sym(load_n(x + i, r), sv) / sv, r);
+  }
+}
+
+template <typename T>
+void dynamic_threshold_impl(const T* x, T* y, int64_t N, int64_t L, double p, double min_value, int threads) {
+  using A = AccOf<T>;
+  using K = typename KeyOf<A>::K;
+  threads = pick_threads(threads, N * L);
+  const QuantileRank qr = quantile_rank(p, L);
+  const bool whole = whole_samples(N, threads);
+  TeamState<K> shared(threads);
+  std::vector<TeamState<K>> own;
+  if (whole) own.assign(threads, TeamState<K>(1));
+  for_samples(N, L, threads, [&](int64_t n, int64_t b, int64_t e, bool team, int tid, int nt) {
+    TeamState<K>& st = team ? shared : own[thread_id()];
+    const T* xs = x + n * L;
+    K lo, hi;
+    select_pair(xs, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
+    A s = lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac);
+    s = std::max(s, static_cast<A>(min_value));
+    threshold_out(xs, y + n * L, b, e, s);
+  });
+}
+
+// ---------------------------------------------------------------------- sampler step
+enum class Thresh : int { None = 0, Static = 1, Dynamic = 2 };
+
+template <typename T> struct StepArgs {
+  const T *z, *cond, *uncond, *noise;
+  T* out;
+  const double* coefs;
+  int64_t N, L;
+  double w;
+};
+
+// x0 = a z + b pred for x[b, e) of sample n into dst (type A).
+template <typename T>
+void compute_x0(const StepArgs<T>& g, int64_t n, int64_t b, int64_t e, AccOf<T>* dst) {
+  using V = typename VecOf<T>::type;
+  using A = AccOf<T>;
+  constexpr int W = V::W;
+  const double* c = g.coefs + n * 5;
+  const V av = V::set1(static_cast<A>(c[0])), bv = V::set1(static_cast<A>(c[1]));
+  const V wv = V::set1(static_cast<A>(g.w));
+  const int64_t off = n * g.L;
+  const T *z = g.z + off, *pc = g.cond + off, *pu = g.uncond ? g.uncond + off : nullptr;
+  for (int64_t i = b; i < e; i += W) {
+    const int r = static_cast<int>(std::min<int64_t>(W, e - i));
+    V zz = r == W ? load(z + i) : load_n(z + i, r);
+    V pred = r == W ? load(pc + i) : load_n(pc + i, r);
+    if (pu) {
+      V u = r == W ? load(pu + i) : load_n(pu + i, r);
+      pred = u + wv * (pred - u);
+    }
+    V x0 = av * zz + bv * pred;
+    if (r == W) store(dst + i, x0);
+    else store_n(dst + i, x0, r);
+  }
+}
+
+// out = c_x0 * q(x0) + c_z z + c_noise noise over [b, e) of sample n, q the threshold map.
+template <Thresh mode, typename T, typename X0>
+void step_out(const StepArgs<T>& g, int64_t n, int64_t b, int64_t e, const X0* x0src, bool x0_is_sample_local,
+              AccOf<T> s) {
+  using V = typename VecOf<T>::type;
+  using A = AccOf<T>;
+  constexpr int W = V::W;
+  const double* c = g.coefs + n * 5;
+  const V cx = V::set1(static_cast<A>(c[2])), cz = V::set1(static_cast<A>(c[3]));
+  const V cn = V::set1(static_cast<A>(c[4]));
+  const V av = V::set1(static_cast<A>(c[0])), bv = V::set1(static_cast<A>(c[1]));
+  const V wv = V::set1(static_cast<A>(g.w));
+  const V sv = V::set1(s);
+  const int64_t off = n * g.L;
+  const T *z = g.z + off, *pc = g.cond + off, *pu = g.uncond ? g.uncond + off : nullptr;
+  const T* nz = g.noise ? g.noise + off : nullptr;
+  T* out = g.out + off;
+  for (int64_t i = b; i < e; i += W) {
+    const int r = static_cast<int>(std::min<int64_t>(W, e - i));
+    const bool full = r == W;
+    V zz = full ? load(z + i) : load_n(z + i, r);
+    V x0;
+    if (x0src) {
+      const X0* xp = x0_is_sample_local ? x0src + i : x0src + off + i;
+      x0 = full ? load(xp) : load_n(xp, r);
+    } else {
+      V pred = full ? load(pc + i) : load_n(pc + i, r);
+      if (pu) {
+        V u = full ? load(pu + i) : load_n(pu + i, r);
+        pred = u + wv * (pred - u);
+      }
+      x0 = av * zz + bv * pred;
+    }
+    if constexpr (mode == Thresh::Dynamic) x0 = clamp_sym(x0, sv) / sv;
+    if constexpr (mode == Thresh::Static) x0 = clamp_sym(x0, V::set1(A(1)));
+    V res = cx * x0 + cz * zz;
+    if (nz) res = res + cn * (full ? load(nz + i) : load_n(nz + i, r));
+    if (full) store(out + i, res);
+    else store_n(out + i, res, r);
+  }
+}
+
+template <typename T>
+void sampler_step_impl(const StepArgs<T>& g, Thresh mode, double p, double min_value, int threads) {
+  using A = AccOf<T>;
+  using K = typename KeyOf<A>::K;
+  const int64_t N = g.N, L = g.L;
+  threads = pick_threads(threads, N * L);
+  if (mode != Thresh::Dynamic) {
+    // One pass, no per-sample reduction: flat split over all elements.
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t blk = 0; blk < N * ((L + 4095) / 4096); ++blk) {
+      const int64_t per = (L + 4095) / 4096, n = blk / per, b = (blk % per) * 4096;
+      const int64_t e = std::min(L, b + 4096);
+      if (mode == Thresh::Static) step_out<Thresh::Static, T, A>(g, n, b, e, nullptr, false, A(1));
+      else step_out<Thresh::None, T, A>(g, n, b, e, nullptr, false, A(1));
+    }
+    return;
+  }
+  const QuantileRank qr = quantile_rank(p, L);
+  const bool whole = whole_samples(N, threads);
+  // x0 lives in the output when it has x0's type, else in float scratch.
+  constexpr bool in_place = std::is_same<T, A>::value;
+  std::vector<A> team_buf(in_place || whole ? 0 : size_t(L));
+  std::vector<std::vector<A>> own_buf(in_place || !whole ? 0 : threads);
+  TeamState<K> shared(threads);
+  std::vector<TeamState<K>> own;
+  if (whole) own.assign(threads, TeamState<K>(1));
+  for_samples(N, L, threads, [&](int64_t n, int64_t b, int64_t e, bool team, int tid, int nt) {
+    TeamState<K>& st = team ? shared : own[thread_id()];
+    A* x0;
+    if constexpr (in_place) {
+      x0 = reinterpret_cast<A*>(g.out) + n * L;
+    } else if (team) {
+      x0 = team_buf.data();
+    } else {
+      std::vector<A>& v = own_buf[thread_id()];
+      if (v.empty()) v.resize(size_t(L));
+      x0 = v.data();
+    }
+    compute_x0(g, n, b, e, x0);
+    K lo, hi;
+    select_pair<A>(x0, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
+    A s = lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac);
+    s = std::max(s, static_cast<A>(min_value));
+    // (each thread reads back only its own part [b, e) of x0: no barrier needed)
+    step_out<Thresh::Dynamic, T, A>(g, n, b, e, x0, true, s);
+  });
+}
+
+// ---------------------------------------------------------------------- bindings
+template <typename P> inline P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
+
+void check_sizes(const char* fn, int64_t N, int64_t L, int dtype, double p, double min_value) {
+  if (N <= 0 || L <= 0)
+    throw std::invalid_argument(std::string(fn) + ": N and L must be positive (got N=" + std::to_string(N) +
+                                ", L=" + std::to_string(L) + ")");
+  if (dtype < 0 || dtype > 3) throw std::invalid_argument(std::string(fn) + ": unknown dtype code " + std::to_string(dtype));
+  if (!(p >= 0.0 && p <= 1.0)) throw std::invalid_argument(std::string(fn) + ": percentile must be in [0, 1]");
+  if (!(min_value > 0.0) || !std::isfinite(min_value))
+    throw std::invalid_argument(std::string(fn) + ": min_value must be finite and > 0");
+}
+
+template <typename F> void with_dtype(int dtype, F&& f) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32: f(float{}); break;
+    case DType::Float64: f(double{}); break;
+    case DType::Float16: f(Half{}); break;
+    case DType::BFloat16: f(BFloat16{}); break;
+  }
+}
+
+void dynamic_threshold(uintptr_t x, uintptr_t y, int64_t N, int64_t L, int dtype, double percentile,
+                       double min_value, int threads) {
+  check_sizes("dynamic_threshold", N, L, dtype, percentile, min_value);
+  if (!x || !y) throw std::invalid_argument("dynamic_threshold: x and y are required");
+  py::gil_scoped_release nogil;
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dynamic_threshold_impl<T>(ptr<const T>(x), ptr<T>(y), N, L, percentile, min_value, threads);
+  });
+}
+
+void sampler_step(uintptr_t z, uintptr_t cond, uintptr_t uncond, uintptr_t noise, uintptr_t out, uintptr_t coefs,
+                  int64_t N, int64_t L, int dtype, double guidance_scale, int threshold, double percentile,
+                  double min_value, int threads) {
+  check_sizes("sampler_step", N, L, dtype, percentile, min_value);
+  if (!z || !cond || !out || !coefs)
+    throw std::invalid_argument("sampler_step: z_t, pred_cond, out and coefs are required");
+  if (threshold < 0 || threshold > 2) throw std::invalid_argument("sampler_step: threshold must be 0, 1 or 2");
+  if (!std::isfinite(guidance_scale)) throw std::invalid_argument("sampler_step: guidance_scale must be finite");
+  py::gil_scoped_release nogil;
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    StepArgs<T> g{ptr<const T>(z), ptr<const T>(cond), ptr<const T>(uncond), ptr<const T>(noise), ptr<T>(out),
+                  ptr<const double>(coefs), N, L, guidance_scale};
+    sampler_step_impl<T>(g, static_cast<Thresh>(threshold), percentile, min_value, threads);
+  });
+}
+
+// The two order statistics themselves (for tests): values at ranks lo and lo + 1 of |x|.
+py::tuple quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double percentile, int threads) {
+  check_sizes("quantile_abs", N, L, dtype, percentile, 1.0);
+  if (!x) throw std::invalid_argument("quantile_abs: x is required");
+  std::vector<double> out(static_cast<size_t>(N));
+  {
+    py::gil_scoped_release nogil;
+    with_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      using A = AccOf<T>;
+      using K = typename KeyOf<A>::K;
+      const T* xs = ptr<const T>(x);
+      const int th = pick_threads(threads, N * L);
+      const QuantileRank qr = quantile_rank(percentile, L);
+      const bool whole = whole_samples(N, th);
+      TeamState<K> shared(th);
+      std::vector<TeamState<K>> own;
+      if (whole) own.assign(th, TeamState<K>(1));
+      for_samples(N, L, th, [&](int64_t n, int64_t b, int64_t e, bool team, int tid, int nt) {
+        TeamState<K>& st = team ? shared : own[thread_id()];
+        K lo, hi;
+        select_pair(xs + n * L, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
+        if (tid == 0) out[size_t(n)] = static_cast<double>(lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac));
+      });
+    });
+  }
+  py::list l;
+  for (double v : out) l.append(v);
+  return py::tuple(l);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace imagen_fast
+
+void register_cpu_threshold(py::module_& m) {
+  using namespace imagen_fast::cpu;
+  m.def("dynamic_threshold", &dynamic_threshold,
+        "Per sample (N samples of L elements, any layout): s = max(quantile(|x|, percentile), min_value) "
+        "with torch.quantile's linear interpolation, exact; y = clamp(x, -s, s) / s.",
+        py::arg("x"), py::arg("y"), py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("percentile"),
+        py::arg("min_value"), py::arg("threads") = 0);
+  m.def("sampler_step", &sampler_step,
+        "Fused guided reverse-diffusion step: pred = uncond + w (cond - uncond) (cond if no uncond), "
+        "x0 = a z + b pred, threshold (0 none, 1 static, 2 dynamic), out = c_x0 x0 + c_z z + c_noise noise. "
+        "coefs: (N, 5) float64 [a, b, c_x0, c_z, c_noise]. uncond and noise may be 0.",
+        py::arg("z"), py::arg("cond"), py::arg("uncond"), py::arg("noise"), py::arg("out"), py::arg("coefs"),
+        py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("guidance_scale"), py::arg("threshold"),
+        py::arg("percentile"), py::arg("min_value"), py::arg("threads") = 0);
+  m.def("quantile_abs", &quantile_abs,
+        "Per-sample exact quantile of |x| (linear interpolation), by radix selection: a tuple of N floats.",
+        py::arg("x"), py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("percentile"), py::arg("threads") = 0);
+}
