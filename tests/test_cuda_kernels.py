@@ -9,14 +9,26 @@ Without a GPU (CI, these 2-core machines):
     kernel (each element read/written once, by the thread that owns its channel), the
     backward algebra (P, Q, c2, c3 against autograd), and the radix-select state machine
     (digit layout per dtype, two prefixes) against reference.quantile_linear.
+  * the kernels' own source, compiled for a host emulation of CUDA (threads as fibers,
+    real __syncthreads / warp-intrinsic semantics, see csrc/include/imagen_fast/
+    cuda_emulation.h), runs the backend's functions on CPU tensors against the float64
+    reference: every path, dtype, layout and chunking, with poisoned outputs and
+    workspace.
 On a GPU, additionally: one-pass and split paths forced, split chunk counts forced,
 8x3x1024x1024 thresholding, bit-for-bit determinism, non-default streams, and
 torch.compile through the cuda backend. tests/gpu/run_sanitizer.sh runs this file's
 small shapes under compute-sanitizer.
 """
+import functools
+import hashlib
+import importlib.util
 import math
 import os
 import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -474,6 +486,324 @@ def test_twin_radix_select_equals_quantile(dtype):
         for q in (0.0, 0.5, 0.9, 0.995, 1.0):
             want = reference.quantile_linear(vals[None, :], q).item()
             assert _twin_radix_select(v, q) == want, (dtype, q, v.numel())
+
+
+# ===================================================== emulated kernels (no GPU)
+# The source tree the emulation compiles (overridable to check that these tests catch
+# deliberately broken copies of the kernels).
+REPO = Path(os.environ.get("IMAGEN_FAST_EMULATION_ROOT", Path(__file__).resolve().parents[1]))
+EMU_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-DIMAGEN_FAST_CUDA_EMULATION",
+             "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
+
+
+@functools.lru_cache(maxsize=None)
+def build_emulator():
+    """(module, "") with csrc/cuda compiled for the host emulation, or (None, why not).
+    Cached under build/cuda_emulation/<hash of the sources and flags>."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        return None, "no C++ compiler"
+    try:
+        import pybind11
+    except ImportError:
+        return None, "pybind11 not installed"
+    cu = sorted(p for p in (REPO / "csrc/cuda").glob("*.cu") if p.name != "runtime.cu")
+    cpp = [REPO / "csrc/cuda/bindings.cpp", *sorted((REPO / "csrc/cuda/emulation").glob("*.cpp"))]
+    flags = EMU_FLAGS + [f"-I{REPO / 'csrc/include'}", f"-I{pybind11.get_include()}",
+                         f"-I{sysconfig.get_paths()['include']}"]
+    h = hashlib.sha256(" ".join([cxx] + EMU_FLAGS).encode())
+    for f in cu + cpp + sorted((REPO / "csrc/include/imagen_fast").glob("*")):
+        h.update(f.name.encode() + f.read_bytes())
+    out = REPO / "build" / "cuda_emulation" / h.hexdigest()[:16]
+    so = out / ("imagen_fast_cuda_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not so.exists():
+        out.mkdir(parents=True, exist_ok=True)
+
+        def compile_one(src):
+            obj = out / f"{src.stem}.{os.getpid()}.o"
+            lang = ["-x", "c++"] if src.suffix == ".cu" else []
+            r = subprocess.run([cxx, *flags, "-c", *lang, str(src), "-o", str(obj)],
+                               capture_output=True, text=True)
+            return obj, r
+        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as ex:
+            built = list(ex.map(compile_one, cu + cpp))
+        for obj, r in built:
+            if r.returncode != 0:
+                raise RuntimeError(f"emulation build failed for {obj.name}:\n{r.stderr[-4000:]}")
+            if "warning" in r.stderr:
+                raise RuntimeError(f"emulation build warns for {obj.name}:\n{r.stderr[-4000:]}")
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
+        r = subprocess.run([cxx, "-shared", *[str(o) for o, _ in built], "-o", str(tmp)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"emulation link failed:\n{r.stderr[-4000:]}")
+        os.replace(tmp, so)
+        for o, _ in built:
+            o.unlink()
+    spec = importlib.util.spec_from_file_location("imagen_fast_cuda_emu", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, ""
+
+
+def _emulated_backend(emu):
+    """A private copy of imagen_fast.ops._cuda_backend driving the emulated module (never
+    registered with the dispatcher, so the real backend list is untouched)."""
+    import imagen_fast._compiled as compiled
+    from imagen_fast.ops import dispatch as disp
+    src = REPO / "imagen_fast/ops/_cuda_backend.py"
+    spec = importlib.util.spec_from_file_location("imagen_fast.ops._cuda_backend_emulated", src)
+    mod = importlib.util.module_from_spec(spec)
+    saved = compiled.load_extension, disp.register
+    compiled.load_extension = lambda: emu
+    disp.register = lambda *a, **k: (lambda f: f)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        compiled.load_extension, disp.register = saved
+    mod._EMULATED = True
+    return mod
+
+
+@pytest.fixture(scope="module")
+def emu():
+    mod, why = build_emulator()
+    if mod is None:
+        pytest.skip(f"CUDA emulation not built: {why}")
+    return mod
+
+
+class Guarded:
+    """Every tensor allocated in a guard zone: 4 KiB of 0xFF bytes (NaN for floats) on both
+    sides. An out-of-bounds read brings NaN into the results; an out-of-bounds write
+    changes a guard byte, which check() reports. The tensor's own bytes start as 0xFF too
+    (NaN poison: an unwritten output or workspace element shows)."""
+
+    PAD = 4096
+
+    def __init__(self):
+        self.zones = []
+
+    def empty_strided(self, size, stride, dtype):
+        size, stride = tuple(size), tuple(stride)
+        elems = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else 0
+        nbytes = elems * dtype.itemsize
+        base = torch.full((nbytes + 2 * self.PAD,), 0xFF, dtype=torch.uint8)
+        body = base[self.PAD:self.PAD + nbytes].view(dtype)
+        self.zones.append((base, nbytes))
+        return body.as_strided(size, stride)
+
+    def wrap(self, t):
+        """A guarded copy of t with t's strides."""
+        if t is None:
+            return None
+        out = self.empty_strided(t.shape, t.stride(), t.dtype)
+        out.copy_(t)
+        return out
+
+    def check(self):
+        for base, nbytes in self.zones:
+            head, tail = base[:self.PAD], base[self.PAD + nbytes:]
+            assert bool((head == 0xFF).all()) and bool((tail == 0xFF).all()), \
+                f"out-of-bounds write next to a {nbytes}-byte tensor"
+
+
+@pytest.fixture
+def guarded(monkeypatch):
+    g = Guarded()
+    real_empty = torch.empty
+
+    def empty(*size, dtype=None, device=None, **kw):
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = tuple(size[0])
+        dtype = dtype or torch.get_default_dtype()
+        if device is not None and torch.device(device).type != "cpu":
+            return real_empty(*size, dtype=dtype, device=device, **kw)
+        stride, acc = [], 1
+        for n in reversed(size):
+            stride.insert(0, acc)
+            acc *= max(int(n), 1)
+        return g.empty_strided(size, stride, dtype)
+
+    def empty_like(t, dtype=None, **kw):
+        return g.empty_strided(t.shape, t.stride(), dtype or t.dtype)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    yield g
+    g.check()
+
+
+@pytest.fixture
+def cb_emu(emu, monkeypatch, guarded):
+    """The cuda backend's functions on CPU tensors through the emulation, every
+    allocation (outputs, statistics, workspace) guarded and NaN-poisoned."""
+    cb = _emulated_backend(emu)
+    emu.set_device_props(132, 2048)
+    for var in ("IMAGEN_FAST_CUDA_GN_PATH", "IMAGEN_FAST_CUDA_GN_CHUNKS",
+                "IMAGEN_FAST_CUDA_THRESHOLD_CTAS"):
+        monkeypatch.delenv(var, raising=False)
+    return cb
+
+
+EMU_GN_CASES = [((2, 8, 5, 7), 4), ((1, 96, 7, 9), 32), ((3, 12, 11), 3), ((2, 8, 3, 4, 5), 2),
+                ((2, 32, 8, 8), 4), ((1, 6, 4, 4), 3)]
+EMU_PATHS = [("onepass", 0), ("split", 0), ("split", 3)]
+
+
+def _sdt(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gn_ref_inputs(shape, dtype, seed, film, affine):
+    x, w, b, s, sh = _gn_inputs(shape, dtype, seed, film=film, affine=affine)
+    sdt = _sdt(dtype)
+    return x, *[None if t is None else t.to(sdt) for t in (w, b, s, sh)]
+
+
+def test_emulation_builds_and_reports(emu):
+    assert emu.EMULATED and emu.cuda_device_count() == 1
+    with pytest.raises(ValueError, match="one-pass path cannot hold a group"):
+        emu.cuda_group_norm_plan(dict(N=1, C=64, S=65536, G=1, x=ALIGNED, y=ALIGNED, mean=ALIGNED,
+                                      rstd=ALIGNED, force_path=1), False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("path,chunks", EMU_PATHS)
+def test_emulated_group_norm_forward(cb_emu, guarded, monkeypatch, dtype, channels_last, path,
+                                     chunks):
+    monkeypatch.setenv("IMAGEN_FAST_CUDA_GN_PATH", path)
+    monkeypatch.setenv("IMAGEN_FAST_CUDA_GN_CHUNKS", str(chunks))
+    variants = [(True, True, "silu"), (False, False, "gelu"), (True, False, "none"),
+                (False, True, "none")]
+    for i, (shape, groups) in enumerate(EMU_GN_CASES):
+        if channels_last and len(shape) < 4:
+            continue
+        film, affine, act = variants[i % len(variants)]
+        x, w, b, s, sh = _gn_ref_inputs(shape, dtype, 100 + i, film, affine)
+        xd = guarded.wrap(_cl(x) if channels_last else x)
+        assert cb_emu.group_norm_plan(xd, groups)["path"] == path
+        y, mean, rstd = cb_emu.group_norm_silu_fwd(xd, groups, *map(guarded.wrap, (w, b)), 1e-5,
+                                                   *map(guarded.wrap, (s, sh)), act)
+        assert y.dtype == dtype and y.shape == x.shape and y.stride() == xd.stride()
+        d = lambda t: None if t is None else t.double()  # noqa: E731
+        ref = reference.group_norm_silu(x.double(), groups, d(w), d(b), 1e-5, d(s), d(sh), act)
+        lp = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        same = reference.group_norm_silu(x, groups, lp(w), lp(b), 1e-5, lp(s), lp(sh), act)
+        assert_close_to_reference(y, ref, same, what=f"{path}/{chunks} y {shape} {act}")
+        rmean, rrstd = reference.group_norm_stats(x.double(), groups, 1e-5)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(mean.double(), rmean, rtol=tol, atol=tol)
+        torch.testing.assert_close(rstd.double(), rrstd, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("path,chunks", EMU_PATHS)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "none"])
+def test_emulated_group_norm_backward(cb_emu, guarded, monkeypatch, dtype, channels_last, path,
+                                      chunks, activation):
+    monkeypatch.setenv("IMAGEN_FAST_CUDA_GN_PATH", path)
+    monkeypatch.setenv("IMAGEN_FAST_CUDA_GN_CHUNKS", str(chunks))
+    for i, (shape, groups) in enumerate((((2, 8, 5, 7), 4), ((2, 96, 7, 9), 32),
+                                         ((2, 32, 8, 8), 4))):
+        x, w, b, s, sh = _gn_ref_inputs(shape, dtype, 200 + i, True, True)
+        xd = guarded.wrap(_cl(x) if channels_last else x)
+        wg, bg, sg, shg = map(guarded.wrap, (w, b, s, sh))
+        _, mean, rstd = cb_emu.group_norm_silu_fwd(xd, groups, wg, bg, 1e-5, sg, shg, activation)
+        gy = randn(*shape, dtype=dtype, generator=_gen(300 + i))
+        gy_l = guarded.wrap(_cl(gy) if channels_last else gy)
+        needs = (True, True, True, True, True) if i != 1 else (True, False, True, True, False)
+        got = cb_emu.group_norm_silu_bwd(gy_l, xd, mean, rstd, groups, wg, bg, sg, shg,
+                                         activation, needs)
+        assert len(got) == 5 and all((g is None) == (not n) for g, n in zip(got, needs))
+        assert got[0].stride() == xd.stride()
+        act = None if activation == "none" else activation
+        r_leaves = [t.double().requires_grad_() for t in (x, w, b, s, sh)]
+        ref = reference.group_norm_silu(r_leaves[0], groups, *r_leaves[1:3], 1e-5,
+                                        *r_leaves[3:], act)
+        r_grads = torch.autograd.grad(ref, r_leaves, gy.double())
+        l_leaves = [t.to(dtype).requires_grad_() for t in (x, w, b, s, sh)]
+        lp = reference.group_norm_silu(l_leaves[0], groups, *l_leaves[1:3], 1e-5, *l_leaves[3:],
+                                       act)
+        l_grads = torch.autograd.grad(lp, l_leaves, gy)
+        for name, g_, r_, t_ in zip(("x", "weight", "bias", "scale", "shift"), got, r_grads,
+                                    l_grads):
+            if g_ is None:
+                continue
+            floor = None if name == "x" else 1e-4 * math.sqrt(x.numel()) * r_.abs().max().item()
+            if dtype == torch.float64:
+                floor = 1e-9 * max(1.0, r_.abs().max().item())
+            assert_close_to_reference(g_, r_, t_, what=f"{path}/{chunks} grad {name} {shape}",
+                                      floor=floor)
+
+
+@pytest.mark.parametrize("sms", [4, 132, 1000])
+def test_emulated_group_norm_automatic_path(cb_emu, emu, sms):
+    """The heuristic's choice depends on the device; every choice gives the right answer."""
+    emu.set_device_props(sms, 2048)
+    for i, (shape, groups) in enumerate(EMU_GN_CASES[:3]):
+        x, w, b, s, sh = _gn_ref_inputs(shape, torch.float32, 400 + i, True, True)
+        n = shape[0]
+        want = "onepass" if n * groups >= sms else "split"
+        assert cb_emu.group_norm_plan(x, groups)["path"] == want
+        y, _, _ = cb_emu.group_norm_silu_fwd(x, groups, w, b, 1e-5, s, sh, "silu")
+        ref = reference.group_norm_silu(x.double(), groups, w.double(), b.double(), 1e-5,
+                                        s.double(), sh.double())
+        assert_close_to_reference(y, ref)
+
+
+def _thr_inputs(seed):
+    g = _gen(seed)
+    ties = (torch.randint(-6, 7, (4, 3, 6, 5), generator=g).double() / 2)
+    return [randn(3, 3, 8, 8, generator=g, dtype=torch.float64) * 2.5,
+            randn(1, 3, 7, 9, generator=g, dtype=torch.float64) * 0.3,
+            randn(2, 4, 33, generator=g, dtype=torch.float64) * 3, ties,
+            _cl(randn(2, 8, 4, 4, generator=g, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("ctas", [0, 3])
+def test_emulated_dynamic_threshold(cb_emu, guarded, monkeypatch, dtype, ctas):
+    monkeypatch.setenv("IMAGEN_FAST_CUDA_THRESHOLD_CTAS", str(ctas))
+    for x in _thr_inputs(500):
+        x = guarded.wrap(x.to(dtype))
+        for q in (0.0, 0.5, 0.9, 0.995, 1.0):
+            y, s = cb_emu.threshold_values(x, q, 1.0)
+            assert y.dtype == dtype and y.stride() == x.stride()
+            flat = x.abs().double().reshape(x.shape[0], -1)
+            want = reference.quantile_linear(flat, q).clamp(min=1.0)
+            assert torch.equal(s, want), (tuple(x.shape), q)
+            ref = reference.dynamic_threshold(x.double(), q, 1.0)
+            assert_close_to_reference(y, ref, ref.to(dtype), what=f"y {tuple(x.shape)} q={q}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("threshold", ["dynamic", "static", "none"])
+@pytest.mark.parametrize("guided,noisy", [(True, True), (False, True), (True, False)])
+def test_emulated_sampler_step(cb_emu, guarded, dtype, threshold, guided, noisy):
+    g = _gen(600)
+    for shape in ((3, 3, 5, 7), (3, 4, 8, 8)):
+        z, cond, uncond, noise = (randn(*shape, dtype=dtype, generator=g) for _ in range(4))
+        alpha_t = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
+        alpha_s = torch.tensor([0.5, 0.8, 1.0], dtype=torch.float64)
+        coefs = ops.step_coefficients(alpha_t, (1 - alpha_t ** 2).sqrt(), alpha_s,
+                                      (1 - alpha_s ** 2).sqrt())
+        u = uncond if guided else None
+        e = noise if noisy else None
+        for layout in (lambda t: t, _cl):
+            lg = lambda t: None if t is None else guarded.wrap(layout(t))  # noqa: E731
+            out = cb_emu.sampler_step(lg(z), lg(cond), lg(u), 5.0, guarded.wrap(coefs), lg(e),
+                                      threshold, 0.95, 1.0)
+            assert out.dtype == dtype and out.stride() == layout(z).stride()
+            d = lambda t: None if t is None else t.double()  # noqa: E731
+            ref = reference.sampler_step(d(z), d(cond), d(u), 5.0, coefs, d(e), threshold, 0.95,
+                                         1.0)
+            f = lambda t: None if t is None else t.to(_sdt(dtype))  # noqa: E731
+            same = reference.sampler_step(f(z), f(cond), f(u), 5.0, coefs, f(e), threshold,
+                                          0.95, 1.0).to(dtype)
+            assert_close_to_reference(out, ref, same, what=f"z_s {threshold} {shape}")
 
 
 # ================================================================== on a GPU

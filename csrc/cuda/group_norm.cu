@@ -1,13 +1,11 @@
 // group_norm_silu entry points: dtype dispatch to the per-dtype instantiations
 // (csrc/cuda/group_norm_<dtype>.cu); the kernels are in cuda_group_norm.cuh.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <stdexcept>
 #include <string>
 
 #include "imagen_fast/common.h"
 #include "imagen_fast/cuda_api.h"
+#include "imagen_fast/cuda_platform.cuh"
 
 namespace imagen_fast {
 namespace cuda {

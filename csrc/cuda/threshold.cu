@@ -153,13 +153,11 @@ void threshold_typed(const ThresholdArgs& a) {
   with_vec<T>(geo.plan.vec, [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
     for (int pass = 0; pass < geo.plan.passes; ++pass) {
-      radix_pass_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(p, static_cast<const T*>(a.x), pass);
-      IF_CUDA_CHECK_LAUNCH();
-      select_kernel<T><<<static_cast<unsigned>(a.N), kThreads, 0, stream>>>(p, pass);
-      IF_CUDA_CHECK_LAUNCH();
+      launch_kernel(radix_pass_kernel<T, VEC>, grid, kThreads, stream, p,
+                    static_cast<const T*>(a.x), pass);
+      launch_kernel(select_kernel<T>, static_cast<unsigned>(a.N), kThreads, stream, p, pass);
     }
-    threshold_apply_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(p);
-    IF_CUDA_CHECK_LAUNCH();
+    launch_kernel(threshold_apply_kernel<T, VEC>, grid, kThreads, stream, p);
   });
 }
 
@@ -176,24 +174,20 @@ void sampler_typed(const ThresholdArgs& a) {
   with_vec<T>(geo.plan.vec, [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
     if (geo.plan.passes > 0) {
-      sampler_x0_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(p);
-      IF_CUDA_CHECK_LAUNCH();
-      select_kernel<A><<<static_cast<unsigned>(a.N), kThreads, 0, stream>>>(p, 0);
-      IF_CUDA_CHECK_LAUNCH();
+      launch_kernel(sampler_x0_kernel<T, VEC>, grid, kThreads, stream, p);
+      launch_kernel(select_kernel<A>, static_cast<unsigned>(a.N), kThreads, stream, p, 0);
       Params ps = p;
       ps.slice = geo.plan.slice_scratch;
       with_vec<A>(geo.plan.vec_scratch, [&](auto va_c) {
         constexpr int VA = decltype(va_c)::value;
         for (int pass = 1; pass < geo.plan.passes; ++pass) {
-          radix_pass_kernel<A, VA><<<grid, kThreads, 0, stream>>>(ps, static_cast<const A*>(p.scratch), pass);
-          IF_CUDA_CHECK_LAUNCH();
-          select_kernel<A><<<static_cast<unsigned>(a.N), kThreads, 0, stream>>>(p, pass);
-          IF_CUDA_CHECK_LAUNCH();
+          launch_kernel(radix_pass_kernel<A, VA>, grid, kThreads, stream, ps,
+                        static_cast<const A*>(p.scratch), pass);
+          launch_kernel(select_kernel<A>, static_cast<unsigned>(a.N), kThreads, stream, p, pass);
         }
       });
     }
-    sampler_apply_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(p);
-    IF_CUDA_CHECK_LAUNCH();
+    launch_kernel(sampler_apply_kernel<T, VEC>, grid, kThreads, stream, p);
   });
 }
 

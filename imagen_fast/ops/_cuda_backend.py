@@ -29,6 +29,10 @@ if _C is None or not _C.HAS_CUDA:
     raise ImportError("imagen_fast._C was built without CUDA (no nvcc at build time, "
                       "or IMAGEN_FAST_CUDA=0)")
 
+# Tests swap in the host-emulated build of the same kernels (tests/test_cuda_kernels.py)
+# and set this, so the functions below accept CPU tensors; never set otherwise.
+_EMULATED = False
+
 # Must match csrc/include/imagen_fast/common.h (DType, Activation).
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 ACTIVATION_CODES = {"none": 0, "silu": 1, "gelu": 2}
@@ -85,6 +89,8 @@ def _supports(*tensors) -> Optional[str]:
 
 def _require_cuda(t: torch.Tensor, name: str) -> None:
     """Direct calls (bypassing dispatch) still get a clear error, never a bad pointer."""
+    if _EMULATED and isinstance(t, torch.Tensor) and t.device.type == "cpu":
+        return
     if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
         where = t.device if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"backend 'cuda': {name} must be a CUDA tensor, got {where}")
@@ -128,8 +134,8 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _common(x: torch.Tensor) -> dict:
-    return dict(device=x.device.index, stream=torch.cuda.current_stream(x.device).cuda_stream,
-                dtype=DTYPE_CODES[x.dtype])
+    stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+    return dict(device=x.device.index or 0, stream=stream, dtype=DTYPE_CODES[x.dtype])
 
 
 def _workspace(nbytes: int, device) -> Optional[torch.Tensor]:

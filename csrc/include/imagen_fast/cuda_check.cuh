@@ -1,7 +1,7 @@
 // Turning CUDA errors into exceptions that name the error and the call site.
 #pragma once
 
-#include <cuda_runtime.h>
+#include "imagen_fast/cuda_platform.cuh"
 
 #include <stdexcept>
 #include <string>

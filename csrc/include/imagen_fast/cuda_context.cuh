@@ -2,12 +2,12 @@
 // and the "is there a device at all" check that every entry point runs first.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
+#include <utility>
 
 #include "imagen_fast/cuda_api.h"
 #include "imagen_fast/cuda_check.cuh"
+#include "imagen_fast/cuda_platform.cuh"
 
 namespace imagen_fast {
 namespace cuda {
@@ -37,6 +37,20 @@ class DeviceGuard {
  private:
   int previous_ = -1;
 };
+
+// kernel<<<grid, block, 0, stream>>>(args...) and the launch check; under emulation
+// the block's threads run as host fibers.
+template <typename... KArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t stream,
+                          Args&&... args) {
+#ifdef IMAGEN_FAST_CUDA_EMULATION
+  (void)stream;
+  ::emu::launch(kernel, grid, block, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
+  IF_CUDA_CHECK_LAUNCH();
+}
 
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 

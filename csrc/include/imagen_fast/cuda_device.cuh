@@ -4,14 +4,11 @@
 // rank, sampler coefficients) comes from common.h, shared with csrc/cpu.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <cstring>
 
 #include "imagen_fast/common.h"
+#include "imagen_fast/cuda_platform.cuh"
 
 namespace imagen_fast {
 namespace cuda {
@@ -83,6 +80,9 @@ __device__ __forceinline__ void store_vec(T* p, const acc_t<T> (&in)[N]) {
   for (int j = 0; j < N; ++j) v[j] = Cvt<T>::from(in[j]);
   R raw;
   memcpy(&raw, v, sizeof(R));
+#ifdef IMAGEN_FAST_CUDA_EMULATION
+  emu::check_aligned(p, sizeof(R));
+#endif
   *reinterpret_cast<R*>(p) = raw;
 }
 

@@ -279,20 +279,16 @@ void forward_typed(const GroupNormArgs& a) {
     constexpr bool CL = decltype(cl_c)::value;
     if (plan.path == 1) {
       if (plan.items == 4) {
-        fwd_onepass_kernel<T, VEC, 4, CL><<<geo.reduce_grid, plan.threads, 0, stream>>>(p);
+        launch_kernel(fwd_onepass_kernel<T, VEC, 4, CL>, geo.reduce_grid, plan.threads, stream, p);
       } else {
-        fwd_onepass_kernel<T, VEC, 16, CL><<<geo.reduce_grid, plan.threads, 0, stream>>>(p);
+        launch_kernel(fwd_onepass_kernel<T, VEC, 16, CL>, geo.reduce_grid, plan.threads, stream, p);
       }
-      IF_CUDA_CHECK_LAUNCH();
       return;
     }
-    split_reduce_kernel<T, VEC, CL, false><<<geo.reduce_grid, kSplitThreads, 0, stream>>>(p);
-    IF_CUDA_CHECK_LAUNCH();
+    launch_kernel(split_reduce_kernel<T, VEC, CL, false>, geo.reduce_grid, kSplitThreads, stream, p);
     const unsigned fin_blocks = static_cast<unsigned>(ceil_div(a.N * a.G, 4));
-    fwd_finalize_kernel<A, CL><<<fin_blocks, 128, 0, stream>>>(p);
-    IF_CUDA_CHECK_LAUNCH();
-    apply_kernel<T, VEC, CL, false><<<geo.apply_grid, kApplyThreads, 0, stream>>>(p);
-    IF_CUDA_CHECK_LAUNCH();
+    launch_kernel(fwd_finalize_kernel<A, CL>, fin_blocks, 128, stream, p);
+    launch_kernel(apply_kernel<T, VEC, CL, false>, geo.apply_grid, kApplyThreads, stream, p);
   });
 }
 
@@ -310,25 +306,20 @@ void backward_typed(const GroupNormArgs& a) {
     constexpr bool CL = decltype(cl_c)::value;
     if (plan.path == 1) {
       if (plan.items == 4) {
-        bwd_onepass_kernel<T, VEC, 4, CL><<<geo.reduce_grid, plan.threads, 0, stream>>>(p);
+        launch_kernel(bwd_onepass_kernel<T, VEC, 4, CL>, geo.reduce_grid, plan.threads, stream, p);
       } else {
-        bwd_onepass_kernel<T, VEC, 8, CL><<<geo.reduce_grid, plan.threads, 0, stream>>>(p);
+        launch_kernel(bwd_onepass_kernel<T, VEC, 8, CL>, geo.reduce_grid, plan.threads, stream, p);
       }
-      IF_CUDA_CHECK_LAUNCH();
     } else {
-      split_reduce_kernel<T, VEC, CL, true><<<geo.reduce_grid, kSplitThreads, 0, stream>>>(p);
-      IF_CUDA_CHECK_LAUNCH();
+      launch_kernel(split_reduce_kernel<T, VEC, CL, true>, geo.reduce_grid, kSplitThreads, stream, p);
       const unsigned fin_blocks = static_cast<unsigned>(ceil_div(a.N * a.G, 4));
-      bwd_finalize_kernel<A, CL><<<fin_blocks, 128, 0, stream>>>(p);
-      IF_CUDA_CHECK_LAUNCH();
+      launch_kernel(bwd_finalize_kernel<A, CL>, fin_blocks, 128, stream, p);
       if (a.grad_x) {
-        apply_kernel<T, VEC, CL, true><<<geo.apply_grid, kApplyThreads, 0, stream>>>(p);
-        IF_CUDA_CHECK_LAUNCH();
+        launch_kernel(apply_kernel<T, VEC, CL, true>, geo.apply_grid, kApplyThreads, stream, p);
       }
     }
     if (a.grad_weight || a.grad_bias) {
-      param_grad_kernel<A><<<static_cast<unsigned>(ceil_div(a.C, 256)), 256, 0, stream>>>(p);
-      IF_CUDA_CHECK_LAUNCH();
+      launch_kernel(param_grad_kernel<A>, static_cast<unsigned>(ceil_div(a.C, 256)), 256, stream, p);
     }
   });
 }
