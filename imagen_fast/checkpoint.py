@@ -65,7 +65,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def flatten_optimizer_state(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """optimizer.state_dict() -> (tensors for safetensors, JSON-able rest)."""
     tensors: Dict[str, torch.Tensor] = {}
-    meta_state: Dict[str, Dict[str, Any]] = {}
+    meta_state: List[list] = []    # [key, entry] pairs: keys are ints or parameter names
     for idx, per_param in state["state"].items():
         entry = {}
         for k, v in per_param.items():
@@ -74,14 +74,14 @@ def flatten_optimizer_state(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tens
                 entry[k] = {"tensor": f"state.{idx}.{k}"}
             else:
                 entry[k] = {"value": v}
-        meta_state[str(idx)] = entry
+        meta_state.append([idx, entry])
     return tensors, {"state": meta_state, "param_groups": state["param_groups"]}
 
 
 def unflatten_optimizer_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
     state = {}
-    for idx, entry in meta["state"].items():
-        state[int(idx)] = {k: tensors[v["tensor"]] if "tensor" in v else v["value"]
+    for idx, entry in meta["state"]:
+        state[idx] = {k: tensors[v["tensor"]] if "tensor" in v else v["value"]
                            for k, v in entry.items()}
     return {"state": state, "param_groups": meta["param_groups"]}
 

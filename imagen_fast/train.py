@@ -98,6 +98,20 @@ class EMA:
         for k, v in params.items():
             self.shadow[k].lerp_(v.detach().float(), 1 - d)
 
+    def full_state(self) -> Dict[str, torch.Tensor]:
+        """Whole tensors on the CPU (gathered from the ranks' shards under FSDP2);
+        every rank must call it."""
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+                for k, v in self.shadow.items()}
+
+    def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
+        for k, v in self.shadow.items():
+            full = state[k].float()
+            if hasattr(v, "device_mesh"):             # a DTensor shard: take this rank's part
+                from torch.distributed.tensor import distribute_tensor
+                full = distribute_tensor(full.to(v.device), v.device_mesh, v.placements)
+            v.copy_(full)
+
 
 # ----------------------------------------------------------------------- data
 def build_dataset(cfg: Config, d: Dist) -> StreamDataset:
@@ -162,8 +176,9 @@ class Trainer:
                                            cond_drop_prob=dc.cond_drop_prob,
                                            noise_aug=dc.noise_aug and self.stage == "sr",
                                            aug_level_max=dc.aug_level_max)
-        self.ema = EMA(dict(self.model.named_parameters()), tc.ema_decay) if tc.ema_decay > 0 else None
         self.train_model = self._wrap(self.model)
+        # After wrapping: under FSDP2 each rank keeps the EMA of its own shards.
+        self.ema = EMA(dict(self.model.named_parameters()), tc.ema_decay) if tc.ema_decay > 0 else None
         self.optimizer = self._optimizer()
         self.step = 0
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
@@ -182,6 +197,9 @@ class Trainer:
             if self.cfg.distributed.strategy == "fsdp":
                 from torch.distributed.fsdp import fully_shard
 
+                # FSDP2 shards only contiguous parameters: channels_last weights go back to
+                # NCHW (activations may stay channels_last).
+                model.to(memory_format=torch.contiguous_format)
                 for block in list(model.modules())[1:]:
                     if type(block).__name__ in ("UNetLayer", "DBlock", "UBlock"):
                         fully_shard(block)
@@ -214,13 +232,13 @@ class Trainer:
 
     def save(self) -> None:
         model_sd, optim_sd = self._full_state()
+        ema = self.ema.full_state() if self.ema else None
         if not self.dist.main:
             return
         state = {"data_position": self.position.state_dict(), "config": self.cfg.to_dict(),
                  "skips": self.dataset.skips.state_dict() if self.dataset else None,
                  "model_config": self.model.config, "diffusion": self.diffusion.config(),
                  "rng": ck.capture_rng_state(), "scaler": self.scaler.state_dict()}
-        ema = {k: v.clone() for k, v in self.ema.shadow.items()} if self.ema else None
         try:
             ck.save_checkpoint(self.ckpt_dir, self.step, model=model_sd, optimizer=optim_sd,
                                ema=ema, state=state, keep=self.cfg.log.keep)
@@ -245,7 +263,7 @@ class Trainer:
         set_model_state_dict(self.model, data["model"], options=opts)
         set_optimizer_state_dict(self.model, self.optimizer, data["optimizer"], options=opts)
         if self.ema and data["ema"] is not None:
-            self.ema.shadow = {k: v.float() for k, v in data["ema"].items()}
+            self.ema.load_full_state(data["ema"])
         self.step = state["step"]
         if self.dataset is None:
             raise ValueError("resume needs the configured dataset (not an injected batch iterator)")
