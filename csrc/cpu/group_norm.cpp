@@ -80,11 +80,16 @@ void range_moments(const T* p, int64_t len, Moments& m) {
     if (i < k) s1 = s1 + load_n(q + i, static_cast<int>(k - i));
     const A mean = hsum((s0 + s1) + (s2 + s3)) / static_cast<A>(k);
     const V mv = V::set1(mean);
+    // Second pass about the rounded chunk mean; the first moment t* about it corrects
+    // both the mean and M2 (shifted-data formula, the shift being nearly exact).
     s0 = s1 = s2 = s3 = V::zero();
+    V t0 = V::zero(), t1 = V::zero();
     i = 0;
     for (; i + 4 * W <= k; i += 4 * W) {
       V d0 = load(q + i) - mv, d1 = load(q + i + W) - mv;
       V d2 = load(q + i + 2 * W) - mv, d3 = load(q + i + 3 * W) - mv;
+      t0 = t0 + (d0 + d1);
+      t1 = t1 + (d2 + d3);
       s0 = fmadd(d0, d0, s0);
       s1 = fmadd(d1, d1, s1);
       s2 = fmadd(d2, d2, s2);
@@ -92,15 +97,18 @@ void range_moments(const T* p, int64_t len, Moments& m) {
     }
     for (; i + W <= k; i += W) {
       V d = load(q + i) - mv;
+      t0 = t0 + d;
       s0 = fmadd(d, d, s0);
     }
     if (i < k) {
       const int r = static_cast<int>(k - i);
       V d = keep_first(load_n(q + i, r) - mv, r);
+      t1 = t1 + d;
       s1 = fmadd(d, d, s1);
     }
-    m.merge(static_cast<double>(k), static_cast<double>(mean),
-            static_cast<double>(hsum((s0 + s1) + (s2 + s3))));
+    const double kd = static_cast<double>(k), t = static_cast<double>(hsum(t0 + t1));
+    m.merge(kd, static_cast<double>(mean) + t / kd,
+            std::max(0.0, static_cast<double>(hsum((s0 + s1) + (s2 + s3))) - t * t / kd));
   }
 }
 
@@ -180,24 +188,29 @@ inline void col_sums(const T* q, int64_t np, int64_t P, int64_t j, typename V::A
   }
   for (int k = 0; k < K; ++k) store(acc + j + k * W, s[k]);
 }
-// Same for sum (x - m)^2 with m per position.
+// Same for sum (x - m)^2 (into acc) and sum (x - m) (into acc1) with m per position.
 template <int K, typename T, typename V>
 inline void col_m2(const T* q, int64_t np, int64_t P, int64_t j, const typename V::A* m,
-                   typename V::A* acc) {
+                   typename V::A* acc, typename V::A* acc1) {
   constexpr int W = V::W;
-  V s[K], mv[K];
+  V s[K], t[K], mv[K];
   for (int k = 0; k < K; ++k) {
     s[k] = V::zero();
+    t[k] = V::zero();
     mv[k] = load(m + j + k * W);
   }
   for (int64_t r = 0; r < np; ++r) {
     const T* p = q + r * P + j;
     for (int k = 0; k < K; ++k) {
       V d = load(p + k * W) - mv[k];
+      t[k] = t[k] + d;
       s[k] = fmadd(d, d, s[k]);
     }
   }
-  for (int k = 0; k < K; ++k) store(acc + j + k * W, s[k]);
+  for (int k = 0; k < K; ++k) {
+    store(acc + j + k * W, s[k]);
+    store(acc1 + j + k * W, t[k]);
+  }
 }
 // Calls f(integral_constant<int, K>, j) over [0, nvec * W) in blocks of 8, 4, 2, 1 vectors.
 template <int W, typename F> inline void for_col_blocks(int64_t nvec, F&& f) {
@@ -220,7 +233,7 @@ void rows_moments(const T* x, int64_t rows, int64_t C, int64_t G, const Period& 
   A* acc = sc.acc.data();
   A* mpos = sc.mpos.data();
   std::vector<A> gmean(G);
-  std::vector<double> m2(G);
+  std::vector<double> m2(G), m1(G);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
     const int64_t nr = std::min(chunk_rows, rows - r0);
     const int64_t E = nr * C;
@@ -249,25 +262,37 @@ void rows_moments(const T* x, int64_t rows, int64_t C, int64_t G, const Period& 
     for (int64_t j0 = 0; j0 < P; j0 += C)
       for (int64_t g = 0; g < G; ++g)
         for (int64_t cl = 0; cl < Cg; ++cl) mpos[j0 + g * Cg + cl] = gmean[g];
+    A* acc1 = sc.acc2.data();
     if (np > 0) {
-      for_col_blocks<W>(P / W, [&](auto k, int64_t j) { col_m2<decltype(k)::value, T, V>(q, np, P, j, mpos, acc); });
+      for_col_blocks<W>(P / W, [&](auto k, int64_t j) {
+        col_m2<decltype(k)::value, T, V>(q, np, P, j, mpos, acc, acc1);
+      });
     } else {
       std::fill(acc, acc + P, A(0));
+      std::fill(acc1, acc1 + P, A(0));
     }
     for_period<W>(E - np * P, P, [&](int64_t o, int64_t j, int n) {
       const T* qq = q + np * P;
       V d = n == W ? load(qq + o) - load(mpos + j) : keep_first(load_n(qq + o, n) - load_n(mpos + j, n), n);
+      store_pos<V>(acc1, j, load_pos<V>(acc1, j, n) + d, n);
       store_pos<V>(acc, j, fmadd(d, d, load_pos<V>(acc, j, n)), n);
     });
     std::fill(m2.begin(), m2.end(), 0.0);
+    std::fill(m1.begin(), m1.end(), 0.0);
     for (int64_t j0 = 0; j0 < P; j0 += C)
       for (int64_t g = 0; g < G; ++g) {
-        A t = 0;
-        for (int64_t cl = 0; cl < Cg; ++cl) t += acc[j0 + g * Cg + cl];
+        A t = 0, u = 0;
+        for (int64_t cl = 0; cl < Cg; ++cl) {
+          t += acc[j0 + g * Cg + cl];
+          u += acc1[j0 + g * Cg + cl];
+        }
         m2[g] += static_cast<double>(t);
+        m1[g] += static_cast<double>(u);
       }
+    const double cntd = static_cast<double>(nr * Cg);
     for (int64_t g = 0; g < G; ++g)
-      gm[g].merge(static_cast<double>(nr * Cg), static_cast<double>(gmean[g]), m2[g]);
+      gm[g].merge(cntd, static_cast<double>(gmean[g]) + m1[g] / cntd,
+                  std::max(0.0, m2[g] - m1[g] * m1[g] / cntd));
   }
 }
 

@@ -229,6 +229,10 @@ def attention_fwd(q, k, v, mask, scale):
 @register("attention_bwd", "cpu", supports=_attention_supports)
 def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
     if not _use_flash(q):
+        if q.dtype == torch.float64:
+            # The saved lse is float32 by contract: recompute it in float64 so the
+            # float64 gradients keep float64 accuracy.
+            lse = torch.logsumexp(_torch_backend._scores(q, k, scale, mask), dim=-1)
         return _torch_backend.attention_bwd(grad_out, q, k, v, mask, out, lse, scale)
     add, empty = _additive_mask(mask, q)
     if empty is not None:  # finite stand-ins where the forward zeroed the batch
