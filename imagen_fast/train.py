@@ -190,6 +190,7 @@ class Trainer:
         self.batches = batches if batches is not None else iter(make_loader(
             self.dataset, self.micro_batch, num_workers=cfg.data.num_workers))
         self._stop = False
+        self.last_lowres = None
 
     # ---------------------------------------------------------------- set-up
     def _wrap(self, model):
@@ -314,6 +315,7 @@ class Trainer:
             lo = k * (tc.batch_size // tc.grad_accum) + self.dist.rank * self.micro_batch
             sub = {name: v[lo:lo + self.micro_batch].to(self.device) for name, v in draws.items()}
             lowres = batch["lowres"].to(self.device) if self.stage == "sr" else None
+            self.last_lowres = lowres
             if tc.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             sync = contextlib.nullcontext()
@@ -373,8 +375,11 @@ class Trainer:
                 bar.update(self.step, last)
             if self.step % cfg.log.ckpt_every == 0:
                 self.save()
-            if sample_fn and cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.dist.main:
-                sample_fn(self)
+            if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+                # Gathering the weights is collective under FSDP2: every rank takes part.
+                weights = self.ema.full_state() if self.ema else self._full_state()[0]
+                if self.dist.main:
+                    (sample_fn or save_sample_grid)(self, weights)
         if self.step % cfg.log.ckpt_every != 0 or self._stop:
             self.save()
         bar.close()
@@ -387,6 +392,49 @@ class Trainer:
     @property
     def skipped(self) -> int:
         return self.dataset.skips.skipped if self.dataset is not None else 0
+
+
+def image_grid(images: torch.Tensor, columns: int = 4):
+    """(B, 3, H, W) in [-1, 1] -> one PIL image, ``columns`` wide."""
+    from .data import to_pil
+
+    b, _, h, w = images.shape
+    rows = -(-b // columns)
+    from PIL import Image
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i in range(b):
+        grid.paste(to_pil(images[i].float().cpu()), ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+@torch.no_grad()
+def save_sample_grid(trainer: "Trainer", weights: Dict[str, torch.Tensor]) -> Path:
+    """Sample the log's prompts with the EMA weights (or the live ones) into
+    <out_dir>/samples/step_XXXXXXXX.png. SR stages upsample the last batch's low-res images."""
+    from .diffusion import sample
+    from .models import unet_from_config
+
+    lc = trainer.cfg.log
+    model = unet_from_config(trainer.model.config, device=trainer.device)
+    model.load_state_dict(weights)
+    model.eval()
+    prompts = list(lc.sample_prompts)
+    emb, mask = trainer.text_source(prompts)
+    res = trainer.cfg.data.resolution
+    lowres = None
+    if trainer.stage == "sr":
+        if trainer.last_lowres is None:
+            raise RuntimeError("no low-res batch seen yet")
+        lowres = trainer.last_lowres[: len(prompts)].to(trainer.device)
+        prompts, emb, mask = prompts[: len(lowres)], emb[: len(lowres)], mask[: len(lowres)]
+    g = torch.Generator(device=trainer.device).manual_seed(trainer.cfg.train.seed)
+    images = sample(model, trainer.diffusion, (len(prompts), 3, res, res), text_embeds=emb.to(trainer.device),
+                    text_mask=mask.to(trainer.device), lowres=lowres, guidance_scale=lc.sample_guidance,
+                    sampler="ddim", steps=lc.sample_steps, generator=g, device=trainer.device)
+    out = trainer.out_dir / "samples" / f"step_{trainer.step:08d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, columns=min(4, len(prompts))).save(out)
+    return out
 
 
 class MetricsLog:

@@ -185,3 +185,12 @@ def test_cli_bad_config_is_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "unknown key train.lerning_rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_grids_during_training(tmp_path):
+    raw = _raw(tmp_path / "run", steps=2)
+    raw["log"].update(sample_every=2, sample_steps=3, sample_prompts=["a red circle", "two blue squares"])
+    Trainer(config_from_dict(raw)).run()
+    from PIL import Image
+    grid = Image.open(tmp_path / "run" / "samples" / "step_00000002.png")
+    assert grid.size == (2 * 16, 16)
