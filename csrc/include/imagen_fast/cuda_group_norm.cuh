@@ -448,9 +448,12 @@ __global__ void __launch_bounds__(kApplyThreads) apply_kernel(Params<acc_t<T>> p
       for (int u = 0; u < kApplyUnroll; ++u) {
         const int64_t i = i0 + static_cast<int64_t>(u) * kApplyThreads;
         if (i >= per_sample) continue;
+        // 32-bit index maths (the planner keeps a sample below 2^31 elements): 64-bit
+        // division costs several times more per vector.
         const int64_t e = i * VEC;
-        const int64_t c0 = CL ? e % p.C : e / p.S;
-        const int64_t ng = n * p.G + c0 / p.D;
+        const uint32_t e32 = static_cast<uint32_t>(e);
+        const uint32_t c0 = CL ? e32 % static_cast<uint32_t>(p.C) : e32 / static_cast<uint32_t>(p.S);
+        const int64_t ng = n * p.G + c0 / static_cast<uint32_t>(p.D);
         const int64_t nc = n * p.C + c0;
         const A mean = p.mean[ng];
         A r[VEC];

@@ -49,6 +49,7 @@ inline void check_args(const GroupNormArgs& a, bool bwd) {
   if (a.N <= 0 || a.C <= 0 || a.S <= 0) bad("N, C and spatial size must be positive");
   if (a.G <= 0 || a.C % a.G != 0) bad("num_groups must be a positive divisor of C");
   if (a.N * a.G > std::numeric_limits<int>::max()) bad("N * num_groups is too large");
+  if (a.C * a.S > std::numeric_limits<int>::max()) bad("a sample must have fewer than 2^31 elements");
   if (a.C / a.G > std::numeric_limits<int>::max() / 2) bad("channels per group is too large");
   if (a.channels_last && a.N > 65535) bad("channels-last inputs support N <= 65535");
   if (a.activation < 0 || a.activation > 2) bad("activation code must be 0, 1 or 2");
