@@ -177,7 +177,14 @@ def test_planner_vector_width_and_forcing():
     assert _gn_plan((2, 64, 8, 8), 8, dtype=torch.float32)["vec"] == 4
     assert _gn_plan((2, 64, 8, 8), 8, dtype=torch.float64)["vec"] == 2
     assert _gn_plan((2, 64, 7, 9), 8)["vec"] == 1                       # S % 8 != 0
-    assert _gn_plan((2, 96, 7, 9), 32, cl=True)["vec"] == 1             # 3 channels / group
+    # Channels-last, 3 channels a group: one CTA per group cannot use 16-byte vectors,
+    # the split path (whole rows of C channels) can, and is chosen for it.
+    assert _gn_plan((2, 96, 7, 9), 32, cl=True, path=1)["vec"] == 1
+    assert _gn_plan((64, 96, 7, 9), 32, cl=True) == _gn_plan((64, 96, 7, 9), 32, cl=True, path=2)
+    assert _gn_plan((64, 96, 7, 9), 32, cl=True)["vec"] == 8
+    # SR 256 block: 128 channels / 32 groups = 4 bf16 channels (8 bytes) a row -> split.
+    assert _gn_plan((8, 128, 256, 256), 32, cl=True)["path"] == "split"
+    assert _gn_plan((8, 512, 64, 64), 32, cl=True)["path"] == "onepass"  # 32-byte rows
     assert _gn_plan((2, 64, 8, 8), 8, aligned=False)["vec"] == 1        # misaligned pointer
     assert _gn_plan((64, 64, 8, 8), 8, path=2)["path"] == "split"
     assert _gn_plan((1, 64, 8, 8), 8, path=1)["path"] == "onepass"
@@ -351,18 +358,27 @@ def test_twin_split_mapping_and_finalize_indices(cl, chunks):
 
 @needs_build
 @pytest.mark.parametrize("cl", [False, True])
-def test_twin_apply_vectors_stay_in_one_channel_or_group(cl):
+def test_twin_apply_vectors_channels_and_groups(cl):
+    """The apply kernels' per-vector channel (one channel contiguous, VEC consecutive
+    channels channels-last) and their in-step group walk."""
     for (n_, c_, s_), g_, dtype in TWIN_SHAPES:
         vec = _gn_plan((n_, c_, s_), g_, dtype=dtype, cl=cl, path=2)["vec"]
+        d = c_ // g_
         e = torch.arange(0, c_ * s_, vec)[:, None] + torch.arange(vec)
         chan = e % c_ if cl else e // s_
         c0 = chan[:, :1]
-        if cl:
-            d = c_ // g_
-            assert torch.equal(chan, c0 + torch.arange(vec))
-            assert torch.equal(chan // d, (c0 // d).expand_as(chan))
-        else:
+        if not cl:
             assert torch.equal(chan, c0.expand_as(chan))
+            continue
+        assert torch.equal(chan, c0 + torch.arange(vec))
+        for row in range(0, c0.shape[0], max(1, c0.shape[0] // 7)):  # the kernel's walk
+            g, r = int(c0[row]) // d, int(c0[row]) % d
+            for j in range(vec):
+                if j > 0:
+                    r += 1
+                    if r == d:
+                        r, g = 0, g + 1
+                assert g == int(chan[row, j]) // d
 
 
 # ------------------------------------------------------- twin: the maths

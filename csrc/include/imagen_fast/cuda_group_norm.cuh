@@ -255,25 +255,29 @@ __global__ void __launch_bounds__(kSplitThreads) split_reduce_kernel(Params<acc_
   }
 
   // Per-thread accumulators.
+  // A channels-last vector of VEC channels may straddle groups (only C % VEC == 0 is
+  // required here), so each channel carries its own group's statistics.
   Welford<A> w[NCH];
   A P[NCH], Q[NCH];
-  A mean = A(0), rstd = A(0), alpha[NCH], beta[NCH];
+  A mean[NCH], rstd[NCH], alpha[NCH], beta[NCH];
 #pragma unroll
   for (int q = 0; q < NCH; ++q) {
     w[q] = Welford<A>{A(0), A(0), A(0)};
     P[q] = A(0);
     Q[q] = A(0);
+    mean[q] = A(0);
+    rstd[q] = A(0);
     alpha[q] = A(0);
     beta[q] = A(0);
   }
   if (BWD && active) {
     const int64_t c0 = CL ? row_or_col * VEC : row_or_col % p.C;
-    const int64_t ng = n * p.G + c0 / p.D;
-    mean = p.mean[ng];
-    rstd = p.rstd[ng];
 #pragma unroll
     for (int q = 0; q < NCH; ++q) {
-      const ChanCoef<A> cc = chan_coef(p, n, c0 + q, rstd);
+      const int64_t ng = n * p.G + (c0 + q) / p.D;
+      mean[q] = p.mean[ng];
+      rstd[q] = p.rstd[ng];
+      const ChanCoef<A> cc = chan_coef(p, n, c0 + q, rstd[q]);
       alpha[q] = cc.alpha;
       beta[q] = cc.beta;
     }
@@ -301,10 +305,10 @@ __global__ void __launch_bounds__(kSplitThreads) split_reduce_kernel(Params<acc_
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const int q = CL ? j : 0;
-            const A xc = v[u][j] - mean;
+            const A xc = v[u][j] - mean[q];
             const A dh = dv[u][j] * activate_grad<A>(xc * alpha[q] + beta[q], act);
             P[q] += dh;
-            Q[q] += dh * (xc * rstd);
+            Q[q] += dh * (xc * rstd[q]);
           }
         } else if (CL) {
           cnt += A(1);
@@ -449,29 +453,39 @@ __global__ void __launch_bounds__(kApplyThreads) apply_kernel(Params<acc_t<T>> p
         const int64_t i = i0 + static_cast<int64_t>(u) * kApplyThreads;
         if (i >= per_sample) continue;
         // 32-bit index maths (the planner keeps a sample below 2^31 elements): 64-bit
-        // division costs several times more per vector.
+        // division costs several times more per vector. Channels-last vectors hold VEC
+        // consecutive channels, possibly of two groups: the group advances in step.
         const int64_t e = i * VEC;
         const uint32_t e32 = static_cast<uint32_t>(e);
+        const uint32_t D = static_cast<uint32_t>(p.D);
         const uint32_t c0 = CL ? e32 % static_cast<uint32_t>(p.C) : e32 / static_cast<uint32_t>(p.S);
-        const int64_t ng = n * p.G + c0 / static_cast<uint32_t>(p.D);
+        uint32_t g = c0 / D, r_in_g = c0 - g * D;
         const int64_t nc = n * p.C + c0;
-        const A mean = p.mean[ng];
+        A mean = p.mean[n * p.G + g];
+        A rstd = BWD ? p.rstd[n * p.G + g] : A(0);
+        A c2 = BWD ? p.c2[n * p.G + g] : A(0);
+        A c3 = BWD ? p.c3[n * p.G + g] : A(0);
         A r[VEC];
-        if (BWD) {
-          const A rstd = p.rstd[ng], c2 = p.c2[ng], c3 = p.c3[ng];
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const int64_t cj = CL ? nc + j : nc;
-            const A alpha = p.alpha[cj], beta = p.beta[cj];
-            const A xc = v[u][j] - mean;
+        for (int j = 0; j < VEC; ++j) {
+          if (CL && j > 0 && ++r_in_g == D) {
+            r_in_g = 0;
+            ++g;
+            mean = p.mean[n * p.G + g];
+            if (BWD) {
+              rstd = p.rstd[n * p.G + g];
+              c2 = p.c2[n * p.G + g];
+              c3 = p.c3[n * p.G + g];
+            }
+          }
+          const int64_t cj = CL ? nc + j : nc;
+          const A alpha = p.alpha[cj], beta = p.beta[cj];
+          const A xc = v[u][j] - mean;
+          if (BWD) {
             const A dh = dv[u][j] * activate_grad<A>(xc * alpha + beta, act);
             r[j] = dh * alpha + (xc * rstd) * c2 + c3;
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const int64_t cj = CL ? nc + j : nc;
-            r[j] = activate<A>((v[u][j] - mean) * p.alpha[cj] + p.beta[cj], act);
+          } else {
+            r[j] = activate<A>(xc * alpha + beta, act);
           }
         }
         store_vec<T, VEC>(out + sample + e, r);

@@ -69,15 +69,19 @@ Geometry make_geometry(const GroupNormArgs& a, bool bwd, const DeviceProps* prop
   constexpr int V16 = kVec16<T>;
   const int64_t D = a.C / a.G;
   const bool cl = a.channels_last;
-  bool vec_ok = aligned16(a.x) && (cl ? D % V16 == 0 : a.S % V16 == 0);
+  bool aligned = aligned16(a.x);
   if (bwd) {
-    vec_ok = vec_ok && aligned16(a.grad_y) && (!a.grad_x || aligned16(a.grad_x));
+    aligned = aligned && aligned16(a.grad_y) && (!a.grad_x || aligned16(a.grad_x));
   } else {
-    vec_ok = vec_ok && aligned16(a.y);
+    aligned = aligned && aligned16(a.y);
   }
+  // 16-byte vectors need whole vectors per thread: one-pass channels-last walks a
+  // group's D channels, the split path whole rows of C channels.
+  const int vec_onepass = aligned && (cl ? D % V16 == 0 : a.S % V16 == 0) ? V16 : 1;
+  const int vec_split = aligned && (cl ? a.C % V16 == 0 : a.S % V16 == 0) ? V16 : 1;
   Geometry geo;
   GroupNormPlan& plan = geo.plan;
-  const int vec = vec_ok ? V16 : 1;
+  int vec = vec_onepass;
   plan.vec = vec;
 
   // One-pass candidate: the smallest register tile that holds a group.
@@ -107,8 +111,13 @@ Geometry make_geometry(const GroupNormArgs& a, bool bwd, const DeviceProps* prop
         std::to_string(D * a.S) + " elements (" + std::to_string(D) +
         " channels) on chip; use the split path");
   }
+  // Channels-last one-pass reads each row of a group as D contiguous channels: below a
+  // 32-byte sector per row (or without 16-byte vectors) the split path, which reads
+  // whole rows of C channels, moves fewer wasted bytes.
+  const bool cl_rows_ok = !cl || (vec_onepass == V16 && D * static_cast<int64_t>(sizeof(T)) >= 32);
   const bool onepass = a.force_path == 1 ||
-                       (a.force_path == 0 && fits && a.N * a.G >= dp.multiprocessors);
+                       (a.force_path == 0 && fits && cl_rows_ok &&
+                        a.N * a.G >= dp.multiprocessors);
 
   const int64_t resident = std::max(1, dp.max_threads_per_sm / kSplitThreads);
   const int64_t want = static_cast<int64_t>(dp.multiprocessors) * resident;
@@ -135,6 +144,8 @@ Geometry make_geometry(const GroupNormArgs& a, bool bwd, const DeviceProps* prop
   } else {
     plan.path = 2;
     plan.threads = kSplitThreads;
+    vec = vec_split;
+    plan.vec = vec;
     int64_t lanes, opc, base, item_extent;
     if (!cl) {
       item_extent = a.S / vec;
