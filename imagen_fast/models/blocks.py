@@ -102,4 +102,5 @@ class ResBlock(nn.Module):
         scale, shift = self.emb_proj(F.silu(emb)).chunk(2, dim=1)
         h = self.norm2(h, scale, shift)
         h = self.conv2(self.dropout(h))
-        return self.skip(x) + h
+        # in place: conv2's output is not saved for backward, so this is autograd-safe
+        return h.add_(self.skip(x))

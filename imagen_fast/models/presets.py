@@ -52,6 +52,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         arch="base", stage="base", image_size=64, model_channels=64, channel_mult=[1, 2, 2, 4],
         num_res_blocks=2, attn_resolutions=[16, 8], head_dim=64, text_dim=512,
         context_dim=256, emb_dim=256),
+    # ~22M Efficient U-Net used as a base (text -> 64x64) model: the benchmark's
+    # counterpart of imagen-pytorch's memory_efficient Unet (attention at 16 and 8 px).
+    "base64-small-efficient": dict(
+        arch="efficient", stage="base", image_size=64, channels=[64, 128, 192, 256],
+        num_res_blocks=[1, 2, 4, 4], self_attention=[False, True, True, False],
+        cross_attention=[False] * 4, num_heads=None, head_dim=64, text_dim=512,
+        context_dim=256, emb_dim=256),
     # Tiny models for tests and the CPU demo cascade 32 -> 64 -> 128.
     "tiny-base32": dict(
         arch="base", stage="base", image_size=32, model_channels=32, channel_mult=[1, 2],

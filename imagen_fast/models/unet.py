@@ -19,9 +19,9 @@ Choices where the paper is silent (and why):
   keeps the raw text width instead.
 * Efficient U-Net: a UBlock concatenates [input, skip / sqrt(2)] (the skip is the
   output of the matching DBlock; the deepest UBlock's input already is that output,
-  so it takes no second copy); upsampling is 2x nearest followed by a 3x3 conv.
-  The input convolution's output is also carried, scaled by 1/sqrt(2), to the output
-  convolution, which is the only full-resolution layer besides the input conv.
+  so it takes no second copy); upsampling is a stride-2 transposed 3x3 conv.
+  The input convolution's output is added to the last UBlock's, (a + b) / sqrt(2),
+  before the output convolution, the only full-resolution layer besides the input conv.
 * The 256->1024 model's text cross-attention sits at the lowest resolution: after the
   residual blocks of the last DBlock and of the first UBlock.
 """
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBlock
-from .blocks import GroupNormAct, ResBlock, upsample, zero_init
+from .blocks import GroupNormAct, ResBlock, zero_init
 from .embeddings import AttentionPool, ScalarEmbedding
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
@@ -250,7 +250,7 @@ class DBlock(nn.Module):
 
 class UBlock(nn.Module):
     """Efficient U-Net UBlock: [input, skip/sqrt(2)] -> N ResBlocks -> [attention] ->
-    upsample (2x nearest + conv3x3) last."""
+    upsample (stride-2 transposed conv3x3) last."""
 
     def __init__(self, in_channels: int, skip_channels: int, channels: int, out_channels: int,
                  num_res_blocks: int, emb_dim: int, groups: int,
@@ -261,13 +261,16 @@ class UBlock(nn.Module):
         self.res = nn.ModuleList(ResBlock(cin, channels, emb_dim, groups, dropout=dropout)
                                  for cin in cins)
         self.attn = _attn_list(attn, num_res_blocks, attn_every)
-        self.up_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        # transposed 3x3 conv, stride 2: the upsampling conv reads the low-res map, a
+        # quarter of the work (and no full-res intermediate) of nearest + conv3x3
+        self.up_conv = nn.ConvTranspose2d(channels, out_channels, 3, stride=2, padding=1,
+                                          output_padding=1)
 
     def forward(self, h, skip, emb, context, mask):
         if skip is not None:
             h = torch.cat([h, skip * SKIP_SCALE], dim=1)
         h = _res_attn(self.res, self.attn, h, emb, context, mask)
-        return self.up_conv(upsample(h))
+        return self.up_conv(h)
 
 
 class EfficientUNet(_UNetBase):
@@ -280,11 +283,13 @@ class EfficientUNet(_UNetBase):
     cross-attention there instead (for stages without self-attention). With
     ``attn_every_res_block`` the attention layer follows every ResBlock of such a
     level (ADM's convention for "attention at a resolution") instead of only the last.
+    Attention heads: ``num_heads`` per layer, or ``head_dim`` channels per head.
     """
 
     def __init__(self, *, image_size: int, channels: Sequence[int], num_res_blocks: Sequence[int],
                  self_attention: Sequence[bool], cross_attention: Sequence[bool],
-                 num_heads: int = 8, text_dim: Optional[int] = None,
+                 num_heads: Optional[int] = 8, head_dim: Optional[int] = None,
+                 text_dim: Optional[int] = None,
                  context_dim: Optional[int] = None, emb_dim: Optional[int] = None,
                  init_channels: Optional[int] = None, in_channels: int = 3,
                  out_channels: int = 3, groups: int = 32, dropout: float = 0.0,
@@ -304,14 +309,15 @@ class EfficientUNet(_UNetBase):
         self.cond = Conditioning(emb_dim, text_dim, context_dim, lowres_cond, pool_heads)
         ctx_dim = self.cond.context_dim
         init_ch = init_channels or channels[0]
+        heads = None if head_dim is not None else num_heads     # head_dim wins when given
 
         def attn(k, ch) -> Optional[Callable[[], nn.Module]]:
             if self_attention[k]:
-                return lambda: AttentionBlock(ch, num_heads=num_heads, context_dim=ctx_dim,
-                                              mode="self", groups=groups)
+                return lambda: AttentionBlock(ch, num_heads=heads, head_dim=head_dim,
+                                              context_dim=ctx_dim, mode="self", groups=groups)
             if cross_attention[k] and ctx_dim is not None:
-                return lambda: AttentionBlock(ch, num_heads=num_heads, context_dim=ctx_dim,
-                                              mode="cross", groups=groups)
+                return lambda: AttentionBlock(ch, num_heads=heads, head_dim=head_dim,
+                                              context_dim=ctx_dim, mode="cross", groups=groups)
             return None
 
         self.input_conv = nn.Conv2d(in_channels * (2 if lowres_cond else 1), init_ch, 3, padding=1)
@@ -330,8 +336,8 @@ class EfficientUNet(_UNetBase):
                                        emb_dim, groups, attn(k, channels[k]),
                                        attn_every_res_block, dropout=dropout))
             prev = out
-        self.out_norm = GroupNormAct(2 * init_ch, groups)
-        self.out_conv = zero_init(nn.Conv2d(2 * init_ch, out_channels, 3, padding=1))
+        self.out_norm = GroupNormAct(init_ch, groups)
+        self.out_conv = zero_init(nn.Conv2d(init_ch, out_channels, 3, padding=1))
         self.num_levels = n
 
     def forward(self, x: Tensor, t: Tensor, text_embeds: Optional[Tensor] = None,
@@ -348,5 +354,5 @@ class EfficientUNet(_UNetBase):
         for k, block in enumerate(self.ublocks):
             skip = skips.pop() if k else None
             h = self._run(block, h, skip, emb, context, mask)
-        h = torch.cat([h, h0 * SKIP_SCALE], dim=1)
+        h = (h + h0) * SKIP_SCALE
         return self.out_conv(self.out_norm(h))
