@@ -128,8 +128,14 @@ __device__ __forceinline__ GroupMap group_map(const Params<A>& p, int64_t n, int
 }
 
 // ----------------------------------------------------------------- forward
+// Largest block of the one-pass forward: 1024 threads leave 64 registers a thread, too
+// few for channels-last's VEC channels of alpha/beta next to the data.
+template <int ITEMS, bool CL> constexpr int fwd_onepass_max_threads() {
+  return ITEMS <= 4 && !CL ? 1024 : 512;
+}
+
 template <typename T, int VEC, int ITEMS, bool CL>
-__global__ void __launch_bounds__(ITEMS <= 4 ? 1024 : 512)
+__global__ void __launch_bounds__(fwd_onepass_max_threads<ITEMS, CL>())
 fwd_onepass_kernel(Params<acc_t<T>> p) {
   using A = acc_t<T>;
   constexpr int NCH = CL ? VEC : 1;

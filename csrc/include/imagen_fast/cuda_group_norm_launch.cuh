@@ -87,7 +87,9 @@ Geometry make_geometry(const GroupNormArgs& a, bool bwd, const DeviceProps* prop
   // One-pass candidate: the smallest register tile that holds a group.
   const int64_t owners = cl ? D / vec : D;
   const int64_t extent = cl ? a.S : a.S / vec;
-  const int items_fwd[2] = {4, 16}, max_fwd[2] = {1024, 512};
+  const int items_fwd[2] = {4, 16};
+  const int max_fwd[2] = {cl ? fwd_onepass_max_threads<4, true>() : fwd_onepass_max_threads<4, false>(),
+                          fwd_onepass_max_threads<16, false>()};
   const int items_bwd[2] = {4, 8}, max_bwd[2] = {kBwdOnePassThreads, kBwdOnePassThreads};
   int op_items = 0, op_threads = 0, op_lanes = 0;
   if (!bwd || D <= kBwdOnePassMaxD) {
