@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -547,8 +548,8 @@ def build_emulator():
         for obj, r in built:
             if r.returncode != 0:
                 raise RuntimeError(f"emulation build failed for {obj.name}:\n{r.stderr[-4000:]}")
-            if "warning" in r.stderr:
-                raise RuntimeError(f"emulation build warns for {obj.name}:\n{r.stderr[-4000:]}")
+            if "warning" in r.stderr:  # reported, not fatal: warnings vary between compilers
+                warnings.warn(f"emulation build warns for {obj.name}:\n{r.stderr[-2000:]}")
         tmp = so.with_suffix(f".{os.getpid()}.tmp")
         r = subprocess.run([cxx, "-shared", *[str(o) for o, _ in built], "-o", str(tmp)],
                            capture_output=True, text=True)
