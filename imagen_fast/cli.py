@@ -110,7 +110,7 @@ def cmd_presets(args) -> int:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
-            print(f"{r['name']:16s} {r['stage']:6s} {r['resolution']:>5} px  "
+            print(f"{r['name']:24s} {r['stage']:6s} {r['resolution']:>5} px  "
                   f"{r['params'] / 1e6:10.2f} M params")
     return 0
 
