@@ -2,12 +2,15 @@
 // workspace) and the launches. Templated on the storage type; each dtype is
 // instantiated in its own csrc/cuda/group_norm_<dtype>.cu so the build parallelises.
 //
-// Path heuristic (device properties queried once per device):
+// Path heuristic (device properties queried once per device; not yet tuned on a GPU:
+// benchmarks/bench_cuda_gpu.py times both paths forced next to the automatic choice):
 // * one-pass when a group fits in one CTA's registers (at most 512 threads x 16
-//   vectors of 16 bytes forward, 512 x 8 backward, whatever the channel count) and
-//   N*G CTAs cover at least every SM once;
-// * split otherwise: chunks along the spatial axis so that the reduction launches
-//   about one full wave (SMs x resident 256-thread CTAs), at least 4 vectors per thread.
+//   vectors of 16 bytes forward, 512 x 8 backward, whatever the channel count), N*G
+//   CTAs cover at least every SM once, and, channels-last, a group's row of D channels
+//   is at least one 32-byte sector of 16-byte vectors;
+// * split otherwise: per-channel partial statistics over chunks of the spatial axis,
+//   sized so the reduction launches about one full wave (SMs x resident 256-thread
+//   CTAs) with at least 4 vectors per thread; channels-last vectorises whole rows of C.
 #pragma once
 
 #include <algorithm>
