@@ -55,6 +55,12 @@ def poison(monkeypatch):
     yield
 
 
+def require_op(backend: str, op: str) -> None:
+    """Skip when a backend has no kernel for this op at all (e.g. attention on "cuda")."""
+    if (op, backend) not in dispatch._registry:
+        pytest.skip(f"backend {backend} has no {op} kernel")
+
+
 def small(backend: str) -> bool:
     """True where shapes must stay tiny (Triton's interpreter is ~4000x slower)."""
     return backend == "triton" and INTERPRETED

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, small
+from conftest import DEVICE, require_op, small
 from imagen_fast import ops
 from imagen_fast.ops import reference
 from numerics import assert_close_to_reference, randn
@@ -160,6 +160,7 @@ def _attn_inputs(case, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_forward(backend, poison, dtype, masked):
+    require_op(backend, "attention_fwd")
     for case in (ATTN_SMALL if small(backend) else ATTN_CASES):
         q, k, v = _attn_inputs(case, dtype, seed=11)
         mask = _mask(case[0], case[3], seed=12) if masked else None
@@ -174,6 +175,7 @@ def test_attention_forward(backend, poison, dtype, masked):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_backward(backend, dtype):
+    require_op(backend, "attention_bwd")
     case = (2, 2, 5, 7, 8) if small(backend) else (2, 2, 24, 77, 40)
     q, k, v = _attn_inputs(case, dtype, seed=21)
     mask = _mask(case[0], case[3], seed=22)
@@ -192,6 +194,7 @@ def test_attention_backward(backend, dtype):
 
 
 def test_attention_gradcheck(backend):
+    require_op(backend, "attention_bwd")
     if backend in ("triton", "cuda") and DEVICE.type == "cpu":
         pytest.skip("float64 gradcheck runs on backends torch and cpu")
     q, k, v = (t.to(DEVICE).requires_grad_() for t in _attn_inputs((2, 2, 3, 5, 4), torch.float64, 31))
