@@ -218,10 +218,11 @@ def test_group_norm_constant_groups():
 
 
 # ------------------------------------------------------------ dynamic thresholding
-def _quantile_abs(x, p, threads=0):
+def _quantile_abs(x, p, threads=0, radix_only=False):
+    """The selection dynamic_threshold uses (sampled estimate, radix fallback) or the radix path alone."""
     n = x.shape[0]
-    return torch.tensor(_C.quantile_abs(x.data_ptr(), n, x.numel() // n, CODES[x.dtype], p, threads),
-                        dtype=torch.float64)
+    return torch.tensor(_C.quantile_abs(x.data_ptr(), n, x.numel() // n, CODES[x.dtype], p, threads,
+                                        radix_only), dtype=torch.float64)
 
 
 def _expected_threshold(x, p, min_value):
@@ -232,7 +233,10 @@ def _expected_threshold(x, p, min_value):
 
 PERCENTILE_CASES = {
     "gaussian": lambda g: randn(4, 3, 20, 21, generator=g, scale=2.0),
+    "gaussian_big": lambda g: randn(2, 3, 64, 64, generator=g, scale=2.0),   # > 8192: estimate path
     "ties": lambda g: torch.randint(-4, 5, (3, 5000), generator=g).float(),
+    "ties_big": lambda g: torch.randint(-4, 5, (2, 20000), generator=g).float(),
+    "float64_big": lambda g: randn(2, 9000, generator=g, scale=2.0).double(),
     "all_equal": lambda g: torch.full((2, 3000), -2.5),
     "one_per_sample": lambda g: randn(5, 1, generator=g, scale=3.0),
     "two_per_sample": lambda g: randn(5, 2, generator=g, scale=3.0),
@@ -246,13 +250,38 @@ PERCENTILE_CASES = {
 @pytest.mark.parametrize("case", sorted(PERCENTILE_CASES))
 @pytest.mark.parametrize("p", [0.0, 1e-9, 0.3, 0.5, 0.995, 1.0 - 1e-9, 1.0])
 def test_percentile_selection_is_exact(case, p):
-    x = PERCENTILE_CASES[case](_gen(hash(case) % 1000))
+    x = PERCENTILE_CASES[case](_gen(sum(map(ord, case))))
     flat = x.reshape(x.shape[0], -1)
     want = reference.quantile_linear(flat.abs(), p).double()
-    got = _quantile_abs(x, p)
-    assert torch.equal(got, want), f"{case} p={p}: {got.tolist()} != {want.tolist()}"
+    for radix_only in (False, True):
+        got = _quantile_abs(x, p, radix_only=radix_only)
+        assert torch.equal(got, want), f"{case} p={p} radix_only={radix_only}: {got.tolist()} != {want.tolist()}"
     y = cb.dynamic_threshold(x, p, 1.0)
     assert torch.equal(y, _expected_threshold(x, p, 1.0))
+
+
+def _fool_the_sample(x, value):
+    """Put `value` at the positions the kernels sample for their estimate (1024 strided
+    elements per sample), so the estimated range misses the true order statistics."""
+    n, L = x.shape[0], x[0].numel()
+    idx = (2 * torch.arange(1024) + 1) * L // 2048
+    flat = x.reshape(n, L).clone()
+    flat[:, idx] = value
+    return flat.reshape(x.shape)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("value,p", [(0.5, 0.5), (1e-3, 0.995), (40.0, 0.3)])
+def test_percentile_estimate_misses_fall_back(threads, value, p):
+    """A missed or overfull estimate falls back to the radix selection: still exact."""
+    x = _fool_the_sample(randn(2, 3, 48, 48, generator=_gen(12), scale=3.0), value)
+    want = reference.quantile_linear(x.reshape(2, -1).abs(), p).double()
+    assert torch.equal(_quantile_abs(x, p), want)
+    assert torch.equal(cb.dynamic_threshold(x, p, 1.0), _expected_threshold(x, p, 1.0))
+    # sampler_step with x0 = z (a = 1, b = 0) selects on the same values
+    coefs = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]] * 2, dtype=torch.float64)
+    out = cb.sampler_step(x, torch.randn_like(x), None, 1.0, coefs, None, "dynamic", p, 1.0)
+    assert torch.equal(out, _expected_threshold(x, p, 1.0))
 
 
 def test_percentile_all_below_min_value():

@@ -5,7 +5,7 @@
 // bit patterns of |x|: for non-negative IEEE floats the unsigned bit order is the
 // value order, so a 4096-bin histogram of the top bits names the bucket holding the
 // wanted rank; a second level on the next bits is used only when that bucket is
-// still large; the few candidates left are gathered and ranked with nth_element.
+// still large; the few candidates left are gathered and ranked by quickselect.
 // Typically that is two reads of a sample (histogram, gather) plus the output pass,
 // with no sort and no 2^24-element limit.
 //
@@ -100,25 +100,31 @@ void histogram(const T* x, int64_t b, int64_t e, typename KeyOf<AccOf<T>>::K pre
   using K = typename KeyOf<AccOf<T>>::K;
   std::fill(hist, hist + kBins, 0u);
   alignas(64) K keys[kBlock];
-  alignas(64) uint32_t h2[kBins];  // a second copy breaks store-to-load chains on repeated bins
-  std::fill(h2, h2 + kBins, 0u);
+  // Four copies break the store-to-load chains of runs of equal bins (data clusters in a
+  // few dozen bins, so only those lines are hot).
+  std::vector<uint32_t> extra(3 * size_t(kBins), 0u);
+  uint32_t* h1 = extra.data();
+  uint32_t* h2 = h1 + kBins;
+  uint32_t* h3 = h2 + kBins;
   const K mask = (K(1) << nb) - 1;
   for (int64_t i0 = b; i0 < e; i0 += kBlock) {
     const int64_t n = std::min(kBlock, e - i0);
     abs_keys(x + i0, n, keys);
     if (all) {
       int64_t i = 0;
-      for (; i + 2 <= n; i += 2) {
+      for (; i + 4 <= n; i += 4) {
         ++hist[(keys[i] >> shift) & mask];
-        ++h2[(keys[i + 1] >> shift) & mask];
+        ++h1[(keys[i + 1] >> shift) & mask];
+        ++h2[(keys[i + 2] >> shift) & mask];
+        ++h3[(keys[i + 3] >> shift) & mask];
       }
-      if (i < n) ++hist[(keys[i] >> shift) & mask];
+      for (; i < n; ++i) ++hist[(keys[i] >> shift) & mask];
     } else {
       for (int64_t i = 0; i < n; ++i)
         if ((keys[i] >> (shift + nb)) == prefix) ++hist[(keys[i] >> shift) & mask];
     }
   }
-  for (int i = 0; i < kBins; ++i) hist[i] += h2[i];
+  for (int i = 0; i < kBins; ++i) hist[i] += h1[i] + h2[i] + h3[i];
 }
 
 // A growable array that never zero-fills what it is about to overwrite.
@@ -145,9 +151,29 @@ void gather(const T* x, int64_t b, int64_t e, typename KeyOf<AccOf<T>>::K prefix
   for (int64_t i0 = b; i0 < e; i0 += kBlock) {
     const int64_t n = std::min(kBlock, e - i0);
     abs_keys(x + i0, n, keys);
-    K* dst = out.reserve_more(static_cast<size_t>(n));
+    K* dst = out.reserve_more(static_cast<size_t>(n) + 16);  // slack for full-vector stores
     size_t cnt = 0;
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t i = 0;
+#if IMAGEN_FAST_AVX512
+    if constexpr (sizeof(K) == 4) {
+      // 16 keys a step: compress-store the bucket's keys, masked min of those above it.
+      const __m512i pv = _mm512_set1_epi32(static_cast<int>(prefix));
+      const __m128i sh = _mm_cvtsi32_si128(shift);
+      __m512i mn = _mm512_set1_epi32(-1);
+      for (; i + 16 <= n; i += 16) {
+        const __m512i kv = _mm512_load_si512(keys + i);
+        const __m512i top = _mm512_srl_epi32(kv, sh);
+        const __mmask16 eq = _mm512_cmpeq_epu32_mask(top, pv);
+        const __mmask16 gt = _mm512_cmpgt_epu32_mask(top, pv);
+        _mm512_storeu_si512(dst + cnt, _mm512_maskz_compress_epi32(eq, kv));
+        cnt += static_cast<size_t>(__builtin_popcount(eq));
+        mn = _mm512_mask_min_epu32(mn, gt, mn, kv);
+      }
+      const K m = static_cast<K>(_mm512_reduce_min_epu32(mn));
+      amin = m < amin ? m : amin;
+    }
+#endif
+    for (; i < n; ++i) {
       const K k = keys[i];
       const K top = k >> shift;
       dst[cnt] = k;
@@ -159,13 +185,164 @@ void gather(const T* x, int64_t b, int64_t e, typename KeyOf<AccOf<T>>::K prefix
   *above = amin;
 }
 
+// k-th smallest (0-based) of a[0, n); a may be reordered but keeps its keys. For 32-bit
+// keys with AVX-512: a branch-free quickselect (three-way partitions by compress into
+// registers); else std::nth_element, whose unpredictable branches cost ~10x more.
+template <typename K> K kth_smallest(K* a, size_t n, size_t k) {
+#if IMAGEN_FAST_AVX512
+  if constexpr (sizeof(K) == 4) {
+    // a keeps its keys (callers scan it again); partitions go to three scratch buffers.
+    thread_local std::vector<K> buf[3];
+    for (auto& b : buf)
+      if (b.size() < n + 16) b.resize(n + 16);
+    K* cur = a;
+    while (n > 256) {
+      K p0 = cur[0], p1 = cur[n / 2], p2 = cur[n - 1];
+      const K pivot = std::max(std::min(p0, p1), std::min(std::max(p0, p1), p2));
+      const __m512i pv = _mm512_set1_epi32(static_cast<int>(pivot));
+      K* outs[2];
+      int no = 0;
+      for (auto& b : buf)
+        if (b.data() != cur && no < 2) outs[no++] = b.data();
+      K* lo = outs[0];
+      K* hi = outs[1];
+      size_t nl = 0, nh = 0, i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const __m512i kv = _mm512_loadu_si512(cur + i);
+        const __mmask16 lt = _mm512_cmplt_epu32_mask(kv, pv);
+        const __mmask16 gt = _mm512_cmpgt_epu32_mask(kv, pv);
+        _mm512_storeu_si512(lo + nl, _mm512_maskz_compress_epi32(lt, kv));
+        _mm512_storeu_si512(hi + nh, _mm512_maskz_compress_epi32(gt, kv));
+        nl += static_cast<size_t>(__builtin_popcount(lt));
+        nh += static_cast<size_t>(__builtin_popcount(gt));
+      }
+      for (; i < n; ++i) {
+        const K v = cur[i];
+        if (v < pivot) lo[nl++] = v;
+        else if (v > pivot) hi[nh++] = v;
+      }
+      const size_t ne = n - nl - nh;
+      if (k < nl) {
+        cur = lo;
+        n = nl;
+      } else if (k < nl + ne) {
+        return pivot;
+      } else {
+        k -= nl + ne;
+        cur = hi;
+        n = nh;
+      }
+    }
+    std::nth_element(cur, cur + k, cur + n);
+    return cur[k];
+  }
+#endif
+  std::nth_element(a, a + k, a + n);
+  return a[k];
+}
+
+// The (k+1)-th smallest given lo = the k-th: lo again when more than k+1 keys are <= lo,
+// else the smallest key above lo (or `above` when there is none in a).
+template <typename K> K next_smallest(const K* a, size_t n, size_t k, K lo, K above) {
+  size_t le = 0;
+  K mn = above;
+  for (size_t i = 0; i < n; ++i) {
+    le += a[i] <= lo;
+    mn = (a[i] > lo && a[i] < mn) ? a[i] : mn;
+  }
+  return le > k + 1 ? lo : mn;
+}
+
 // Shared state of a team selecting on one sample.
+// One pass around an estimated key range [lo, hi]: counts the keys below it, gathers
+// the keys inside it (up to cap) and keeps the smallest key above it.
+template <typename K> struct RangeScan {
+  K lo = 0, hi = 0;
+  int64_t less = 0, between = 0;
+  size_t cap = 0;
+  bool overflow = false;
+  K above = std::numeric_limits<K>::max();
+  KeyBuf<K> cand;
+  void reset(K l, K h, size_t c) {
+    lo = l;
+    hi = h;
+    less = between = 0;
+    cap = c;
+    overflow = false;
+    above = std::numeric_limits<K>::max();
+    cand.clear();
+  }
+  void feed(const K* keys, int64_t n) {
+    int64_t i = 0, nless = 0, nbetween = 0;
+    K amin = above;
+#if IMAGEN_FAST_AVX512
+    if constexpr (sizeof(K) == 4) {
+      const __m512i lov = _mm512_set1_epi32(static_cast<int>(lo)), hiv = _mm512_set1_epi32(static_cast<int>(hi));
+      __m512i mn = _mm512_set1_epi32(-1);
+      if (cand.n + static_cast<size_t>(n) <= cap) {
+        // Room for the whole block: branch-free compress-stores.
+        K* dst = cand.reserve_more(static_cast<size_t>(n) + 16);
+        size_t cnt = 0;
+        for (; i + 16 <= n; i += 16) {
+          const __m512i kv = _mm512_loadu_si512(keys + i);
+          const __mmask16 lt = _mm512_cmplt_epu32_mask(kv, lov);
+          const __mmask16 le = _mm512_cmple_epu32_mask(kv, hiv);
+          const __mmask16 in = static_cast<__mmask16>(le & ~lt);
+          nless += __builtin_popcount(lt);
+          // compress in a register, then a plain store (compress-to-memory is
+          // microcoded and slow on AMD Zen 4/5); the reserve left 16 keys of slack.
+          _mm512_storeu_si512(dst + cnt, _mm512_maskz_compress_epi32(in, kv));
+          cnt += static_cast<size_t>(__builtin_popcount(in));
+          mn = _mm512_mask_min_epu32(mn, static_cast<__mmask16>(~le), mn, kv);
+        }
+        cand.n += cnt;
+        nbetween += static_cast<int64_t>(cnt);
+      } else {
+        overflow = true;  // candidates beyond the cap: only count
+        for (; i + 16 <= n; i += 16) {
+          const __m512i kv = _mm512_loadu_si512(keys + i);
+          const __mmask16 lt = _mm512_cmplt_epu32_mask(kv, lov);
+          const __mmask16 le = _mm512_cmple_epu32_mask(kv, hiv);
+          nless += __builtin_popcount(lt);
+          nbetween += __builtin_popcount(static_cast<__mmask16>(le & ~lt));
+          mn = _mm512_mask_min_epu32(mn, static_cast<__mmask16>(~le), mn, kv);
+        }
+      }
+      const K m = static_cast<K>(_mm512_reduce_min_epu32(mn));
+      amin = m < amin ? m : amin;
+    }
+#endif
+    for (; i < n; ++i) {
+      const K k = keys[i];
+      if (k < lo) {
+        ++nless;
+      } else if (k <= hi) {
+        ++nbetween;
+        if (cand.n < cap) {
+          *cand.reserve_more(1) = k;
+          ++cand.n;
+        } else {
+          overflow = true;
+        }
+      } else if (k < amin) {
+        amin = k;
+      }
+    }
+    less += nless;
+    between += nbetween;
+    above = amin;
+  }
+};
+
 template <typename K> struct TeamState {
   std::vector<uint32_t> hist;             // threads * kBins
   std::vector<KeyBuf<K>> cand;            // per thread
   std::vector<K> above;                   // per thread
+  std::vector<RangeScan<K>> scan;         // per thread
   K lo = 0, hi = 0;
-  explicit TeamState(int threads) : hist(size_t(threads) * kBins), cand(threads), above(threads) {}
+  bool ok = false;
+  explicit TeamState(int threads)
+      : hist(size_t(threads) * kBins), cand(threads), above(threads), scan(threads) {}
 };
 
 inline void team_barrier(bool team) {
@@ -235,9 +412,8 @@ void select_pair(const T* x, int64_t n, int64_t b, int64_t e, const QuantileRank
             std::copy(st.cand[t].begin(), st.cand[t].end(), dst);
             all.n += st.cand[t].n;
           }
-          std::nth_element(all.begin(), all.begin() + k, all.end());
-          lo = all.begin()[k];
-          hi = k + 1 < count ? *std::min_element(all.begin() + k + 1, all.end()) : above;
+          lo = kth_smallest(all.begin(), all.n, static_cast<size_t>(k));
+          hi = next_smallest(all.begin(), all.n, static_cast<size_t>(k), lo, above);
         }
         if (qr.hi == qr.lo || hi == std::numeric_limits<K>::max()) hi = lo;
         st.lo = lo;
@@ -249,6 +425,79 @@ void select_pair(const T* x, int64_t n, int64_t b, int64_t e, const QuantileRank
       return;
     }
   }
+}
+
+// Key range that very likely holds the order statistics qr.lo and qr.hi, from a strided
+// sample of 1024 keys (key_at(i) = key of element i): the sample ranks 4 standard
+// deviations (+4) around the target. Small inputs take everything. Returns the share
+// of all keys expected inside.
+template <typename K, typename F>
+double estimate_range(int64_t L, const QuantileRank& qr, F&& key_at, K* lo, K* hi) {
+  const K kmax = ~K(0) >> 1;
+  if (L <= 8192) {
+    *lo = 0;
+    *hi = kmax;
+    return 1.0;
+  }
+  constexpr int64_t m = 1024;
+  K smp[m];
+  for (int64_t i = 0; i < m; ++i) smp[i] = key_at((2 * i + 1) * L / (2 * m));
+  const double q = static_cast<double>(qr.lo) / static_cast<double>(L - 1);
+  const double j = q * static_cast<double>(m - 1);
+  const int64_t d = static_cast<int64_t>(std::ceil(4.0 * std::sqrt(m * q * (1.0 - q)) + 4.0));
+  const int64_t jl = static_cast<int64_t>(std::floor(j)) - d, jh = static_cast<int64_t>(std::ceil(j)) + 1 + d;
+  if (jl <= 0) {
+    *lo = 0;
+  } else {
+    *lo = kth_smallest(smp, static_cast<size_t>(m), static_cast<size_t>(jl));
+  }
+  if (jh >= m - 1) {
+    *hi = kmax;
+  } else {
+    *hi = kth_smallest(smp, static_cast<size_t>(m), static_cast<size_t>(jh));
+  }
+  return static_cast<double>(std::min(jh, m - 1) - std::max<int64_t>(jl, 0) + 1) / m;
+}
+
+// After every thread scanned its part with st.scan[tid]: did the range hold both order
+// statistics? If so *lo_out / *hi_out are set. Same answer on every thread of the team.
+template <typename K>
+bool resolve_scan(const QuantileRank& qr, bool team, int tid, int nt, TeamState<K>& st, K* lo_out, K* hi_out) {
+  team_barrier(team);
+  if (tid == 0) {
+    int64_t less = 0, between = 0;
+    bool overflow = false;
+    K above = std::numeric_limits<K>::max();
+    for (int t = 0; t < nt; ++t) {
+      less += st.scan[t].less;
+      between += st.scan[t].between;
+      overflow = overflow || st.scan[t].overflow;
+      above = std::min(above, st.scan[t].above);
+    }
+    const int64_t k = qr.lo - less;
+    st.ok = !overflow && k >= 0 && k < between;
+    if (st.ok) {
+      KeyBuf<K>& all = st.scan[0].cand;
+      for (int t = 1; t < nt; ++t) {
+        K* dst = all.reserve_more(st.scan[t].cand.n);
+        std::copy(st.scan[t].cand.begin(), st.scan[t].cand.end(), dst);
+        all.n += st.scan[t].cand.n;
+      }
+      K lo = kth_smallest(all.begin(), all.n, static_cast<size_t>(k));
+      K hi = next_smallest(all.begin(), all.n, static_cast<size_t>(k), lo, above);
+      if (qr.hi == qr.lo || hi == std::numeric_limits<K>::max()) hi = lo;
+      st.lo = lo;
+      st.hi = hi;
+    }
+  }
+  team_barrier(team);
+  *lo_out = st.lo;
+  *hi_out = st.hi;
+  return st.ok;
+}
+
+inline size_t scan_cap(double share, int64_t L) {
+  return static_cast<size_t>(std::min<double>(static_cast<double>(L), 2.0 * share * static_cast<double>(L) + 4096.0));
 }
 
 // below + (above - below) * frac in A, rounded after each operation like torch's
@@ -313,6 +562,29 @@ void threshold_out(const T* x, T* y, int64_t b, int64_t e, AccOf<T> s) {
   }
 }
 
+// Order statistics qr.lo, qr.hi of |xs[0, L)|: one counting/gathering pass around a
+// sampled estimate, and the radix selection if the estimate missed (or radix_only).
+template <typename T>
+void select_sample(const T* xs, int64_t L, int64_t b, int64_t e, const QuantileRank& qr, bool team, int tid,
+                   int nt, TeamState<typename KeyOf<AccOf<T>>::K>& st, bool radix_only,
+                   typename KeyOf<AccOf<T>>::K* lo, typename KeyOf<AccOf<T>>::K* hi) {
+  using K = typename KeyOf<AccOf<T>>::K;
+  if (!radix_only) {
+    K elo, ehi;
+    const double share = estimate_range<K>(L, qr, [&](int64_t i) { return abs_key(xs[i]); }, &elo, &ehi);
+    RangeScan<K>& rs = st.scan[tid];
+    rs.reset(elo, ehi, scan_cap(share, L));
+    alignas(64) K keys[kBlock];
+    for (int64_t i0 = b; i0 < e; i0 += kBlock) {
+      const int64_t m = std::min(kBlock, e - i0);
+      abs_keys(xs + i0, m, keys);
+      rs.feed(keys, m);
+    }
+    if (resolve_scan(qr, team, tid, nt, st, lo, hi)) return;
+  }
+  select_pair(xs, L, b, e, qr, team, tid, nt, st, false, lo, hi);
+}
+
 template <typename T>
 void dynamic_threshold_impl(const T* x, T* y, int64_t N, int64_t L, double p, double min_value, int threads) {
   using A = AccOf<T>;
@@ -327,7 +599,7 @@ void dynamic_threshold_impl(const T* x, T* y, int64_t N, int64_t L, double p, do
     TeamState<K>& st = team ? shared : own[thread_id()];
     const T* xs = x + n * L;
     K lo, hi;
-    select_pair(xs, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
+    select_sample(xs, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
     A s = lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac);
     s = std::max(s, static_cast<A>(min_value));
     threshold_out(xs, y + n * L, b, e, s);
@@ -345,9 +617,10 @@ template <typename T> struct StepArgs {
   double w;
 };
 
-// x0 = a z + b pred for x[b, e) of sample n into dst (type A).
-template <typename T>
-void compute_x0(const StepArgs<T>& g, int64_t n, int64_t b, int64_t e, AccOf<T>* dst) {
+// x0 = a z + b pred for x[b, e) of sample n into dst (type A); on_block(p, m) sees each
+// finished block of up to kBlock values while it is still in L1.
+template <typename T, typename F>
+void compute_x0(const StepArgs<T>& g, int64_t n, int64_t b, int64_t e, AccOf<T>* dst, F&& on_block) {
   using V = typename VecOf<T>::type;
   using A = AccOf<T>;
   constexpr int W = V::W;
@@ -356,18 +629,35 @@ void compute_x0(const StepArgs<T>& g, int64_t n, int64_t b, int64_t e, AccOf<T>*
   const V wv = V::set1(static_cast<A>(g.w));
   const int64_t off = n * g.L;
   const T *z = g.z + off, *pc = g.cond + off, *pu = g.uncond ? g.uncond + off : nullptr;
-  for (int64_t i = b; i < e; i += W) {
-    const int r = static_cast<int>(std::min<int64_t>(W, e - i));
-    V zz = r == W ? load(z + i) : load_n(z + i, r);
-    V pred = r == W ? load(pc + i) : load_n(pc + i, r);
-    if (pu) {
-      V u = r == W ? load(pu + i) : load_n(pu + i, r);
-      pred = u + wv * (pred - u);
+  for (int64_t i0 = b; i0 < e; i0 += kBlock) {
+    const int64_t e0 = std::min(e, i0 + kBlock);
+    for (int64_t i = i0; i < e0; i += W) {
+      const int r = static_cast<int>(std::min<int64_t>(W, e0 - i));
+      V zz = r == W ? load(z + i) : load_n(z + i, r);
+      V pred = r == W ? load(pc + i) : load_n(pc + i, r);
+      if (pu) {
+        V u = r == W ? load(pu + i) : load_n(pu + i, r);
+        pred = u + wv * (pred - u);
+      }
+      V x0 = av * zz + bv * pred;
+      if (r == W) store(dst + i, x0);
+      else store_n(dst + i, x0, r);
     }
-    V x0 = av * zz + bv * pred;
-    if (r == W) store(dst + i, x0);
-    else store_n(dst + i, x0, r);
+    on_block(dst + i0, e0 - i0);
   }
+}
+
+// The same x0 for one element (for the sampled estimate of the percentile).
+template <typename T> AccOf<T> x0_at(const StepArgs<T>& g, int64_t n, int64_t i) {
+  using A = AccOf<T>;
+  const double* c = g.coefs + n * 5;
+  const int64_t o = n * g.L + i;
+  A pred = to_acc(g.cond[o]);
+  if (g.uncond) {
+    const A u = to_acc(g.uncond[o]);
+    pred = u + static_cast<A>(g.w) * (pred - u);
+  }
+  return static_cast<A>(c[0]) * to_acc(g.z[o]) + static_cast<A>(c[1]) * pred;
 }
 
 // out = c_x0 * q(x0) + c_z z + c_noise noise over [b, e) of sample n, q the threshold map.
@@ -450,9 +740,20 @@ void sampler_step_impl(const StepArgs<T>& g, Thresh mode, double p, double min_v
       if (v.empty()) v.resize(size_t(L));
       x0 = v.data();
     }
-    compute_x0(g, n, b, e, x0);
+    // One pass: x0 into its buffer, and its keys counted/gathered around the sampled
+    // estimate while each block is in L1. The radix selection over x0 if it missed.
+    K elo, ehi;
+    const double share = estimate_range<K>(L, qr, [&](int64_t i) { return abs_key(x0_at(g, n, i)); }, &elo, &ehi);
+    RangeScan<K>& rs = st.scan[tid];
+    rs.reset(elo, ehi, scan_cap(share, L));
+    alignas(64) K keys[kBlock];
+    compute_x0(g, n, b, e, x0, [&](const A* p, int64_t m) {
+      abs_keys(p, m, keys);
+      rs.feed(keys, m);
+    });
     K lo, hi;
-    select_pair<A>(x0, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
+    if (!resolve_scan(qr, team, tid, nt, st, &lo, &hi))
+      select_pair<A>(x0, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
     A s = lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac);
     s = std::max(s, static_cast<A>(min_value));
     // (each thread reads back only its own part [b, e) of x0: no barrier needed)
@@ -511,7 +812,8 @@ void sampler_step(uintptr_t z, uintptr_t cond, uintptr_t uncond, uintptr_t noise
 }
 
 // The two order statistics themselves (for tests): values at ranks lo and lo + 1 of |x|.
-py::tuple quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double percentile, int threads) {
+py::tuple quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double percentile, int threads,
+                       bool radix_only) {
   check_sizes("quantile_abs", N, L, dtype, percentile, 1.0);
   if (!x) throw std::invalid_argument("quantile_abs: x is required");
   std::vector<double> out(static_cast<size_t>(N));
@@ -531,7 +833,7 @@ py::tuple quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double perc
       for_samples(N, L, th, [&](int64_t n, int64_t b, int64_t e, bool team, int tid, int nt) {
         TeamState<K>& st = team ? shared : own[thread_id()];
         K lo, hi;
-        select_pair(xs + n * L, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
+        select_sample(xs + n * L, L, b, e, qr, team, tid, nt, st, radix_only, &lo, &hi);
         if (tid == 0) out[size_t(n)] = static_cast<double>(lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac));
       });
     });
@@ -560,6 +862,8 @@ void register_cpu_threshold(py::module_& m) {
         py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("guidance_scale"), py::arg("threshold"),
         py::arg("percentile"), py::arg("min_value"), py::arg("threads") = 0);
   m.def("quantile_abs", &quantile_abs,
-        "Per-sample exact quantile of |x| (linear interpolation), by radix selection: a tuple of N floats.",
-        py::arg("x"), py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("percentile"), py::arg("threads") = 0);
+        "Per-sample exact quantile of |x| (linear interpolation) as dynamic_threshold finds it: a tuple of N "
+        "floats. radix_only skips the sampled estimate (tests the fallback path).",
+        py::arg("x"), py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("percentile"), py::arg("threads") = 0,
+        py::arg("radix_only") = false);
 }

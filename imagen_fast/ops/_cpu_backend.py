@@ -69,7 +69,9 @@ def _same_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _param(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(dtype).contiguous()
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
