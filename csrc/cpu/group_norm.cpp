@@ -527,11 +527,12 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
 
 // --------------------------------------------------------------------- backward
 // Sums over a contiguous run of channel c: s1 += dh, s2 += dh * xhat, where
-// dh = gy * act'(h), h = (x - mean) * a + b, xhat = (x - mean) * rstd.
+// dh = gy * act'(h), h = (x - mean) * a + b, xhat = (x - mean) * rstd. dhs (or null)
+// keeps dh for the gx pass, so the activation's derivative is evaluated once.
 template <Activation act, typename T, typename V>
 inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mean,
                          typename V::A rstd, typename V::A a, typename V::A b,
-                         double* s1, double* s2) {
+                         double* s1, double* s2, typename V::A* dhs) {
   constexpr int W = V::W;
   const V mv = V::set1(mean), rv = V::set1(rstd), av = V::set1(a), bv = V::set1(b);
   for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
@@ -542,8 +543,12 @@ inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mea
       V d0 = load(x + i) - mv, d1 = load(x + i + W) - mv;
       V g0 = load(gy + i), g1 = load(gy + i + W);
       if (act != Activation::None) {
-        g0 = g0 * act_grad<act>(fmadd(d0, av, bv));
-        g1 = g1 * act_grad<act>(fmadd(d1, av, bv));
+        g0 = g0 * act_grad<act, sizeof(T) == 2>(fmadd(d0, av, bv));
+        g1 = g1 * act_grad<act, sizeof(T) == 2>(fmadd(d1, av, bv));
+      }
+      if (dhs) {
+        store(dhs + i, g0);
+        store(dhs + i + W, g1);
       }
       a1 = a1 + g0;
       b1 = b1 + g1;
@@ -554,8 +559,9 @@ inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mea
       const int n = static_cast<int>(std::min<int64_t>(W, c0 + k - i));
       V d = load_n(x + i, n) - mv;
       V g = load_n(gy + i, n);
-      if (act != Activation::None) g = g * act_grad<act>(fmadd(d, av, bv));
+      if (act != Activation::None) g = g * act_grad<act, sizeof(T) == 2>(fmadd(d, av, bv));
       g = keep_first(g, n);
+      if (dhs) store_n(dhs + i, g, n);
       a1 = a1 + g;
       a2 = fmadd(g, d, a2);
     }
@@ -564,11 +570,11 @@ inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mea
   }
 }
 
-// gx = k1 * dh + (x - mean) * k3 + k2 over a contiguous run.
+// gx = k1 * dh + (x - mean) * k3 + k2 over a contiguous run (dh from dhs when given).
 template <Activation act, typename T, typename V>
 inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::A mean,
                        typename V::A a, typename V::A b, typename V::A k1, typename V::A k2,
-                       typename V::A k3) {
+                       typename V::A k3, const typename V::A* dhs) {
   constexpr int W = V::W;
   const V mv = V::set1(mean), av = V::set1(a), bv = V::set1(b);
   const V k1v = V::set1(k1), k2v = V::set1(k2), k3v = V::set1(k3);
@@ -577,12 +583,12 @@ inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::
     V d, g;
     if (n == W) {
       d = load(x + i) - mv;
-      g = load(gy + i);
+      g = dhs ? load(dhs + i) : load(gy + i);
     } else {
       d = load_n(x + i, n) - mv;
-      g = load_n(gy + i, n);
+      g = dhs ? load_n(dhs + i, n) : load_n(gy + i, n);
     }
-    if (act != Activation::None) g = g * act_grad<act>(fmadd(d, av, bv));
+    if (act != Activation::None && !dhs) g = g * act_grad<act, sizeof(T) == 2>(fmadd(d, av, bv));
     V r = fmadd(k1v, g, fmadd(d, k3v, k2v));
     if (n == W) store(gx + i, r);
     else store_n(gx + i, r, n);
@@ -593,7 +599,7 @@ inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::
 // accumulated into sc.chan1/chan2, using per-position mpos/apos/bpos/rpos.
 template <Activation act, typename T, typename V>
 void bwd_sums_rows(const T* gy, const T* x, int64_t rows, int64_t C, const Period& per,
-                   ClScratch<typename V::A>& sc) {
+                   ClScratch<typename V::A>& sc, typename V::A* dhs) {
   using A = typename V::A;
   constexpr int W = V::W;
   const int64_t P = per.P;
@@ -616,14 +622,16 @@ void bwd_sums_rows(const T* gy, const T* x, int64_t rows, int64_t C, const Perio
       if (n == W) {
         d = load(xq + o) - load(mp + j);
         g = load(gq + o);
-        if (act != Activation::None) g = g * act_grad<act>(fmadd(d, load(ap + j), load(bp + j)));
+        if (act != Activation::None) g = g * act_grad<act, sizeof(T) == 2>(fmadd(d, load(ap + j), load(bp + j)));
+        if (dhs) store(dhs + r0 * C + o, g);
         store(acc + j, load(acc + j) + g);
         store(acc2 + j, fmadd(g, d * load(rp + j), load(acc2 + j)));
       } else {
         d = load_n(xq + o, n) - load_n(mp + j, n);
         g = load_n(gq + o, n);
-        if (act != Activation::None) g = g * act_grad<act>(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)));
+        if (act != Activation::None) g = g * act_grad<act, sizeof(T) == 2>(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)));
         g = keep_first(g, n);
+        if (dhs) store_n(dhs + r0 * C + o, g, n);
         store_n(acc + j, load_n(acc + j, n) + g, n);
         store_n(acc2 + j, fmadd(g, d * load_n(rp + j, n), load_n(acc2 + j, n)), n);
       }
@@ -637,7 +645,7 @@ void bwd_sums_rows(const T* gy, const T* x, int64_t rows, int64_t C, const Perio
 
 template <Activation act, typename T, typename V>
 void bwd_gx_rows(const T* gy, const T* x, T* gx, int64_t rows, int64_t C, const Period& per,
-                 const ClScratch<typename V::A>& sc) {
+                 const ClScratch<typename V::A>& sc, const typename V::A* dhs) {
   constexpr int W = V::W;
   const auto* mp = sc.mpos.data();
   const auto* ap = sc.apos.data();
@@ -648,13 +656,13 @@ void bwd_gx_rows(const T* gy, const T* x, T* gx, int64_t rows, int64_t C, const 
   for_period<W>(rows * C, per.P, [&](int64_t o, int64_t j, int n) {
     if (n == W) {
       V d = load(x + o) - load(mp + j);
-      V g = load(gy + o);
-      if (act != Activation::None) g = g * act_grad<act>(fmadd(d, load(ap + j), load(bp + j)));
+      V g = dhs ? load(dhs + o) : load(gy + o);
+      if (act != Activation::None && !dhs) g = g * act_grad<act, sizeof(T) == 2>(fmadd(d, load(ap + j), load(bp + j)));
       store(gx + o, fmadd(load(k1 + j), g, fmadd(d, load(k3 + j), load(k2 + j))));
     } else {
       V d = load_n(x + o, n) - load_n(mp + j, n);
-      V g = load_n(gy + o, n);
-      if (act != Activation::None) g = g * act_grad<act>(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)));
+      V g = dhs ? load_n(dhs + o, n) : load_n(gy + o, n);
+      if (act != Activation::None && !dhs) g = g * act_grad<act, sizeof(T) == 2>(fmadd(d, load_n(ap + j, n), load_n(bp + j, n)));
       store_n(gx + o, fmadd(load_n(k1 + j, n), g, fmadd(d, load_n(k3 + j, n), load_n(k2 + j, n))), n);
     }
   });
@@ -698,6 +706,10 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
 #pragma omp parallel num_threads(threads)
     {
       std::vector<A> k1(Cg);
+      // dh of the current tile (or part), when there is an activation to differentiate.
+      const bool keep_dh = gx && act != Activation::None;
+      std::vector<A> dh_buf(keep_dh ? size_t(D) + 16 : 0);
+      A* dh = keep_dh ? dh_buf.data() : nullptr;
       if (whole) {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) {
@@ -708,7 +720,7 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           for (int64_t cl = 0; cl < Cg; ++cl) {
             const int64_t c = g * Cg + cl, o = t * D + cl * S;
             bwd_sums_run<act, T, V>(gy + o, x + o, S, mu, rs, pr.coef_a(n, c, rs), pr.coef_b(n, c),
-                               &s1[cl], &s2[cl]);
+                                    &s1[cl], &s2[cl], dh ? dh + cl * S : nullptr);
           }
           if (!gx) continue;
           A k2, k3;
@@ -716,7 +728,7 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           for (int64_t cl = 0; cl < Cg; ++cl) {
             const int64_t c = g * Cg + cl, o = t * D + cl * S;
             bwd_gx_run<act, T, V>(gy + o, x + o, gx + o, S, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
-                             k1[cl], k2, k3);
+                                  k1[cl], k2, k3, dh ? dh + cl * S : nullptr);
           }
         }
       } else {
@@ -734,7 +746,7 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
             if (lo >= hi) continue;
             const int64_t c = g * Cg + cl;
             bwd_sums_run<act, T, V>(gy + t * D + lo, x + t * D + lo, hi - lo, mu, rs, pr.coef_a(n, c, rs),
-                               pr.coef_b(n, c), &mine[cl], &mine[Cg + cl]);
+                                    pr.coef_b(n, c), &mine[cl], &mine[Cg + cl], dh ? dh + (lo - b) : nullptr);
           }
 #pragma omp barrier
           for (int64_t cl = 0; cl < Cg; ++cl) {
@@ -756,7 +768,7 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
             if (lo >= hi) continue;
             const int64_t c = g * Cg + cl, o = t * D + lo;
             bwd_gx_run<act, T, V>(gy + o, x + o, gx + o, hi - lo, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
-                             k1[cl], k2, k3);
+                                  k1[cl], k2, k3, dh ? dh + (lo - b) : nullptr);
           }
         }
       }
@@ -772,6 +784,9 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
       sc.init(per.P, C);
       std::vector<A> k1(Cg), k2(G), k3(G);
       std::vector<double> s1(C), s2(C);
+      const bool keep_dh = gx && act != Activation::None;
+      std::vector<A> dh_buf(keep_dh ? size_t(whole ? L : ((S + threads - 1) / threads + 1) * C) + 16 : 0);
+      A* dh = keep_dh ? dh_buf.data() : nullptr;
       auto fill_pos = [&](int64_t n) {
         for_positions_g(per.P, C, Cg, [&](int64_t j, int64_t c, int64_t g) {
           const A rs = rstd[n * G + g];
@@ -798,12 +813,12 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           fill_pos(n);
           std::fill(sc.chan1.begin(), sc.chan1.end(), 0.0);
           std::fill(sc.chan2.begin(), sc.chan2.end(), 0.0);
-          bwd_sums_rows<act, T, V>(gy + n * L, x + n * L, S, C, per, sc);
+          bwd_sums_rows<act, T, V>(gy + n * L, x + n * L, S, C, per, sc, dh);
           std::copy(sc.chan1.begin(), sc.chan1.end(), &S1[n * C]);
           std::copy(sc.chan2.begin(), sc.chan2.end(), &S2[n * C]);
           if (!gx) continue;
           fill_gx(n, &S1[n * C], &S2[n * C]);
-          bwd_gx_rows<act, T, V>(gy + n * L, x + n * L, gx + n * L, S, C, per, sc);
+          bwd_gx_rows<act, T, V>(gy + n * L, x + n * L, gx + n * L, S, C, per, sc, dh);
         }
       } else {
         const int tid = thread_id(), nt = team_size();
@@ -813,7 +828,7 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           fill_pos(n);
           std::fill(sc.chan1.begin(), sc.chan1.end(), 0.0);
           std::fill(sc.chan2.begin(), sc.chan2.end(), 0.0);
-          bwd_sums_rows<act, T, V>(gy + n * L + b * C, x + n * L + b * C, e - b, C, per, sc);
+          bwd_sums_rows<act, T, V>(gy + n * L + b * C, x + n * L + b * C, e - b, C, per, sc, dh);
           double* mine = &part[((n & 1) * threads + tid) * 2 * C];
           std::copy(sc.chan1.begin(), sc.chan1.end(), mine);
           std::copy(sc.chan2.begin(), sc.chan2.end(), mine + C);
@@ -831,7 +846,8 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           }
           if (!gx) continue;
           fill_gx(n, s1.data(), s2.data());
-          bwd_gx_rows<act, T, V>(gy + n * L + b * C, x + n * L + b * C, gx + n * L + b * C, e - b, C, per, sc);
+          bwd_gx_rows<act, T, V>(gy + n * L + b * C, x + n * L + b * C, gx + n * L + b * C, e - b, C, per, sc,
+                                 dh);
         }
       }
     }

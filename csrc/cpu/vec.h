@@ -230,7 +230,10 @@ template <Activation act, bool LO = false> inline VF act_fwd(VF h) {
   else return h;
 }
 template <Activation act, bool LO = false> inline VF act_grad(VF h) {
-  if constexpr (act == Activation::SiLU) {
+  if constexpr (act == Activation::SiLU && LO) {
+    VF s = _mm512_rcp14_ps((VF::set1(1.0f) + vexp_neg_lo(h)).v);
+    return s * fmadd(h, VF::set1(1.0f) - s, VF::set1(1.0f));
+  } else if constexpr (act == Activation::SiLU) {
     VF s = VF::set1(1.0f) / (VF::set1(1.0f) + vexp_neg(h));
     return s * fmadd(h, VF::set1(1.0f) - s, VF::set1(1.0f));
   } else if constexpr (act == Activation::GELU) {
