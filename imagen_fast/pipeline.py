@@ -136,6 +136,8 @@ class ImagenCascade(nn.Module):
                      names: Optional[Sequence[str]] = None, **unet_overrides) -> "ImagenCascade":
         names = list(names) if names is not None else [
             f"stage{i}_{p}" for i, p in enumerate(presets)]
+        if len(names) != len(presets):
+            raise ValueError(f"got {len(names)} stage names for {len(presets)} presets")
         return cls([default_stage(n, p, **unet_overrides) for n, p in zip(names, presets)])
 
     @property

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from imagen_fast import ops
-from imagen_fast.diffusion import (CosineSchedule, GaussianDiffusion, GuidedDenoiser,
-                                   LinearSchedule, ddim_invert, get_schedule, sample)
+from imagen_fast.diffusion import (
+    CosineSchedule,
+    GaussianDiffusion,
+    GuidedDenoiser,
+    LinearSchedule,
+    ddim_invert,
+    get_schedule,
+    sample,
+)
 from imagen_fast.models import build_unet
 
 DATA_STD = 0.5

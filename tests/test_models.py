@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from imagen_fast import ops
-from imagen_fast.models import (PRESETS, build_unet, count_parameters, describe_presets,
-                                preset_config, unet_from_config)
+from imagen_fast.models import (
+    PRESETS,
+    build_unet,
+    describe_presets,
+    preset_config,
+    unet_from_config,
+)
 from imagen_fast.models.unet import SKIP_SCALE, DBlock, UBlock
 
 SMALL = ["tiny-base32", "tiny-sr64", "tiny-sr128"]

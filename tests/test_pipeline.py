@@ -6,8 +6,14 @@ import os
 import pytest
 import torch
 
-from imagen_fast.pipeline import (CONFIG_NAME, WEIGHTS_NAME, ImagenCascade, SamplingConfig,
-                                  Stage, default_stage)
+from imagen_fast.pipeline import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ImagenCascade,
+    SamplingConfig,
+    Stage,
+    default_stage,
+)
 
 TINY = ["tiny-base32", "tiny-sr64", "tiny-sr128"]
 

@@ -1,6 +1,13 @@
 """Continuous-time VP diffusion: schedules, loss, guidance, thresholding, samplers."""
 from .gaussian import PREDICTIONS, GaussianDiffusion, drop_text, null_text
-from .samplers import SAMPLERS, THRESHOLDS, GuidedDenoiser, ddim_invert, sample, time_grid
+from .samplers import (
+    SAMPLERS,
+    THRESHOLDS,
+    GuidedDenoiser,
+    ddim_invert,
+    sample,
+    time_grid,
+)
 from .schedules import SCHEDULES, CosineSchedule, LinearSchedule, Schedule, get_schedule
 
 __all__ = [

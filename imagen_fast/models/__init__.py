@@ -2,8 +2,14 @@
 from .attention import AttentionBlock
 from .blocks import GroupNormAct, ResBlock
 from .embeddings import AttentionPool, ScalarEmbedding, sinusoidal_embedding
-from .presets import (PRESETS, build_unet, count_parameters, describe_presets, preset_config,
-                      unet_from_config)
+from .presets import (
+                      PRESETS,
+                      build_unet,
+                      count_parameters,
+                      describe_presets,
+                      preset_config,
+                      unet_from_config,
+)
 from .unet import BaseUNet, DBlock, EfficientUNet, UBlock
 
 __all__ = [
