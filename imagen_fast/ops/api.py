@@ -207,7 +207,8 @@ def group_norm_silu(
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
               scale: float) -> Tuple[Tensor, Tensor]:
     fn = dispatch.resolve("attention_fwd", q.device, q, k, v, mask)
-    return fn(q, k, v, mask, scale)
+    out, lse = fn(q, k, v, mask, scale)
+    return out.contiguous(), lse.contiguous()     # what the fake promises, for every backend
 
 
 @_attn_fwd.register_fake
@@ -220,12 +221,13 @@ def _(q, k, v, mask, scale):
 def _attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
               out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     fn = dispatch.resolve("attention_bwd", q.device, q, k, v, mask)
-    return fn(grad_out, q, k, v, mask, out, lse, scale)
+    return tuple(g.contiguous() for g in fn(grad_out, q, k, v, mask, out, lse, scale))
 
 
 @_attn_bwd.register_fake
 def _(grad_out, q, k, v, mask, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous whatever the strides of q/k/v (views of a fused qkv projection).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attn_setup(ctx, inputs, output):
