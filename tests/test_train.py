@@ -1,5 +1,6 @@
 """The trainer: exact resume after SIGKILL, rank equivalence (DDP, FSDP2 on gloo), bad input."""
 import json
+import math
 import os
 import signal
 import socket
@@ -194,3 +195,34 @@ def test_sample_grids_during_training(tmp_path):
     from PIL import Image
     grid = Image.open(tmp_path / "run" / "samples" / "step_00000002.png")
     assert grid.size == (2 * 16, 16)
+
+
+@pytest.mark.parametrize("train", [
+    {"precision": "bf16", "optimizer": "adafactor"},
+    {"precision": "fp16", "channels_last": False, "grad_clip": 0.0, "ema_decay": 0.0},
+    {"compile": True, "lr_schedule": "constant"},
+])
+def test_training_options_run_and_learn(tmp_path, train):
+    raw = _raw(tmp_path / "run", steps=3, **train)
+    trainer = Trainer(config_from_dict(raw))
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.run()
+    assert summary["step"] == 3 and math.isfinite(summary["loss"])
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "no parameter moved"
+
+
+def test_disk_full_during_training_keeps_going_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from imagen_fast import checkpoint as ck
+    raw = _raw(tmp_path / "run", steps=4)
+    trainer = Trainer(config_from_dict(raw))
+    real = ck.save_checkpoint
+
+    def full_after_first(*a, **k):
+        if a[1] > 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ck, "save_checkpoint", full_after_first)
+    assert trainer.run()["step"] == 4
+    assert ck.latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
