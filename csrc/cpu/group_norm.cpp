@@ -60,7 +60,48 @@ struct Moments {
   void merge(const Moments& o) { merge(o.n, o.mean, o.m2); }
 };
 
-// Exact two-pass moments of each chunk of a contiguous range, merged into m.
+// Sums of d = x - shift and d^2 over q[0, k) (vector lanes; the tail masked).
+template <typename T, typename V>
+inline void shifted_sums(const T* q, int64_t k, typename V::A shift, double* t, double* ss) {
+  constexpr int W = V::W;
+  const V mv = V::set1(shift);
+  V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+  V t0 = V::zero(), t1 = V::zero();
+  int64_t i = 0;
+  for (; i + 4 * W <= k; i += 4 * W) {
+    V d0 = load(q + i) - mv, d1 = load(q + i + W) - mv;
+    V d2 = load(q + i + 2 * W) - mv, d3 = load(q + i + 3 * W) - mv;
+    t0 = t0 + (d0 + d1);
+    t1 = t1 + (d2 + d3);
+    s0 = fmadd(d0, d0, s0);
+    s1 = fmadd(d1, d1, s1);
+    s2 = fmadd(d2, d2, s2);
+    s3 = fmadd(d3, d3, s3);
+  }
+  for (; i + W <= k; i += W) {
+    V d = load(q + i) - mv;
+    t0 = t0 + d;
+    s0 = fmadd(d, d, s0);
+  }
+  if (i < k) {
+    const int r = static_cast<int>(k - i);
+    V d = keep_first(load_n(q + i, r) - mv, r);
+    t1 = t1 + d;
+    s1 = fmadd(d, d, s1);
+  }
+  *t = static_cast<double>(hsum(t0 + t1));
+  *ss = static_cast<double>(hsum((s0 + s1) + (s2 + s3)));
+}
+
+// The shifted sums give mean = shift + t/k and M2 = ss - t^2/k; that difference is
+// well conditioned (relative error ~ float eps) when the shift is within half a
+// standard deviation of the mean, i.e. t^2/k <= ss/4. Otherwise: recentre and redo.
+inline bool shift_ok(double k, double t, double ss) { return t * t <= 0.25 * ss * k; }
+
+// Moments of each 4K-element chunk of a contiguous range (the chunk stays in L1),
+// merged into m with Chan's formula. A chunk takes one pass shifted by the running
+// mean when that verifies as well centred; otherwise (always for the first chunk) a
+// pass for its mean and a second pass about it.
 template <typename T, typename V>
 void range_moments(const T* p, int64_t len, Moments& m) {
   using A = typename V::A;
@@ -68,6 +109,16 @@ void range_moments(const T* p, int64_t len, Moments& m) {
   for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
     const int64_t k = std::min(kChunk, len - c0);
     const T* q = p + c0;
+    const double kd = static_cast<double>(k);
+    double t, ss;
+    if (m.n > 0) {
+      const A shift = static_cast<A>(m.mean);
+      shifted_sums<T, V>(q, k, shift, &t, &ss);
+      if (shift_ok(kd, t, ss)) {
+        m.merge(kd, static_cast<double>(shift) + t / kd, std::max(0.0, ss - t * t / kd));
+        continue;
+      }
+    }
     V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
     int64_t i = 0;
     for (; i + 4 * W <= k; i += 4 * W) {
@@ -79,36 +130,9 @@ void range_moments(const T* p, int64_t len, Moments& m) {
     for (; i + W <= k; i += W) s0 = s0 + load(q + i);
     if (i < k) s1 = s1 + load_n(q + i, static_cast<int>(k - i));
     const A mean = hsum((s0 + s1) + (s2 + s3)) / static_cast<A>(k);
-    const V mv = V::set1(mean);
-    // Second pass about the rounded chunk mean; the first moment t* about it corrects
-    // both the mean and M2 (shifted-data formula, the shift being nearly exact).
-    s0 = s1 = s2 = s3 = V::zero();
-    V t0 = V::zero(), t1 = V::zero();
-    i = 0;
-    for (; i + 4 * W <= k; i += 4 * W) {
-      V d0 = load(q + i) - mv, d1 = load(q + i + W) - mv;
-      V d2 = load(q + i + 2 * W) - mv, d3 = load(q + i + 3 * W) - mv;
-      t0 = t0 + (d0 + d1);
-      t1 = t1 + (d2 + d3);
-      s0 = fmadd(d0, d0, s0);
-      s1 = fmadd(d1, d1, s1);
-      s2 = fmadd(d2, d2, s2);
-      s3 = fmadd(d3, d3, s3);
-    }
-    for (; i + W <= k; i += W) {
-      V d = load(q + i) - mv;
-      t0 = t0 + d;
-      s0 = fmadd(d, d, s0);
-    }
-    if (i < k) {
-      const int r = static_cast<int>(k - i);
-      V d = keep_first(load_n(q + i, r) - mv, r);
-      t1 = t1 + d;
-      s1 = fmadd(d, d, s1);
-    }
-    const double kd = static_cast<double>(k), t = static_cast<double>(hsum(t0 + t1));
-    m.merge(kd, static_cast<double>(mean) + t / kd,
-            std::max(0.0, static_cast<double>(hsum((s0 + s1) + (s2 + s3))) - t * t / kd));
+    // About the rounded chunk mean the same correction applies (and the shift is good).
+    shifted_sums<T, V>(q, k, mean, &t, &ss);
+    m.merge(kd, static_cast<double>(mean) + t / kd, std::max(0.0, ss - t * t / kd));
   }
 }
 
@@ -240,56 +264,70 @@ void rows_moments(const T* x, int64_t rows, int64_t C, int64_t G, const Period& 
     const T* q = x + r0 * C;
     // Whole periods column-blocked in registers (P a multiple of W), the rest generic.
     const int64_t np = P % W == 0 ? E / P : 0;
-    if (np > 0) {
-      for_col_blocks<W>(P / W, [&](auto k, int64_t j) { col_sums<decltype(k)::value, T, V>(q, np, P, j, acc); });
-    } else {
-      std::fill(acc, acc + P, A(0));
-    }
-    for_period<W>(E - np * P, P, [&](int64_t o, int64_t j, int n) {
-      V v = n == W ? load(q + np * P + o) : load_n(q + np * P + o, n);
-      store_pos<V>(acc, j, load_pos<V>(acc, j, n) + v, n);
-    });
-    // Per-group chunk means (positions past the last partial period hold zeros).
-    std::fill(gmean.begin(), gmean.end(), A(0));
-    for (int64_t j0 = 0; j0 < P; j0 += C)
-      for (int64_t g = 0; g < G; ++g) {
-        A t = 0;
-        for (int64_t cl = 0; cl < Cg; ++cl) t += acc[j0 + g * Cg + cl];
-        gmean[g] += t;
-      }
-    const A cnt = static_cast<A>(nr * Cg);
-    for (int64_t g = 0; g < G; ++g) gmean[g] /= cnt;
-    for (int64_t j0 = 0; j0 < P; j0 += C)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t cl = 0; cl < Cg; ++cl) mpos[j0 + g * Cg + cl] = gmean[g];
-    A* acc1 = sc.acc2.data();
-    if (np > 0) {
-      for_col_blocks<W>(P / W, [&](auto k, int64_t j) {
-        col_m2<decltype(k)::value, T, V>(q, np, P, j, mpos, acc, acc1);
-      });
-    } else {
-      std::fill(acc, acc + P, A(0));
-      std::fill(acc1, acc1 + P, A(0));
-    }
-    for_period<W>(E - np * P, P, [&](int64_t o, int64_t j, int n) {
-      const T* qq = q + np * P;
-      V d = n == W ? load(qq + o) - load(mpos + j) : keep_first(load_n(qq + o, n) - load_n(mpos + j, n), n);
-      store_pos<V>(acc1, j, load_pos<V>(acc1, j, n) + d, n);
-      store_pos<V>(acc, j, fmadd(d, d, load_pos<V>(acc, j, n)), n);
-    });
-    std::fill(m2.begin(), m2.end(), 0.0);
-    std::fill(m1.begin(), m1.end(), 0.0);
-    for (int64_t j0 = 0; j0 < P; j0 += C)
-      for (int64_t g = 0; g < G; ++g) {
-        A t = 0, u = 0;
-        for (int64_t cl = 0; cl < Cg; ++cl) {
-          t += acc[j0 + g * Cg + cl];
-          u += acc1[j0 + g * Cg + cl];
-        }
-        m2[g] += static_cast<double>(t);
-        m1[g] += static_cast<double>(u);
-      }
     const double cntd = static_cast<double>(nr * Cg);
+    // One pass shifted by the running group means when they verify as centred (see
+    // range_moments); else chunk means first, then the pass about them.
+    bool shifted = gm[0].n > 0;
+    for (int pass = 0; pass < 2; ++pass) {
+      if (shifted) {
+        for (int64_t g = 0; g < G; ++g) gmean[g] = static_cast<A>(gm[g].mean);
+      } else {
+        if (np > 0) {
+          for_col_blocks<W>(P / W, [&](auto k, int64_t j) { col_sums<decltype(k)::value, T, V>(q, np, P, j, acc); });
+        } else {
+          std::fill(acc, acc + P, A(0));
+        }
+        for_period<W>(E - np * P, P, [&](int64_t o, int64_t j, int n) {
+          V v = n == W ? load(q + np * P + o) : load_n(q + np * P + o, n);
+          store_pos<V>(acc, j, load_pos<V>(acc, j, n) + v, n);
+        });
+        // Per-group chunk means (positions past the last partial period hold zeros).
+        std::fill(gmean.begin(), gmean.end(), A(0));
+        for (int64_t j0 = 0; j0 < P; j0 += C)
+          for (int64_t g = 0; g < G; ++g) {
+            A t = 0;
+            for (int64_t cl = 0; cl < Cg; ++cl) t += acc[j0 + g * Cg + cl];
+            gmean[g] += t;
+          }
+        const A cnt = static_cast<A>(nr * Cg);
+        for (int64_t g = 0; g < G; ++g) gmean[g] /= cnt;
+      }
+      for (int64_t j0 = 0; j0 < P; j0 += C)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t cl = 0; cl < Cg; ++cl) mpos[j0 + g * Cg + cl] = gmean[g];
+      A* acc1 = sc.acc2.data();
+      if (np > 0) {
+        for_col_blocks<W>(P / W, [&](auto k, int64_t j) {
+          col_m2<decltype(k)::value, T, V>(q, np, P, j, mpos, acc, acc1);
+        });
+      } else {
+        std::fill(acc, acc + P, A(0));
+        std::fill(acc1, acc1 + P, A(0));
+      }
+      for_period<W>(E - np * P, P, [&](int64_t o, int64_t j, int n) {
+        const T* qq = q + np * P;
+        V d = n == W ? load(qq + o) - load(mpos + j) : keep_first(load_n(qq + o, n) - load_n(mpos + j, n), n);
+        store_pos<V>(acc1, j, load_pos<V>(acc1, j, n) + d, n);
+        store_pos<V>(acc, j, fmadd(d, d, load_pos<V>(acc, j, n)), n);
+      });
+      std::fill(m2.begin(), m2.end(), 0.0);
+      std::fill(m1.begin(), m1.end(), 0.0);
+      for (int64_t j0 = 0; j0 < P; j0 += C)
+        for (int64_t g = 0; g < G; ++g) {
+          A t = 0, u = 0;
+          for (int64_t cl = 0; cl < Cg; ++cl) {
+            t += acc[j0 + g * Cg + cl];
+            u += acc1[j0 + g * Cg + cl];
+          }
+          m2[g] += static_cast<double>(t);
+          m1[g] += static_cast<double>(u);
+        }
+      if (!shifted) break;
+      bool ok = true;
+      for (int64_t g = 0; g < G && ok; ++g) ok = shift_ok(cntd, m1[g], m2[g]);
+      if (ok) break;
+      shifted = false;
+    }
     for (int64_t g = 0; g < G; ++g)
       gm[g].merge(cntd, static_cast<double>(gmean[g]) + m1[g] / cntd,
                   std::max(0.0, m2[g] - m1[g] * m1[g] / cntd));
@@ -347,10 +385,20 @@ template <Activation act, typename T, typename V>
 inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename V::A a,
                     typename V::A b, const T* pf) {
   constexpr int W = V::W;
-  const V mv = V::set1(mean), av = V::set1(a), bv = V::set1(b);
+  using A = typename V::A;
+  // 16-bit outputs: fold the mean into the offset (x a + (b - mean a)); its rounding
+  // (float eps * |mean| a) is far below their half-ulp. Wider outputs subtract first.
+  constexpr bool fold = sizeof(T) == 2;
+  const V mv = V::set1(fold ? A(0) : mean), av = V::set1(a);
+  const V bv = V::set1(fold ? static_cast<A>(static_cast<double>(b) - static_cast<double>(mean) * a) : b);
   int64_t i = 0;
   for (; i + 2 * W <= len; i += 2 * W) {
     if (pf) prefetch_span<int(2 * W * sizeof(T))>(pf + i);
+    if constexpr (fold) {
+      store(y + i, act_fwd<act, true>(fmadd(load(x + i), av, bv)));
+      store(y + i + W, act_fwd<act, true>(fmadd(load(x + i + W), av, bv)));
+      continue;
+    }
     V h0 = fmadd(load(x + i) - mv, av, bv);
     V h1 = fmadd(load(x + i + W) - mv, av, bv);
     store(y + i, act_fwd<act, sizeof(T) == 2>(h0));
@@ -396,6 +444,11 @@ void fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Period& per,
         if (pf) {
           for (int k = 0; k < 2 * W; k += kLine) prefetch_l2(pf + done + j + k);
         }
+        if constexpr (sizeof(T) == 2) {  // mean folded into bpos (see fill_fwd_pos)
+          store(yr + j, act_fwd<act, true>(fmadd(load(xr + j), load(ap + j), load(bp + j))));
+          store(yr + j + W, act_fwd<act, true>(fmadd(load(xr + j + W), load(ap + j + W), load(bp + j + W))));
+          continue;
+        }
         V h0 = fmadd(load(xr + j) - load(mp + j), load(ap + j), load(bp + j));
         V h1 = fmadd(load(xr + j + W) - load(mp + j + W), load(ap + j + W), load(bp + j + W));
         store(yr + j, act_fwd<act, sizeof(T) == 2>(h0));
@@ -416,15 +469,18 @@ void fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Period& per,
   });
 }
 
-// Per-position forward coefficients of sample n from its stats (G means/rstds).
+// Per-position forward coefficients of sample n from its stats (G means/rstds):
+// h = (x - mpos) apos + bpos, or with fold (16-bit outputs, as in fwd_run) mpos = 0 and
+// bpos = b - mean a.
 template <typename A>
 void fill_fwd_pos(ClScratch<A>& sc, const Period& per, int64_t n, int64_t C, int64_t G,
-                  const A* mean, const A* rstd, const Params<A>& pr) {
+                  const A* mean, const A* rstd, const Params<A>& pr, bool fold) {
   const int64_t Cg = C / G;
   for_positions_g(per.P, C, Cg, [&](int64_t j, int64_t c, int64_t g) {
-    sc.mpos[j] = mean[n * G + g];
-    sc.apos[j] = pr.coef_a(n, c, rstd[n * G + g]);
-    sc.bpos[j] = pr.coef_b(n, c);
+    const A m = mean[n * G + g], a = pr.coef_a(n, c, rstd[n * G + g]), b = pr.coef_b(n, c);
+    sc.mpos[j] = fold ? A(0) : m;
+    sc.apos[j] = a;
+    sc.bpos[j] = fold ? static_cast<A>(static_cast<double>(b) - static_cast<double>(m) * a) : b;
   });
 }
 
@@ -493,7 +549,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
         std::fill(gm.begin(), gm.end(), Moments());
         rows_moments<T, V>(x + n * L, S, C, G, per, sc, gm.data());
         for (int64_t g = 0; g < G; ++g) finish_stats(gm[g], eps, &mean[n * G + g], &rstd[n * G + g]);
-        fill_fwd_pos(sc, per, n, C, G, mean, rstd, pr);
+        fill_fwd_pos(sc, per, n, C, G, mean, rstd, pr, sizeof(T) == 2);
         fwd_rows<act, T, V>(x + n * L, y + n * L, S, C, per, sc, n + 1 < N ? x + (n + 1) * L : nullptr);
       }
     } else {
@@ -517,7 +573,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
         }
         // Local copies: thread 0 may not have stored mean/rstd yet.
         fill_fwd_pos(sc, per, 0, C, G, mu.data(), rs.data(), Params<A>{pr.w, pr.b,
-                     pr.s ? pr.s + n * C : nullptr, pr.sh ? pr.sh + n * C : nullptr, C});
+                     pr.s ? pr.s + n * C : nullptr, pr.sh ? pr.sh + n * C : nullptr, C}, sizeof(T) == 2);
         fwd_rows<act, T, V>(x + n * L + b * C, y + n * L + b * C, e - b, C, per, sc,
                             n + 1 < N ? x + (n + 1) * L + b * C : nullptr);
       }

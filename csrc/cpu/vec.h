@@ -181,7 +181,7 @@ inline VF erfc_pos(VF a, VF e) {
 
 // exp(-h) for the sigmoid, h clamped to [-100, 100] (so e.g. silu(1e30) stays 1e30).
 inline VF vexp_neg(VF h) {
-  __m512 hc = _mm512_min_ps(_mm512_max_ps(h.v, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(100.0f));
+  __m512 hc = _mm512_range_ps(h.v, _mm512_set1_ps(100.0f), 0x2);  // sign(h) * min(|h|, 100)
   // exp(-h) = 2^n exp(-(h + n ln2)), n = round(-h / ln2)
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(hc, _mm512_set1_ps(-1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -210,7 +210,8 @@ inline VF gauss_cdf(VF h, VF* pdf) {
 
 // exp(-h) to ~1e-4 relative (degree-3 polynomial): enough for 16-bit outputs.
 inline VF vexp_neg_lo(VF h) {
-  __m512 hc = _mm512_min_ps(_mm512_max_ps(h.v, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(100.0f));
+  // |h| clamped to 100 keeping its sign, in one vrangeps (min of magnitudes, sign of h)
+  __m512 hc = _mm512_range_ps(h.v, _mm512_set1_ps(100.0f), 0x2);
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(hc, _mm512_set1_ps(-1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(0.69314718055994531f), hc);
