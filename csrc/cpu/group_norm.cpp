@@ -392,6 +392,13 @@ inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename 
   const V mv = V::set1(fold ? A(0) : mean), av = V::set1(a);
   const V bv = V::set1(fold ? static_cast<A>(static_cast<double>(b) - static_cast<double>(mean) * a) : b);
   int64_t i = 0;
+  for (; i + 4 * W <= len; i += 4 * W) {  // four independent chains in flight
+    if (pf) prefetch_span<int(4 * W * sizeof(T))>(pf + i);
+    V h[4];
+    for (int k = 0; k < 4; ++k)
+      h[k] = fold ? fmadd(load(x + i + k * W), av, bv) : fmadd(load(x + i + k * W) - mv, av, bv);
+    for (int k = 0; k < 4; ++k) store(y + i + k * W, act_fwd<act, sizeof(T) == 2>(h[k]));
+  }
   for (; i + 2 * W <= len; i += 2 * W) {
     if (pf) prefetch_span<int(2 * W * sizeof(T))>(pf + i);
     if constexpr (fold) {
@@ -414,14 +421,15 @@ inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename 
 // Contiguous layout, elements [p0, p1) of slice (n, g).
 template <Activation act, typename T, typename V>
 void fwd_slice_part(const T* xs, T* ys, int64_t p0, int64_t p1, int64_t n, int64_t g, int64_t S,
-                    int64_t Cg, typename V::A mean, typename V::A rstd,
-                    const Params<typename V::A>& pr, const T* pf) {
+                    int64_t Cg, typename V::A mean, typename V::A rstd, const typename V::A* wf,
+                    const typename V::A* bf, const T* pf) {
+  using A = typename V::A;
   for (int64_t cl = p0 / S; cl < Cg && cl * S < p1; ++cl) {
     const int64_t b = std::max(p0, cl * S), e = std::min(p1, (cl + 1) * S);
     if (b >= e) continue;
-    const int64_t c = g * Cg + cl;
-    fwd_run<act, T, V>(xs + b, ys + b, e - b, mean, pr.coef_a(n, c, rstd), pr.coef_b(n, c),
-                       pf ? pf + b : nullptr);
+    const int64_t c = g * Cg + cl;  // wf, bf point at sample n's row
+    const A a = rstd * wf[c];
+    fwd_run<act, T, V>(xs + b, ys + b, e - b, mean, a, bf[c], pf ? pf + b : nullptr);
   }
 }
 
@@ -496,6 +504,13 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
     const int64_t D = Cg * S, tiles = N * G;
     const bool whole = whole_tiles(tiles, threads, D * int64_t(sizeof(T)), int64_t(1) << 20);
     std::vector<Moments> part(2 * threads);
+    // Per (n, c): h = (x - mean) rstd wf + bf, wf = w (1 + scale), bf = b (1 + scale) + shift.
+    std::vector<A> wf(N * C), bf(N * C);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        wf[n * C + c] = pr.weight(c) * pr.film(n, c);
+        bf[n * C + c] = pr.coef_b(n, c);
+      }
 #pragma omp parallel num_threads(threads)
     {
       if (whole) {
@@ -505,7 +520,8 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
           Moments m;
           range_moments<T, V>(x + t * D, D, m);
           finish_stats(m, eps, &mean[t], &rstd[t]);
-          fwd_slice_part<act, T, V>(x + t * D, y + t * D, 0, D, n, g, S, Cg, mean[t], rstd[t], pr,
+          fwd_slice_part<act, T, V>(x + t * D, y + t * D, 0, D, n, g, S, Cg, mean[t], rstd[t], &wf[n * C],
+                                    &bf[n * C],
                                     t + 1 < tiles ? x + (t + 1) * D : nullptr);
         }
       } else {
@@ -526,7 +542,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
             mean[t] = mu;
             rstd[t] = rs;
           }
-          fwd_slice_part<act, T, V>(x + t * D, y + t * D, b, e, n, g, S, Cg, mu, rs, pr,
+          fwd_slice_part<act, T, V>(x + t * D, y + t * D, b, e, n, g, S, Cg, mu, rs, &wf[n * C], &bf[n * C],
                                     t + 1 < tiles ? x + (t + 1) * D : nullptr);
         }
       }
