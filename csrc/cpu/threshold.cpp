@@ -1,17 +1,24 @@
 // Dynamic thresholding and the fused sampler step on the CPU.
 //
-// The percentile is exact (torch.quantile's linear interpolation between the order
-// statistics at floor(p (n-1)) and the next one) and found by radix selection on the
-// bit patterns of |x|: for non-negative IEEE floats the unsigned bit order is the
-// value order, so a 4096-bin histogram of the top bits names the bucket holding the
-// wanted rank; a second level on the next bits is used only when that bucket is
-// still large; the few candidates left are gathered and ranked by quickselect.
-// Typically that is two reads of a sample (histogram, gather) plus the output pass,
-// with no sort and no 2^24-element limit.
+// The percentile is exact: torch.quantile's linear interpolation between the order
+// statistics at floor(p (n-1)) and the next one, with no sort and no 2^24-element
+// limit. Selection works on the bit patterns of |x| (for non-negative IEEE floats the
+// unsigned bit order is the value order):
+//  1. estimate: the same ranks in a strided sample of 1024 elements give a key range
+//     [lo, hi] that very likely holds both order statistics;
+//  2. one vectorised pass counts the keys below lo, gathers those in [lo, hi] (a few
+//     percent of the sample) and keeps the smallest key above hi;
+//  3. if the wanted ranks fall inside, a branch-free quickselect on the gathered keys
+//     gives them exactly. Otherwise (adversarial data) a radix selection takes over:
+//     a 4096-bin histogram of the top bits names the bucket holding the rank, a second
+//     level on the next bits runs only if that bucket is still large, and its keys are
+//     gathered and ranked. Either way the answer is exact; only the time differs.
+// dynamic_threshold: that pass plus the output pass. sampler_step: x0 is computed,
+// stored and scanned in one pass, then one pass writes z_s.
 //
 // Samples go whole to threads when there are enough of them; otherwise all threads
-// work on each sample (histograms and candidates merged after barriers), so batch 1
-// uses every core too.
+// work on each sample (counts and candidates merged after barriers), so batch 1 uses
+// every core too.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -353,11 +360,10 @@ inline void team_barrier(bool team) {
 
 // Order statistics qr.lo and qr.hi of |x| over x[0, n), by the calling team (team =
 // all threads of the enclosing parallel region call it; otherwise one thread alone).
-// Each thread scans its part [b, e). If `level0_done`, the caller already wrote this
-// thread's first-level histogram (all keys, shift = B - 1 - 12) into its hist slot.
+// Each thread scans its part [b, e).
 template <typename T>
 void select_pair(const T* x, int64_t n, int64_t b, int64_t e, const QuantileRank& qr, bool team, int tid,
-                 int nt, TeamState<typename KeyOf<AccOf<T>>::K>& st, bool level0_done,
+                 int nt, TeamState<typename KeyOf<AccOf<T>>::K>& st,
                  typename KeyOf<AccOf<T>>::K* lo_out, typename KeyOf<AccOf<T>>::K* hi_out) {
   using K = typename KeyOf<AccOf<T>>::K;
   constexpr int B = 8 * sizeof(K);
@@ -370,7 +376,7 @@ void select_pair(const T* x, int64_t n, int64_t b, int64_t e, const QuantileRank
     const int nb = std::min(kBinBits, B - 1 - pbits);
     const int shift = B - 1 - pbits - nb;
     uint32_t* mine = st.hist.data() + size_t(tid) * kBins;
-    if (!(level == 0 && level0_done)) histogram(x, b, e, prefix, shift, nb, level == 0, mine);
+    histogram(x, b, e, prefix, shift, nb, level == 0, mine);
     team_barrier(team);
     int64_t below = 0, count = 0;
     int bin = 0;
@@ -582,7 +588,7 @@ void select_sample(const T* xs, int64_t L, int64_t b, int64_t e, const QuantileR
     }
     if (resolve_scan(qr, team, tid, nt, st, lo, hi)) return;
   }
-  select_pair(xs, L, b, e, qr, team, tid, nt, st, false, lo, hi);
+  select_pair(xs, L, b, e, qr, team, tid, nt, st, lo, hi);
 }
 
 template <typename T>
@@ -753,7 +759,7 @@ void sampler_step_impl(const StepArgs<T>& g, Thresh mode, double p, double min_v
     });
     K lo, hi;
     if (!resolve_scan(qr, team, tid, nt, st, &lo, &hi))
-      select_pair<A>(x0, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
+      select_pair<A>(x0, L, b, e, qr, team, tid, nt, st, &lo, &hi);
     A s = lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac);
     s = std::max(s, static_cast<A>(min_value));
     // (each thread reads back only its own part [b, e) of x0: no barrier needed)
