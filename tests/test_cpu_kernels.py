@@ -199,6 +199,22 @@ def test_group_norm_statistics_far_from_zero(channels_last):
         assert ((mean.double() - m64).abs()).max() < 1e-6 * 1e4
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_norm_statistics_with_outliers_first(channels_last, dtype):
+    """The one-pass statistics shift by an early estimate of the mean and verify it; outliers
+    at the start of each group (and of later chunks) must send them to the two-pass path."""
+    x = randn(2, 8, 96, 96, generator=_gen(8)).to(dtype)
+    x[:, :, :2, :] = 1e4          # first rows: far from the group means
+    x[:, :, 60:62, :] = -3e3      # and again in a later chunk
+    x = _layout(x, channels_last)
+    _, mean, rstd = cb.group_norm_silu_fwd(x, 2, None, None, 1e-5, None, None, "none")
+    m64, r64 = reference.group_norm_stats(x.double(), 2, 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert ((rstd.double() - r64).abs() / r64).max() < tol
+    assert ((mean.double() - m64).abs() / (1 + m64.abs())).max() < tol
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_norm_large_preactivations(dtype):
     """Activations far in their tails (|h| up to ~1e3) stay finite and accurate."""

@@ -100,8 +100,8 @@ inline bool shift_ok(double k, double t, double ss) { return t * t <= 0.25 * ss 
 
 // Moments of each 4K-element chunk of a contiguous range (the chunk stays in L1),
 // merged into m with Chan's formula. A chunk takes one pass shifted by the running
-// mean when that verifies as well centred; otherwise (always for the first chunk) a
-// pass for its mean and a second pass about it.
+// mean (first chunk: the mean of its first 64 elements) when that verifies as well
+// centred; otherwise a pass for its mean and a second pass about it.
 template <typename T, typename V>
 void range_moments(const T* p, int64_t len, Moments& m) {
   using A = typename V::A;
@@ -111,8 +111,10 @@ void range_moments(const T* p, int64_t len, Moments& m) {
     const T* q = p + c0;
     const double kd = static_cast<double>(k);
     double t, ss;
-    if (m.n > 0) {
-      const A shift = static_cast<A>(m.mean);
+    if (m.n > 0 || k >= 8 * W) {
+      // Shift: the running mean, or for the first chunk the mean of its first 4 vectors.
+      A shift = static_cast<A>(m.mean);
+      if (m.n == 0) shift = hsum((load(q) + load(q + W)) + (load(q + 2 * W) + load(q + 3 * W))) / A(4 * W);
       shifted_sums<T, V>(q, k, shift, &t, &ss);
       if (shift_ok(kd, t, ss)) {
         m.merge(kd, static_cast<double>(shift) + t / kd, std::max(0.0, ss - t * t / kd));
