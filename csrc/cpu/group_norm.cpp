@@ -24,10 +24,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "parallel.h"
 #include "vec.h"
 
 namespace py = pybind11;
@@ -35,14 +32,6 @@ namespace py = pybind11;
 namespace imagen_fast {
 namespace cpu {
 namespace {
-
-#ifdef _OPENMP
-inline int thread_id() { return omp_get_thread_num(); }
-inline int team_size() { return omp_get_num_threads(); }
-#else
-inline int thread_id() { return 0; }
-inline int team_size() { return 1; }
-#endif
 
 constexpr int64_t kChunk = 4096;  // elements per two-pass chunk
 
@@ -368,16 +357,6 @@ inline bool whole_tiles(int64_t tiles, int threads, int64_t tile_bytes, int64_t 
   if (tiles < threads) return false;
   if (tile_bytes > max_bytes && tiles < 4 * threads) return false;
   return tiles % threads == 0 || tiles >= 4 * threads;
-}
-
-inline int pick_threads(int threads, int64_t numel) {
-#ifdef _OPENMP
-  if (threads <= 0) threads = omp_get_max_threads();
-#else
-  threads = 1;
-#endif
-  if (numel < (int64_t(1) << 15)) threads = 1;
-  return std::max(1, threads);
 }
 
 // ---------------------------------------------------------------------- forward

@@ -31,10 +31,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "parallel.h"
 #include "vec.h"
 
 namespace py = pybind11;
@@ -42,14 +39,6 @@ namespace py = pybind11;
 namespace imagen_fast {
 namespace cpu {
 namespace {
-
-#ifdef _OPENMP
-inline int thread_id() { return omp_get_thread_num(); }
-inline int team_size() { return omp_get_num_threads(); }
-#else
-inline int thread_id() { return 0; }
-inline int team_size() { return 1; }
-#endif
 
 template <typename T> using AccOf = typename VecOf<T>::type::A;
 
@@ -512,16 +501,6 @@ template <typename A> A lerp_exact(A below, A above, double frac) {
   volatile A d = above - below;
   volatile A m = d * static_cast<A>(frac);
   return below + m;
-}
-
-inline int pick_threads(int threads, int64_t numel) {
-#ifdef _OPENMP
-  if (threads <= 0) threads = omp_get_max_threads();
-#else
-  threads = 1;
-#endif
-  if (numel < (int64_t(1) << 15)) threads = 1;
-  return std::max(1, threads);
 }
 
 inline bool whole_samples(int64_t N, int threads) {
