@@ -33,6 +33,7 @@ test: venv
 	$(VPY) -m pytest -q tests
 
 bench: venv
+	$(PIP) install -q matplotlib
 	$(VPY) -m benchmarks.bench_cpu_ops
 
 lint: venv

@@ -178,6 +178,11 @@ def main(argv=None):
     bench_sampler_step(THRESH_SHAPES[-1:] if args.quick else THRESH_SHAPES, rounds, copy_bw, t_ss, raw)
     path = harness.write_results(args.out, machine, [t_f, t_fb, t_th, t_ss], raw)
     print(f"wrote {path} and {path.with_suffix('.md')}")
+    try:
+        from benchmarks.plots import plot_speedups
+        print(f"wrote {plot_speedups(path)}")
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
 
 
 if __name__ == "__main__":
