@@ -36,3 +36,19 @@ def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, generator=None):
     """Fresh random inputs (never zeros), made in float64 then cast."""
     return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(
         device=device, dtype=dtype)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def group_norm_inputs(shape, dtype, film=True, affine=True, seed=0):
+    """x (shifted off zero), weight, bias (C,) and FiLM scale, shift (N, C); params float32."""
+    g = gen(seed)
+    n, c = shape[:2]
+    x = randn(*shape, dtype=dtype, generator=g, scale=2.0) + 0.5
+    w = randn(c, generator=g) if affine else None
+    b = randn(c, generator=g) if affine else None
+    s = randn(n, c, generator=g, scale=0.5) if film else None
+    sh = randn(n, c, generator=g, scale=0.5) if film else None
+    return x, w, b, s, sh

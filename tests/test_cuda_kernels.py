@@ -38,7 +38,7 @@ from conftest import DEVICE
 from imagen_fast import ops
 from imagen_fast._compiled import load_extension
 from imagen_fast.ops import dispatch, reference
-from numerics import assert_close_to_reference, randn
+from numerics import assert_close_to_reference, gen, group_norm_inputs, randn
 
 C = load_extension()
 HAS_CUDA_BUILD = C is not None and C.HAS_CUDA
@@ -58,8 +58,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 ALIGNED = 1 << 20  # a fake 16-byte-aligned device address for planning
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+_gen = gen
 
 
 def _cl(x):
@@ -830,14 +829,7 @@ GPU_GN_SHAPES = [((2, 8, 5, 7), 4), ((1, 96, 7, 9), 32), ((2, 64, 16, 16), 8),
 
 
 def _gn_inputs(shape, dtype, seed, film=True, affine=True):
-    g = _gen(seed)
-    n, c = shape[:2]
-    x = randn(*shape, dtype=dtype, generator=g, scale=2.0) + 0.5
-    w = randn(c, generator=g) if affine else None
-    b = randn(c, generator=g) if affine else None
-    s = randn(n, c, generator=g, scale=0.5) if film else None
-    sh = randn(n, c, generator=g, scale=0.5) if film else None
-    return x, w, b, s, sh
+    return group_norm_inputs(shape, dtype, film, affine, seed)
 
 
 def _cuda(*ts):

@@ -12,14 +12,14 @@ import torch
 from conftest import DEVICE, require_op, small
 from imagen_fast import ops
 from imagen_fast.ops import reference
-from numerics import assert_close_to_reference, randn
+from numerics import assert_close_to_reference, gen, group_norm_inputs, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GEN_SEED = 1234
 
 
 def _gen(seed=GEN_SEED):
-    return torch.Generator().manual_seed(seed)
+    return gen(seed)
 
 
 def _to_layout(x, channels_last):
@@ -41,14 +41,7 @@ GN_SMALL = [((2, 8, 5, 7), 4), ((1, 12, 3, 5), 3)]
 
 
 def _gn_inputs(shape, dtype, film, affine, seed=0):
-    g = _gen(seed)
-    n, c = shape[:2]
-    x = randn(*shape, dtype=dtype, generator=g, scale=2.0) + 0.5
-    w = randn(c, generator=g) if affine else None
-    b = randn(c, generator=g) if affine else None
-    s = randn(n, c, generator=g, scale=0.5) if film else None
-    sh = randn(n, c, generator=g, scale=0.5) if film else None
-    return x, w, b, s, sh
+    return group_norm_inputs(shape, dtype, film, affine, seed)
 
 
 def _dev(*ts):

@@ -29,7 +29,7 @@ import triton.language as tl  # noqa: E402
 from conftest import DEVICE  # noqa: E402
 from imagen_fast import ops  # noqa: E402
 from imagen_fast.ops import dispatch, reference  # noqa: E402
-from numerics import assert_close_to_reference, randn  # noqa: E402
+from numerics import assert_close_to_reference, gen, group_norm_inputs, randn  # noqa: E402
 
 _status = dispatch.available_backends()["triton"]
 pytestmark = pytest.mark.skipif(_status != "available", reason=f"backend triton: {_status}")
@@ -50,8 +50,7 @@ def _triton():
         yield
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+_gen = gen
 
 
 def _dev(*ts):
@@ -80,14 +79,7 @@ GN_VARIANTS = [("silu", True, True), ("gelu", True, False), (None, False, True)]
 
 
 def _gn_case(shape, dtype, film, affine, seed):
-    g = _gen(seed)
-    n, c = shape[:2]
-    x = randn(*shape, dtype=dtype, generator=g, scale=2.0) + 0.5
-    w = randn(c, generator=g) if affine else None
-    b = randn(c, generator=g) if affine else None
-    s = randn(n, c, generator=g, scale=0.5) if film else None
-    sh = randn(n, c, generator=g, scale=0.5) if film else None
-    return x, w, b, s, sh
+    return group_norm_inputs(shape, dtype, film, affine, seed)
 
 
 def _layout(x, channels_last):

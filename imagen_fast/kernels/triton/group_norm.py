@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.api import is_channels_last
+from ...ops.api import _like_layout, is_channels_last
 from ...ops.dispatch import register
 from . import _common as cm
 from ._common import activation, activation_grad
@@ -583,24 +583,12 @@ def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activati
     return y, mean, rstd
 
 
-def _match_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if t.stride() == x.stride():
-        return t
-    if is_channels_last(x):
-        perm = (0,) + tuple(range(2, x.ndim)) + (1,)
-        inv = [0] * x.ndim
-        for i, p in enumerate(perm):
-            inv[p] = i
-        return t.permute(perm).contiguous().permute(inv)
-    return t.contiguous()
-
-
 @register("group_norm_silu_bwd", "triton", supports=_supports)
 def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift,
                         activation, needs):
     G = int(num_groups)
     N, C, S, cl = _geometry(x)
-    gy = _match_layout(grad_y, x)
+    gy = _like_layout(grad_y, x)
     need_x = bool(needs[0])
     need_w, need_b, need_sc, need_sh = (bool(nd) and p is not None for nd, p in
                                         zip(needs[1:], (weight, bias, scale, shift)))
