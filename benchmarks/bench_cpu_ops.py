@@ -10,6 +10,8 @@ tensor and one write of each output, parameters ignored.
   sampler_step (guided, ddpm)      read z, cond, uncond, noise; write z_s  5 * numel * size
 "Fraction of copy" divides the achieved GB/s by the machine's copy bandwidth
 (dst.copy_(src), read + write), measured by this script at start.
+Attention is compute-bound: FLOPs = 4 * B * H * Lq * Lk * D (the two matmuls), reported
+as GFLOP/s and as a fraction of a 2048^3 float32 matmul's rate measured at start.
 """
 from __future__ import annotations
 
@@ -107,6 +109,42 @@ def _row(table, raw, op, shape, dtype, cl, t, nbytes, copy_bw):
     print(op, *table.rows[-1], flush=True)
 
 
+# shape B x H x Lq x Lk x D: image tokens of a 16x16 / 32x32 level attending to themselves plus
+# the text tokens (base64-small's levels; text lengths 64 and 256 with padding).
+ATTN_SHAPES = [(8, 4, 256, 256 + 64, 64), (8, 4, 1024, 1024 + 64, 64), (8, 4, 256, 256 + 256, 64)]
+
+
+def bench_attention(shapes, rounds, mm_rate, table, raw):
+    compiled = torch.compile(reference.attention, dynamic=False)
+    for b, h, lq, lk, d in shapes:
+        copies = harness.copies_for(4 * b * h * (lq + 2 * lk) * d)
+        sets = [(torch.randn(b, h, lq, d), torch.randn(b, h, lk, d), torch.randn(b, h, lk, d))
+                for _ in range(copies)]
+        mask = torch.rand(b, lk) > 0.3                 # padded text (and a few image tokens)
+        mask[:, 0] = True
+        sdpa_mask = mask[:, None, None, :]
+        cand = {
+            "imagen_fast": lambda i: ops.attention(*sets[i % copies], mask),
+            "eager": lambda i: reference.attention(*sets[i % copies], mask),
+            "compile": lambda i: compiled(*sets[i % copies], mask),
+            "sdpa": lambda i: F.scaled_dot_product_attention(*sets[i % copies], attn_mask=sdpa_mask),
+        }
+        with torch.no_grad():
+            t = harness.compare(cand, rounds=rounds)
+        ours = t["imagen_fast"].median_ms
+        gflops = 4 * b * h * lq * lk * d / (ours * 1e-3) / 1e9
+        table.add(f"{b}x{h}x{lq}x{lk}x{d}", "float32", "BHLD", ours, t["eager"].median_ms,
+                  t["compile"].median_ms, t["sdpa"].median_ms, t["eager"].median_ms / ours,
+                  t["compile"].median_ms / ours, t["sdpa"].median_ms / ours, gflops, gflops / mm_rate)
+        raw.setdefault("attention", []).append({"shape": [b, h, lq, lk, d], "flops": 4 * b * h * lq * lk * d,
+                                                **{k: v.as_dict() for k, v in t.items()}})
+        print("attention", *table.rows[-1], flush=True)
+
+
+ATTN_COLUMNS = ["shape", "dtype", "layout", "ours ms", "eager ms", "compile ms", "SDPA ms",
+                "x eager", "x compile", "x SDPA (same mask)", "GFLOP/s", "fraction of matmul"]
+
+
 def bench_threshold(shapes, rounds, copy_bw, table, raw):
     compiled = torch.compile(_quantile_threshold, dynamic=False)
     for shape in shapes:
@@ -163,9 +201,12 @@ def main(argv=None):
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
 
     copy_bw = harness.measure_copy_bandwidth()
+    mm_rate = harness.measure_matmul_rate()
+    print(f"float32 matmul rate: {mm_rate:.1f} GFLOP/s", flush=True)
     print(f"copy bandwidth: {copy_bw:.2f} GB/s (read + write)", flush=True)
     machine = harness.machine_info()
-    machine.update(copy_gbs=round(copy_bw, 3), backend_cpu=ops.available_backends()["cpu"])
+    machine.update(copy_gbs=round(copy_bw, 3), matmul_gflops=round(mm_rate, 2),
+                   backend_cpu=ops.available_backends()["cpu"])
     note = f"Medians of {rounds} interleaved rounds; copy bandwidth {copy_bw:.2f} GB/s; {threads} threads."
     t_f = harness.Table("group_norm_silu forward (GroupNorm 32 groups + FiLM + SiLU)", COLUMNS, notes=[note])
     t_fb = harness.Table("group_norm_silu forward + backward (grads of x, weight, bias, scale, shift)",
@@ -176,7 +217,17 @@ def main(argv=None):
     bench_group_norm(gn_shapes, dtypes, rounds, copy_bw, t_f, t_fb, raw)
     bench_threshold(THRESH_SHAPES[-1:] if args.quick else THRESH_SHAPES, rounds, copy_bw, t_th, raw)
     bench_sampler_step(THRESH_SHAPES[-1:] if args.quick else THRESH_SHAPES, rounds, copy_bw, t_ss, raw)
-    path = harness.write_results(args.out, machine, [t_f, t_fb, t_th, t_ss], raw)
+    t_at = harness.Table("attention over image + text tokens with a key padding mask (forward)",
+                         ATTN_COLUMNS, notes=[note.replace("copy bandwidth", "matmul "
+                                                           f"{mm_rate:.1f} GFLOP/s; copy bandwidth")])
+    bench_attention(ATTN_SHAPES[:1] if args.quick else ATTN_SHAPES, rounds, mm_rate, t_at, raw)
+    # The host's memory bandwidth drifts (shared machine): measure again at the end and
+    # state both; fractions above use the start value.
+    copy_end = harness.measure_copy_bandwidth()
+    machine.update(copy_gbs_end=round(copy_end, 3))
+    for t in (t_f, t_fb, t_th, t_ss):
+        t.notes.append(f"copy bandwidth re-measured at the end: {copy_end:.2f} GB/s")
+    path = harness.write_results(args.out, machine, [t_f, t_fb, t_th, t_ss, t_at], raw)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     try:
         from benchmarks.plots import plot_speedups

@@ -108,6 +108,16 @@ def measure_copy_bandwidth(device: torch.device = torch.device("cpu"), nbytes: i
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
+def measure_matmul_rate(device: torch.device = torch.device("cpu"), n: int = 2048,
+                        dtype: torch.dtype = torch.float32, rounds: int = 9) -> float:
+    """GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in ``dtype``."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    t = compare({"mm": lambda i: torch.mm(a, b, out=out)}, rounds=rounds, min_round_s=0.05,
+                device=device)["mm"]
+    return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e9
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
