@@ -19,6 +19,7 @@ import argparse
 import os
 
 from benchmarks import harness
+from benchmarks.baselines import eager_group_norm, eager_sampler_step, quantile_threshold
 
 harness.set_allocator_env()
 
@@ -36,17 +37,6 @@ GN_SHAPES = [  # (N, C, H, W): feature maps of the presets' stages
     (1, 64, 256, 256),
 ]
 THRESH_SHAPES = [(8, 3, 64, 64), (8, 3, 256, 256)]
-
-
-def _eager_gn(x, g, w, b, s, sh):
-    y = F.group_norm(x, g, w, b)
-    return F.silu(y * (1 + s[:, :, None, None]) + sh[:, :, None, None])
-
-
-def _quantile_threshold(x0, p=0.995):
-    s = torch.quantile(x0.abs().reshape(x0.shape[0], -1).float(), p, dim=1).clamp(min=1.0)
-    s = s.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 def _gn_inputs(shape, dtype, channels_last, copies, grad=False):
@@ -72,7 +62,7 @@ def bench_group_norm(shapes, dtypes, rounds, copy_bw, table_f, table_fb, raw):
                 g = 32
                 cand = {
                     "imagen_fast": lambda i: ops.group_norm_silu(xs[i % copies], g, w, b, scale=s, shift=sh),
-                    "eager": lambda i: _eager_gn(xs[i % copies], g, w, b, s, sh),
+                    "eager": lambda i: eager_group_norm(xs[i % copies], g, w, b, s, sh),
                     "compile": lambda i: compiled_fwd(xs[i % copies], g, w, b, 1e-5, s, sh, "silu"),
                 }
                 with torch.no_grad():
@@ -89,7 +79,7 @@ def bench_group_norm(shapes, dtypes, rounds, copy_bw, table_f, table_fb, raw):
                     return run
                 cand = {
                     "imagen_fast": fwd_bwd(lambda x: ops.group_norm_silu(x, g, w, b, scale=s, shift=sh)),
-                    "eager": fwd_bwd(lambda x: _eager_gn(x, g, w, b, s, sh)),
+                    "eager": fwd_bwd(lambda x: eager_group_norm(x, g, w, b, s, sh)),
                     "compile": fwd_bwd(lambda x: compiled_fwd(x, g, w, b, 1e-5, s, sh, "silu")),
                 }
                 t = harness.compare(cand, rounds=rounds)
@@ -146,14 +136,14 @@ ATTN_COLUMNS = ["shape", "dtype", "layout", "ours ms", "eager ms", "compile ms",
 
 
 def bench_threshold(shapes, rounds, copy_bw, table, raw):
-    compiled = torch.compile(_quantile_threshold, dynamic=False)
+    compiled = torch.compile(quantile_threshold, dynamic=False)
     for shape in shapes:
         numel = torch.Size(shape).numel()
         copies = harness.copies_for(2 * numel * 4)
         xs = [2 * torch.randn(shape) for _ in range(copies)]
         cand = {
             "imagen_fast": lambda i: ops.dynamic_threshold(xs[i % copies], 0.995),
-            "eager": lambda i: _quantile_threshold(xs[i % copies]),
+            "eager": lambda i: quantile_threshold(xs[i % copies]),
             "compile": lambda i: compiled(xs[i % copies]),
         }
         t = harness.compare(cand, rounds=rounds)
@@ -161,13 +151,7 @@ def bench_threshold(shapes, rounds, copy_bw, table, raw):
 
 
 def bench_sampler_step(shapes, rounds, copy_bw, table, raw):
-    k = ops.step_coefficients(*(torch.full((1,), v, dtype=torch.float64)
-                                for v in (0.6, 0.8, 0.8, 0.6)))[0].tolist()
-
-    def eager(z, c, u, nz):
-        pred = u + 5.0 * (c - u)
-        x0 = _quantile_threshold(k[0] * z + k[1] * pred)
-        return k[2] * x0 + k[3] * z + k[4] * nz
+    eager = eager_sampler_step()
     compiled = torch.compile(eager, dynamic=False)
     for shape in shapes:
         numel = torch.Size(shape).numel()

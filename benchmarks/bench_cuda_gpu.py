@@ -40,8 +40,9 @@ if __package__ in (None, ""):  # run as a file
 import torch  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.baselines import eager_group_norm, eager_sampler_step, quantile_threshold  # noqa: E402
 from benchmarks.bench_triton_gpu import (GN_SHAPES, THRESH_SHAPES, _bench, _copies,  # noqa: E402
-                                         _eager_gn, _ms, _quantile_threshold, _safe,
+                                         _ms, _safe,
                                          measure_copy_gbs)
 from imagen_fast import ops  # noqa: E402
 from imagen_fast.ops import reference  # noqa: E402
@@ -96,7 +97,7 @@ def bench_group_norm(shapes, dtype, copy_gbs, table_f, table_b, raw):
                 "cuda": _on("cuda", gn),
                 "cuda onepass": _on("cuda", gn, IMAGEN_FAST_CUDA_GN_PATH="onepass"),
                 "cuda split": _on("cuda", gn, IMAGEN_FAST_CUDA_GN_PATH="split"),
-                "eager": lambda i: _eager_gn(xs[i], 32, wl, bl, sl, shl),
+                "eager": lambda i: eager_group_norm(xs[i], 32, wl, bl, sl, shl),
                 "compile": lambda i: compiled(xs[i], 32, wl, bl, 1e-5, sl, shl, "silu"),
             }
             if have_triton:
@@ -135,7 +136,7 @@ def bench_group_norm(shapes, dtype, copy_gbs, table_f, table_b, raw):
 
 
 def bench_threshold(shapes, dtype, copy_gbs, table, raw):
-    compiled = torch.compile(_quantile_threshold, dynamic=False)
+    compiled = torch.compile(quantile_threshold, dynamic=False)
     size = torch.finfo(dtype).bits // 8
     for shape in shapes:
         numel = torch.Size(shape).numel()
@@ -143,20 +144,14 @@ def bench_threshold(shapes, dtype, copy_gbs, table, raw):
         xs = [2 * torch.randn(shape, device="cuda", dtype=dtype) for _ in range(copies)]
         thr = lambda i: ops.dynamic_threshold(xs[i], 0.995)  # noqa: E731
         cands = {"cuda": _on("cuda", thr), "triton": _on("triton", thr),
-                 "torch.quantile": lambda i: _quantile_threshold(xs[i]),
+                 "torch.quantile": lambda i: quantile_threshold(xs[i]),
                  "compile": lambda i: compiled(xs[i])}
         t = {k: _safe(lambda f=f: _bench(f, copies)) for k, f in cands.items()}
         _row(table, raw, "dynamic_threshold", shape, dtype, t, 2 * numel * size, copy_gbs)
 
 
 def bench_sampler(shapes, dtype, copy_gbs, table, raw):
-    k = ops.step_coefficients(*(torch.full((1,), v, dtype=torch.float64)
-                                for v in (0.6, 0.8, 0.8, 0.6)))[0].tolist()
-
-    def eager(z, c, u, nz):
-        pred = u + 5.0 * (c - u)
-        x0 = _quantile_threshold(k[0] * z + k[1] * pred)
-        return k[2] * x0 + k[3] * z + k[4] * nz
+    eager = eager_sampler_step()
     compiled = torch.compile(eager, dynamic=False)
     size = torch.finfo(dtype).bits // 8
     for shape in shapes:

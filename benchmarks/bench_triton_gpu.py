@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.baselines import eager_group_norm, eager_sampler_step, quantile_threshold  # noqa: E402
 from imagen_fast import ops  # noqa: E402
 from imagen_fast.ops import reference  # noqa: E402
 
@@ -117,11 +118,6 @@ def _ms(t):
 
 
 # ---------------------------------------------------------------- group norm
-def _eager_gn(x, g, w, b, s, sh):
-    y = F.group_norm(x, g, w, b)
-    return F.silu(y * (1 + s[:, :, None, None]) + sh[:, :, None, None])
-
-
 def bench_group_norm(shapes, dtype, copy_gbs, table_f, table_b, raw):
     compiled = torch.compile(reference.group_norm_silu, dynamic=False)
     size = torch.finfo(dtype).bits // 8
@@ -140,7 +136,7 @@ def bench_group_norm(shapes, dtype, copy_gbs, table_f, table_b, raw):
             fwd = {
                 "triton": _triton(lambda i: ops.group_norm_silu(xs[i], 32, w, b, scale=s,
                                                                 shift=sh)),
-                "eager": lambda i: _eager_gn(xs[i], 32, wl, bl, sl, shl),
+                "eager": lambda i: eager_group_norm(xs[i], 32, wl, bl, sl, shl),
                 "compile": lambda i: compiled(xs[i], 32, wl, bl, 1e-5, sl, shl, "silu"),
             }
             with torch.no_grad():
@@ -243,34 +239,22 @@ def bench_attention(shapes, dtype, mm_tflops, table, raw):
 
 
 # ------------------------------------------------------- threshold / sampler
-def _quantile_threshold(x0, p=0.995):
-    s = torch.quantile(x0.abs().reshape(x0.shape[0], -1).float(), p, dim=1).clamp(min=1.0)
-    s = s.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return torch.maximum(torch.minimum(x0, s), -s) / s
-
-
 def bench_threshold(shapes, dtype, copy_gbs, table, raw):
-    compiled = torch.compile(_quantile_threshold, dynamic=False)
+    compiled = torch.compile(quantile_threshold, dynamic=False)
     size = torch.finfo(dtype).bits // 8
     for shape in shapes:
         numel = torch.Size(shape).numel()
         copies = _copies(2 * numel * size)
         xs = [2 * torch.randn(shape, device="cuda", dtype=dtype) for _ in range(copies)]
         cands = {"triton": _triton(lambda i: ops.dynamic_threshold(xs[i], 0.995)),
-                 "torch.quantile": lambda i: _quantile_threshold(xs[i]),
+                 "torch.quantile": lambda i: quantile_threshold(xs[i]),
                  "compile": lambda i: compiled(xs[i])}
         t = {k: _safe(lambda f=f: _bench(f, copies)) for k, f in cands.items()}
         _thr_row(table, raw, "dynamic_threshold", shape, dtype, t, 2 * numel * size, copy_gbs)
 
 
 def bench_sampler(shapes, dtype, copy_gbs, table, raw):
-    k = ops.step_coefficients(*(torch.full((1,), v, dtype=torch.float64)
-                                for v in (0.6, 0.8, 0.8, 0.6)))[0].tolist()
-
-    def eager(z, c, u, nz):
-        pred = u + 5.0 * (c - u)
-        x0 = _quantile_threshold(k[0] * z + k[1] * pred)
-        return k[2] * x0 + k[3] * z + k[4] * nz
+    eager = eager_sampler_step()
     compiled = torch.compile(eager, dynamic=False)
     size = torch.finfo(dtype).bits // 8
     for shape in shapes:

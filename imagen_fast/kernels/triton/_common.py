@@ -11,6 +11,7 @@ no timing happens and the given default is used.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -191,3 +192,15 @@ def activation_grad(h, ACT: tl.constexpr):
         return normal_cdf(h) + h * (tl.exp(-0.5 * h * h) * 0.3989422804014327)
     else:
         return tl.full(h.shape, 1.0, h.dtype)
+
+
+@contextlib.contextmanager
+def forced(table: dict, **fields):
+    """Test hook: override entries of a module's launch-plan table inside the block."""
+    saved = dict(table)
+    table.update({k: v for k, v in fields.items() if v is not None})
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)

@@ -41,17 +41,8 @@ from . import _common as cm
 _FORCED: dict = {}
 
 
-class force_blocks:
-    def __init__(self, fwd=None, bwd=None):
-        self.new = {k: v for k, v in (("fwd", fwd), ("bwd", bwd)) if v is not None}
-
-    def __enter__(self):
-        self.saved = dict(_FORCED)
-        _FORCED.update(self.new)
-
-    def __exit__(self, *exc):
-        _FORCED.clear()
-        _FORCED.update(self.saved)
+def force_blocks(fwd=None, bwd=None):
+    return cm.forced(_FORCED, fwd=fwd, bwd=bwd)
 
 
 @triton.jit

@@ -50,19 +50,9 @@ from ._common import activation, activation_grad
 _FORCED: Dict[str, int] = {}
 
 
-class force_plan:
+def force_plan(**fields):
     """Context manager for tests: override fields of the launch plan."""
-
-    def __init__(self, **fields):
-        self.fields = fields
-
-    def __enter__(self):
-        self.saved = dict(_FORCED)
-        _FORCED.update(self.fields)
-
-    def __exit__(self, *exc):
-        _FORCED.clear()
-        _FORCED.update(self.saved)
+    return cm.forced(_FORCED, **fields)
 
 
 # ------------------------------------------------------------------------ helpers

@@ -47,17 +47,8 @@ from . import _common as cm
 _FORCED: dict = {}
 
 
-class force_launch:
-    def __init__(self, **fields):
-        self.fields = fields
-
-    def __enter__(self):
-        self.saved = dict(_FORCED)
-        _FORCED.update(self.fields)
-
-    def __exit__(self, *exc):
-        _FORCED.clear()
-        _FORCED.update(self.saved)
+def force_launch(**fields):
+    return cm.forced(_FORCED, **fields)
 
 
 # --------------------------------------------------------------------- kernels
