@@ -265,6 +265,37 @@ def test_shapes_on_the_fly_matches_files(shards):
     assert torch.equal(live["image"], files["image"])              # PNG is lossless
 
 
+def test_held_out_split_is_disjoint_and_reproducible():
+    from imagen_fast.data import combination, combination_space, is_held_out
+    held, train = combination_space("heldout"), combination_space("train")
+    every = combination_space()
+    assert len(held) + len(train) == len(every) and 0.03 < len(held) / len(every) < 0.10
+    assert {r["caption"] for r in held}.isdisjoint(r["caption"] for r in train)
+    # every combination is a caption the grammar parses, without the background clause
+    assert all(parse_caption(r["caption"]) and "background" not in r["caption"] for r in held)
+    train_scenes = [make_scene(4, i, "train") for i in range(300)]
+    held_scenes = [make_scene(4, i, "heldout") for i in range(60)]
+    assert not any(is_held_out(s) for s in train_scenes)
+    assert all(is_held_out(s) for s in held_scenes)
+    assert {combination(s) for s in held_scenes} <= {r["caption"] for r in held}
+    assert make_scene(4, 7, "train") == make_scene(4, 7, "train")
+    assert make_scene(4, 7) == make_scene(4, 7, "all")                  # "all" is the unsplit stream
+    assert {len(s["objects"]) for s in held_scenes} == {1, 2}
+    ds = open_dataset("shapes:10:4:heldout", ImageTransform(16), epochs=1, shuffle=False)
+    assert all(is_held_out(combination(parse_caption_record(c))) for c in next(iter(make_loader(ds, 10)))["caption"])
+    with pytest.raises(ValueError, match="split"):
+        make_scene(0, 0, "test")
+    with pytest.raises(ValueError, match="spec"):
+        open_dataset("shapes:10:4:heldout:extra", ImageTransform(16))
+
+
+def parse_caption_record(caption):
+    """A parsed caption in the scene-record form ``combination`` takes."""
+    p = parse_caption(caption)
+    objs = [dict(o, position=p.get("position")) for o in p["objects"]]
+    return {"relation": p.get("relation"), "objects": objs}
+
+
 def test_render_record_boxes():
     img, rec = render(make_scene(1, 1), 48)
     assert img.size == (48, 48)

@@ -2,6 +2,7 @@
 ``add_data_parser(subparsers)``; each subcommand sets ``func(args) -> exit status``.
 
     imagen-fast data shapes --out DIR --num N [--seed S] [--resolution 64] [--shard-size 1000]
+                            [--split all|train|heldout]
     imagen-fast data cache  --data SPEC --out DIR [--encoder minilm] [--batch-size 256]
     imagen-fast data check  --data SPEC [--size 64]
 
@@ -37,7 +38,7 @@ def cmd_shapes(args) -> int:
     from .shapes import write_shapes
     try:
         m = write_shapes(args.out, args.num, args.seed, args.resolution, shard_size=args.shard_size,
-                         image_format=args.format, overwrite=args.overwrite,
+                         image_format=args.format, overwrite=args.overwrite, split=args.split,
                          progress=None if args.quiet else _progress("shapes"))
     except _USER_ERRORS as e:
         return _fail(e)
@@ -112,6 +113,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=int, default=64)
     s.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     s.add_argument("--format", choices=["png", "jpg"], default="png")
+    s.add_argument("--split", choices=["all", "train", "heldout"], default="all",
+                   help="train: leave out the held-out caption combinations (for evaluation)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_shapes)

@@ -17,6 +17,14 @@ as [x0, y0, x1, y1) of the written image.
 Scenes are a pure function of (seed, index), so generation is reproducible and
 ``write_shapes`` output is byte-identical for the same arguments. ``ShapesSource`` makes the
 same scenes on the fly (no files) for ``StreamDataset``.
+
+Held-out combinations: a scene's *combination* is its caption without the background
+clause ("two red circles above a blue square"). One combination in ``HOLDOUT_MODULUS`` (by
+a fixed CRC-32 of its text) is held out. ``split="train"`` draws only the others,
+``split="heldout"`` only those, ``split="all"`` (the default) every scene; a split scene is
+the first draw of the index's (seed, index, attempt) sequence that falls in the split, so
+splits are reproducible too. ``combination_space(split)`` lists every combination, for
+evaluation prompts that training never saw.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import os
 import random
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
@@ -54,6 +63,8 @@ _REGION = {"left": (_M, _M, 0.5, 1 - _M), "right": (0.5, _M, 1 - _M, 1 - _M),
            "above": (_M, _M, 1 - _M, 0.5), "below": (_M, 0.5, 1 - _M, 1 - _M),
            "center": (0.26, 0.26, 0.74, 0.74)}
 _CELL = 0.24
+SPLITS = ("all", "train", "heldout")
+HOLDOUT_MODULUS = 16
 
 
 def _phrase(g: dict) -> str:
@@ -76,6 +87,52 @@ def caption_for(record: dict) -> str:
     return text
 
 
+def combination(record: dict) -> str:
+    """The scene's caption without the background clause: what the held-out split keys on."""
+    return caption_for({**record, "background_in_caption": False})
+
+
+def is_held_out(record_or_combination) -> bool:
+    """Whether a scene (record) or combination (string) belongs to the held-out split."""
+    text = record_or_combination if isinstance(record_or_combination, str) else combination(record_or_combination)
+    return zlib.crc32(text.encode("utf-8")) % HOLDOUT_MODULUS == 0
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    return split
+
+
+def combination_space(split: str = "all") -> List[dict]:
+    """Every combination the grammar can express, as scene-like records without instances:
+    {'caption', 'relation', 'objects': [{'shape', 'colour', 'count', 'position'}...]},
+    filtered by ``split``. Colours are those legal on at least one background."""
+    _check_split(split)
+    kinds = [(s, c) for s in SHAPES for c in sorted(COLOURS)]
+    out = []
+    for pos in POSITIONS:
+        for shape, colour in kinds:
+            for n in COUNT_WORDS:
+                out.append({"relation": None, "objects": [
+                    {"shape": shape, "colour": colour, "count": n, "position": pos}]})
+    for rel in sorted(_RELATION):
+        for a in kinds:
+            for b in kinds:
+                if a == b:
+                    continue
+                for na in COUNT_WORDS:
+                    for nb in COUNT_WORDS:
+                        out.append({"relation": rel, "objects": [
+                            {"shape": a[0], "colour": a[1], "count": na, "position": rel},
+                            {"shape": b[0], "colour": b[1], "count": nb, "position": _OPPOSITE[rel]}]})
+    for rec in out:
+        rec["caption"] = combination(rec)
+    if split == "all":
+        return out
+    return [r for r in out if is_held_out(r["caption"]) == (split == "heldout")]
+
+
 def _place(rng: random.Random, position: str, count: int) -> List[Tuple[float, float, float, float]]:
     """``count`` non-overlapping boxes (fractions) in the region: one per distinct grid cell."""
     x0, y0, x1, y1 = _REGION[position]
@@ -92,9 +149,19 @@ def _place(rng: random.Random, position: str, count: int) -> List[Tuple[float, f
     return boxes
 
 
-def make_scene(seed: int, index: int) -> dict:
-    """The scene record for image ``index`` of dataset ``seed`` (boxes as fractions)."""
-    rng = random.Random(f"imagen-fast-shapes/{seed}/{index}")
+def make_scene(seed: int, index: int, split: str = "all") -> dict:
+    """The scene record for image ``index`` of dataset ``seed`` (boxes as fractions),
+    drawn from ``split`` (see the module docstring)."""
+    if _check_split(split) == "all":
+        return _draw_scene(random.Random(f"imagen-fast-shapes/{seed}/{index}"), index)
+    for attempt in range(1, 100 * HOLDOUT_MODULUS):
+        rec = _draw_scene(random.Random(f"imagen-fast-shapes/{seed}/{index}/{attempt}"), index)
+        if is_held_out(rec) == (split == "heldout"):
+            return rec
+    raise RuntimeError(f"no {split} scene found for index {index}")  # pragma: no cover
+
+
+def _draw_scene(rng: random.Random, index: int) -> dict:
     background = rng.choice(sorted(BACKGROUNDS))
     ok_colours = [c for c in sorted(COLOURS) if (c, background) not in _LOW_CONTRAST]
     two = rng.random() < 0.5
@@ -152,8 +219,9 @@ def render(scene: dict, resolution: int = 64, supersample: int = 4) -> Tuple[Ima
     return img, record
 
 
-def shape_sample(seed: int, index: int, resolution: int = 64) -> Tuple[Image.Image, dict]:
-    return render(make_scene(seed, index), resolution)
+def shape_sample(seed: int, index: int, resolution: int = 64, split: str = "all"
+                 ) -> Tuple[Image.Image, dict]:
+    return render(make_scene(seed, index, split), resolution)
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -173,11 +241,12 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shapes(out_dir: Union[str, os.PathLike], num: int, seed: int = 0, resolution: int = 64, *,
                  shard_size: int = 1000, image_format: str = "png", overwrite: bool = False,
-                 progress=None) -> dict:
-    """Write ``num`` shapes images as tar shards ``out_dir/{00000..}.tar`` in the img2dataset
-    layout (``000000012.png`` + ``.txt`` + ``.json``) plus ``out_dir/shapes.json`` (the
-    arguments and the shard list). Each shard is written to a temporary name and renamed,
-    so an interrupted run leaves only whole shards. Returns the manifest."""
+                 split: str = "all", progress=None) -> dict:
+    """Write ``num`` shapes images of ``split`` as tar shards ``out_dir/{00000..}.tar`` in the
+    img2dataset layout (``000000012.png`` + ``.txt`` + ``.json``) plus ``out_dir/shapes.json``
+    (the arguments and the shard list). Each shard is written to a temporary name and
+    renamed, so an interrupted run leaves only whole shards. Returns the manifest."""
+    _check_split(split)
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"num: expected a positive int, got {num!r}")
     if not isinstance(resolution, int) or resolution < 8:
@@ -199,7 +268,7 @@ def write_shapes(out_dir: Union[str, os.PathLike], num: int, seed: int = 0, reso
         tmp = out / f".{name}.tmp"
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
             for i in range(start, min(num, start + shard_size)):
-                img, rec = shape_sample(seed, i, resolution)
+                img, rec = shape_sample(seed, i, resolution, split)
                 key = f"{i:09d}"
                 rec = {"key": key, **rec}
                 _add(tf, f"{key}.{fmt}", _encode(img, fmt))
@@ -210,7 +279,7 @@ def write_shapes(out_dir: Union[str, os.PathLike], num: int, seed: int = 0, reso
         if progress is not None:
             progress(min(num, start + shard_size), num)
     manifest = {"dataset": "imagen-fast shapes", "num": num, "seed": seed, "resolution": resolution,
-                "shard_size": shard_size, "image_format": fmt, "shards": shards}
+                "shard_size": shard_size, "image_format": fmt, "split": split, "shards": shards}
     (out / "shapes.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -220,19 +289,21 @@ class ShapesSource:
 
     granularity = "item"
 
-    def __init__(self, num: int, seed: int = 0, resolution: int = 64):
+    def __init__(self, num: int, seed: int = 0, resolution: int = 64, split: str = "all"):
         if not isinstance(num, int) or num < 1:
             raise ValueError(f"num: expected a positive int, got {num!r}")
         self.num, self.seed, self.resolution = num, seed, resolution
+        self.split = _check_split(split)
 
     def num_units(self) -> int:
         return self.num
 
     def describe(self) -> str:
-        return f"shapes (generated: {self.num} images, seed {self.seed}, {self.resolution} px)"
+        return (f"shapes (generated: {self.num} images, seed {self.seed}, {self.resolution} px, "
+                f"split {self.split})")
 
     def records(self, unit: int, on_error=None) -> Iterator[Record]:
-        img, rec = shape_sample(self.seed, unit, self.resolution)
+        img, rec = shape_sample(self.seed, unit, self.resolution, self.split)
         key = f"{unit:09d}"
         yield Record(key, {"png": img, "txt": rec["caption"], "json": {"key": key, **rec}}, "shapes")
 
