@@ -158,8 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
     from .data.cli import add_data_parser
     add_data_parser(sub)
+    from .export import add_export_parser
     from .sample_cli import add_sample_parser
     add_sample_parser(sub)
+    add_export_parser(sub)
+    from .eval.shapes import add_shapes_eval_parser
+    e = sub.add_parser("eval", help="evaluation instruments")
+    add_shapes_eval_parser(e.add_subparsers(dest="eval_command", required=True))
     s = sub.add_parser("presets", help="model presets with their parameter counts")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_presets)

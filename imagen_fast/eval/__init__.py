@@ -1,0 +1,1 @@
+"""Evaluation instruments (`imagen-fast eval ...`)."""
