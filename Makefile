@@ -7,7 +7,7 @@ PIP := $(VPY) -m pip
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 
-.PHONY: venv build test test-fast bench lint cuda-check clean
+.PHONY: venv build sample test bench lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ build: venv
 		-Dpybind11_DIR=$$($(VPY) -c "import pybind11; print(pybind11.get_cmake_dir())") \
 		-DIMAGEN_FAST_OUTPUT_DIR=$(CURDIR)/imagen_fast > /dev/null
 	cmake --build build/dev
+
+# The main job: images from a prompt with the cascade shipped in the package.
+PROMPT ?= two red circles above a blue square
+OUT ?= out.png
+sample: venv
+	$(VENV)/bin/imagen-fast sample "$(PROMPT)" -o $(OUT)
 
 test: venv
 	$(VPY) -m pytest -q tests
