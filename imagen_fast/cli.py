@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
     from .data.cli import add_data_parser
     add_data_parser(sub)
+    from .eval.cli import add_eval_parser
+    add_eval_parser(sub)
     s = sub.add_parser("presets", help="model presets with their parameter counts")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_presets)
