@@ -3,4 +3,12 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "load_pipeline", "ImagenPipeline", "__version__"]
+
+
+def __getattr__(name):
+    # The sampling API loads models and the text stack: imported on first use only.
+    if name in ("load_pipeline", "ImagenPipeline"):
+        from . import sample
+        return getattr(sample, name)
+    raise AttributeError(f"module 'imagen_fast' has no attribute {name!r}")

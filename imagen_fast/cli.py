@@ -133,9 +133,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): `imagen-fast: error: ...`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagen-fast", description="Imagen with fast custom kernels.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="imagen-fast", description="Imagen with fast custom kernels.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("info", help="versions, compiled features, backends, devices")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
@@ -151,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
     from .data.cli import add_data_parser
     add_data_parser(sub)
+    from .export import add_export_parser
+    from .sample_cli import add_sample_parser
+    add_sample_parser(sub)
+    add_export_parser(sub)
     from .eval.cli import add_eval_parser
     add_eval_parser(sub)
     s = sub.add_parser("presets", help="model presets with their parameter counts")

@@ -7,7 +7,8 @@ augmentation level). Every stage sees the same frozen text embeddings; each
 super-resolution stage is conditioned on the previous stage's output.
 
 Checkpoints are a directory with ``config.json`` (every stage's U-Net, diffusion and
-sampling config) and ``model.safetensors`` (weights as ``stages.<i>.<param>``; the
+sampling config, and the frozen text encoder the stages were trained with:
+``"text": {"encoder": "minilm", "max_length": 32}``) and ``model.safetensors`` (weights as ``stages.<i>.<param>``; the
 config is repeated in its metadata). No pickle anywhere. ``ImagenCascade.load``
 rebuilds the models from the config; ``load_weights`` loads into an existing cascade
 and refuses a checkpoint of another architecture, naming the mismatch.
@@ -111,7 +112,10 @@ def default_stage(name: str, preset: str, **unet_overrides) -> Stage:
 
 
 class ImagenCascade(nn.Module):
-    def __init__(self, stages: Sequence[Stage]):
+    def __init__(self, stages: Sequence[Stage], text: Optional[Dict[str, Any]] = None):
+        """``text``: the frozen encoder the stages expect, ``{"encoder": name for
+        imagen_fast.text.get_text_encoder, "max_length": tokens}`` (None = unknown: the
+        caller supplies embeddings)."""
         super().__init__()
         stages = list(stages)
         if not stages:
@@ -127,7 +131,14 @@ class ImagenCascade(nn.Module):
         if len(text_dims) != 1:
             raise ValueError(f"every stage must take the same text width, got "
                              f"{[(st.name, st.unet.config.get('text_dim')) for st in stages]}")
+        if text is not None:
+            if not isinstance(text, dict) or not isinstance(text.get("encoder"), str):
+                raise ValueError(f"text must be a dict with an 'encoder' name, got {text!r}")
+            unknown = set(text) - {"encoder", "max_length"}
+            if unknown:
+                raise ValueError(f"text: unknown keys {sorted(unknown)}")
         self.stages = stages
+        self.text = copy.deepcopy(text)
         self.unets = nn.ModuleList(st.unet for st in stages)
 
     # --------------------------------------------------------------- building
@@ -173,15 +184,18 @@ class ImagenCascade(nn.Module):
                generator: Optional[torch.Generator] = None, num_stages: Optional[int] = None,
                sampling: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
                resolutions: Optional[Sequence[Optional[int]]] = None,
-               return_all: bool = False) -> Union[Tensor, List[Tensor]]:
+               return_all: bool = False, progress: bool = False,
+               on_stage=None) -> Union[Tensor, List[Tensor]]:
         """Generate images in [-1, 1] for a batch of text embeddings (B, L, text_dim).
 
         sampling: per-stage dicts overriding that stage's SamplingConfig (e.g.
         ``[{"guidance_scale": 3}, None, {"steps": 16}]``). resolutions: per-stage output
         sizes overriding the U-Net's nominal one (e.g. a 64->256-trained 256->1024
         model run on whole images). Returns the last stage's images, or every
-        stage's with ``return_all``.
+        stage's with ``return_all``. ``progress`` shows a bar per stage (tqdm);
+        ``on_stage(stage, seconds)`` is called as each stage finishes.
         """
+        import time
         if text_embeds.ndim != 3:
             raise ValueError(f"text_embeds must be (B, L, D), got shape {tuple(text_embeds.shape)}")
         if self.text_dim is not None and text_embeds.shape[-1] != self.text_dim:
@@ -204,6 +218,8 @@ class ImagenCascade(nn.Module):
             if st.is_sr:
                 lowres = images
             device = next(st.unet.parameters()).device
+            bar = _stage_bar(st.name, cfg.steps) if progress else None
+            t0 = time.perf_counter()
             images = sample(
                 st.unet, st.diffusion, (b, 3, res, res),
                 text_embeds=text_embeds.to(device),
@@ -212,14 +228,23 @@ class ImagenCascade(nn.Module):
                 aug_level=cfg.aug_level, guidance_scale=cfg.guidance_scale,
                 sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, threshold=cfg.threshold,
                 percentile=cfg.percentile, generator=generator, device=device,
+                dtype=next(st.unet.parameters()).dtype,
+                on_step=None if bar is None else (lambda done, total, bar=bar: bar.update(1)),
             ).clamp(-1.0, 1.0)
+            if bar is not None:
+                bar.close()
+            if on_stage is not None:
+                on_stage(st, time.perf_counter() - t0)
             outputs.append(images)
         return outputs if return_all else images
 
     # ---------------------------------------------------------- serialisation
     def config(self) -> Dict[str, Any]:
-        return dict(format=FORMAT, version=FORMAT_VERSION,
-                    stages=[st.config() for st in self.stages])
+        out = dict(format=FORMAT, version=FORMAT_VERSION,
+                   stages=[st.config() for st in self.stages])
+        if self.text is not None:
+            out["text"] = copy.deepcopy(self.text)
+        return out
 
     def state_tensors(self) -> Dict[str, Tensor]:
         out = {}
@@ -228,25 +253,41 @@ class ImagenCascade(nn.Module):
                 out[f"stages.{i}.{k}"] = v.detach().contiguous().cpu()
         return out
 
-    def save(self, path: str) -> None:
-        """Write ``path/config.json`` and ``path/model.safetensors``."""
+    def save(self, path: str, dtype: Optional[torch.dtype] = None) -> None:
+        """Write ``path/config.json`` and ``path/model.safetensors`` (weights cast to
+        ``dtype`` when given, e.g. torch.float16 to halve the file)."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
         config = self.config()
         text = json.dumps(config, indent=2, sort_keys=True)
+        tensors = self.state_tensors()
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         tmp_cfg = os.path.join(path, CONFIG_NAME + ".tmp")
         tmp_w = os.path.join(path, WEIGHTS_NAME + ".tmp")
         with open(tmp_cfg, "w") as f:
             f.write(text + "\n")
-        save_file(self.state_tensors(), tmp_w, metadata={"format": FORMAT, "config": text})
+        save_file(tensors, tmp_w, metadata={"format": FORMAT, "config": text})
         os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
         os.replace(tmp_cfg, os.path.join(path, CONFIG_NAME))
 
     @staticmethod
     def read_config(path: str) -> Dict[str, Any]:
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            config = json.load(f)
+        """The checkpoint's config; ValueError (naming the path) when ``path`` is not a
+        cascade checkpoint."""
+        file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isdir(path):
+            raise ValueError(f"{path}: not a cascade checkpoint (no such directory)")
+        if not os.path.isfile(file) or not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+            raise ValueError(f"{path}: not a cascade checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            with open(file) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read {CONFIG_NAME}: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: {CONFIG_NAME} is not a JSON object")
         if config.get("format") != FORMAT:
             raise ValueError(f"{path}: not an {FORMAT} checkpoint (format={config.get('format')!r})")
         if config.get("version") != FORMAT_VERSION:
@@ -256,12 +297,17 @@ class ImagenCascade(nn.Module):
 
     @classmethod
     def from_config(cls, config: Dict[str, Any], device=None) -> "ImagenCascade":
+        if not isinstance(config.get("stages"), list) or not config["stages"]:
+            raise ValueError("cascade config has no 'stages' list")
         stages = []
         for sc in config["stages"]:
+            missing = [k for k in ("name", "unet", "diffusion", "sampling") if k not in sc]
+            if missing:
+                raise ValueError(f"cascade config stage {sc.get('name', '?')!r} lacks {missing}")
             unet = unet_from_config(sc["unet"], device=device)
             stages.append(Stage(sc["name"], unet, GaussianDiffusion.from_config(sc["diffusion"]),
                                 SamplingConfig(**sc["sampling"])))
-        return cls(stages)
+        return cls(stages, text=config.get("text"))
 
     @classmethod
     def load(cls, path: str, device=None) -> "ImagenCascade":
@@ -304,6 +350,14 @@ class ImagenCascade(nn.Module):
             with torch.no_grad():
                 for k, v in own.items():
                     v.copy_(f.get_tensor(k))
+
+
+def _stage_bar(name: str, total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:                                   # tqdm is a dependency; be lenient
+        return None
+    return tqdm(total=total, desc=name, unit="step", leave=False, dynamic_ncols=True)
 
 
 def _config_mismatches(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:

@@ -396,15 +396,9 @@ class Trainer:
 
 def image_grid(images: torch.Tensor, columns: int = 4):
     """(B, 3, H, W) in [-1, 1] -> one PIL image, ``columns`` wide."""
-    from .data import to_pil
+    from .data.transforms import image_grid as pil_grid, to_pil
 
-    b, _, h, w = images.shape
-    rows = -(-b // columns)
-    from PIL import Image
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i in range(b):
-        grid.paste(to_pil(images[i].float().cpu()), ((i % columns) * w, (i // columns) * h))
-    return grid
+    return pil_grid([to_pil(img.float().cpu()) for img in images], columns)
 
 
 @torch.no_grad()

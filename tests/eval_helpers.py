@@ -18,15 +18,10 @@ def tiny_cascade_dir(path, steps: int = 2, seed: int = 0) -> str:
     from imagen_fast.pipeline import ImagenCascade
     torch.manual_seed(seed)
     c = ImagenCascade.from_presets(("tiny-base32", "tiny-sr64"), names=["base", "sr64"])
+    c.text = dict(TEXT)
     for st in c.stages:
         st.sampling = st.sampling.replace(steps=steps)
     c.save(str(path))
-    cfg_path = os.path.join(str(path), "config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg.setdefault("text", TEXT)
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f, indent=2)
     return str(path)
 
 

@@ -1,7 +1,6 @@
 """Diffusion: schedules, posterior, loss and conditioning, samplers, guidance,
 thresholding, and a one-batch overfit of a tiny U-Net."""
 import math
-import time
 
 import pytest
 import torch
@@ -179,7 +178,9 @@ def test_noise_augmentation_in_training_and_sampling():
     assert torch.equal(spy.calls[-1]["lowres"], spy.calls[-2]["lowres"])
 
 
-def test_one_batch_overfit_loss_falls_10x_within_a_minute():
+def test_one_batch_overfit_loss_falls_10x():
+    """Loss falls 10x within a step budget (a few seconds of a quiet 2-core CPU; counted in
+    steps, not seconds, so a loaded machine cannot fail it)."""
     torch.manual_seed(0)
     model = build_unet("tiny-base32", image_size=16, attn_resolutions=[8])
     d = GaussianDiffusion("cosine", cond_drop_prob=0.0)
@@ -191,19 +192,22 @@ def test_one_batch_overfit_loss_falls_10x_within_a_minute():
     t = torch.tensor([0.3, 0.7], dtype=torch.float64)
     noise = torch.randn(x0.shape, generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start = time.perf_counter()
     first = last = None
-    while time.perf_counter() - start < 60:
+    for step in range(OVERFIT_STEPS):
         loss = d.loss(model, x0, text, mask, t=t, noise=noise)
         first = first if first is not None else loss.item()
         last = loss.item()
         assert math.isfinite(last)
         if last < first / 10:
+            print(f"loss fell 10x in {step} steps")
             break
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert last < first / 10, f"loss {first:.3g} -> {last:.3g} in 60 s"
+    assert last < first / 10, f"loss {first:.3g} -> {last:.3g} in {OVERFIT_STEPS} steps"
+
+
+OVERFIT_STEPS = 300
 
 
 # ------------------------------------------------------------------ sampling

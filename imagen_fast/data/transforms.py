@@ -15,7 +15,7 @@ import io
 import random
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -132,6 +132,20 @@ class ImageTransform:
         return (f"ImageTransform(size={self.size}, resize={self.resize}, crop={self.crop!r}, "
                 f"lowres_size={self.lowres_size}, resample={self.resample!r})")
 
+
+
+def image_grid(images: Sequence["Image.Image"], columns: int) -> "Image.Image":
+    """PIL images of one size -> one PIL image, ``columns`` wide, rows filled in order."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("images: need at least one image")
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    return grid
 
 def transform_for_stage(size: int, lowres_size: Optional[int] = None, *, random_crop: Optional[bool] = None,
                         resize: Optional[int] = None) -> ImageTransform:

@@ -99,7 +99,8 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
            eta: float = 0.0, threshold: str = "dynamic", percentile: float = 0.995,
            generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
            device=None, dtype: torch.dtype = torch.float32,
-           denoiser: Optional[GuidedDenoiser] = None) -> Tensor:
+           denoiser: Optional[GuidedDenoiser] = None,
+           on_step: Optional[Callable[[int, int], None]] = None) -> Tensor:
     """Draw samples of ``shape`` (B, C, H, W) from ``model`` (called as
     ``model(z, t, text_embeds, text_mask[, lowres=, aug_level=])``).
 
@@ -108,6 +109,7 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
     (clip to [-1, 1]) or "none". For super-resolution, ``lowres`` is noise-augmented to
     the fixed ``aug_level`` before sampling and the level is given to the model.
     ``noise`` is the starting z_1 (default: standard normal from ``generator``).
+    ``on_step(done, total)`` is called after every denoising step (progress bars).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -126,28 +128,33 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
     step_kw = dict(guidance_scale=float(guidance_scale), threshold=threshold,
                    percentile=percentile, prediction=diffusion.prediction, generator=generator)
     if sampler == "dpmpp2m":
-        return _dpmpp2m(denoiser, diffusion, z, grid, step_kw)
-    for t, s in zip(grid[:-1], grid[1:]):
+        return _dpmpp2m(denoiser, diffusion, z, grid, step_kw, on_step)
+    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         a_t, s_t = _alpha_sigma(diffusion, t)
         a_s, s_s = _alpha_sigma(diffusion, s)
         cond, uncond = denoiser(z, t)
         z = ops.sampler_step(z, cond, uncond, alpha_t=a_t, sigma_t=s_t, alpha_s=a_s, sigma_s=s_s,
                              sampler=sampler, eta=eta if sampler == "ddim" else 0.0, **step_kw)
+        if on_step is not None:
+            on_step(i + 1, steps)
     return z
 
 
 def _dpmpp2m(denoiser: GuidedDenoiser, diffusion: GaussianDiffusion, z: Tensor,
-             grid: List[float], step_kw) -> Tensor:
+             grid: List[float], step_kw, on_step=None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep in lambda = log(alpha / sigma)."""
     x0_prev: Optional[Tensor] = None
     h_prev = 0.0
-    for t, s in zip(grid[:-1], grid[1:]):
+    steps = len(grid) - 1
+    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         a_t, s_t = _alpha_sigma(diffusion, t)
         a_s, s_s = _alpha_sigma(diffusion, s)
         cond, uncond = denoiser(z, t)
         # guided, thresholded data prediction: a DDIM step to t = 0 returns x0 itself
         x0 = ops.sampler_step(z, cond, uncond, alpha_t=a_t, sigma_t=s_t, alpha_s=1.0,
                               sigma_s=0.0, sampler="ddim", eta=0.0, **step_kw)
+        if on_step is not None:
+            on_step(i + 1, steps)
         if s_s == 0.0:
             return x0                                          # first-order final step
         h = math.log(a_s / s_s) - math.log(a_t / s_t)

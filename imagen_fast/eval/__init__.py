@@ -1,4 +1,4 @@
-"""The Imagen paper's evaluation instruments for any cascade (``imagen-fast eval``).
+"""Evaluation instruments (``imagen-fast eval ...``): the Imagen paper's, for any cascade.
 
     drawbench.py    the 200 DrawBench prompts (package data), N images per prompt per
                     system, static HTML contact sheets per category
@@ -9,6 +9,7 @@
     sweep.py        guidance sweep: the CLIP score vs FID curve as a PNG
     serve/          the human rating protocol as a local web app over SQLite
     generator.py    what is evaluated: any ``prompts -> PIL images`` callable + settings
+    shapes.py       compositional accuracy on held-out synthetic-shapes captions
 
 Nothing here downloads: weights and models come from local paths.
 """

@@ -6,6 +6,7 @@ with ``add_eval_parser(subparsers)``; each subcommand sets ``func(args) -> exit 
     imagen-fast eval clip  --clip DIR (--samples DIR | --model SPEC --coco DIR [--num N])
     imagen-fast eval sweep --model SPEC --weights FILE --clip DIR --coco DIR --guidance 1,2,4,8 --out DIR
     imagen-fast eval serve --db FILE [--samples DIR] [--port 8000] | --db FILE --report
+    imagen-fast eval shapes [--checkpoint DIR]   (see shapes.py)
 
 SPEC is ``"PATH [key=value ...] [label=NAME]"``: a cascade directory (or ``builtin``) and
 sampling settings (guidance, steps, sampler, threshold, percentile, aug_level; one value
@@ -275,6 +276,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--report", action="store_true", help="print the results and exit")
     s.add_argument("--json", action="store_true", help="with --report: JSON")
     s.set_defaults(func=cmd_serve)
+
+    from .shapes import add_shapes_eval_parser
+    add_shapes_eval_parser(sub)
     return p
 
 

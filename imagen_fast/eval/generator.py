@@ -104,22 +104,13 @@ def parse_system(spec: str, *, device=None, dtype=None, loader=None) -> System:
 
 
 def load_generator(path: Optional[str], device=None, dtype=None) -> Generator:
-    """The sampling pipeline of a cascade directory (config.json + model.safetensors);
-    ``None`` for the small cascade shipped with the package. Missing files raise
-    FileNotFoundError naming them."""
+    """The sampling pipeline (``imagen_fast.load_pipeline``) of a cascade directory
+    (config.json + model.safetensors); ``None`` for the small cascade shipped with the
+    package. Missing files raise FileNotFoundError naming them."""
     if path is not None:
         for name in ("config.json", "model.safetensors"):
             f = os.path.join(path, name)
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"cascade checkpoint file not found: {f}")
-    try:
-        from imagen_fast import load_pipeline  # the sampling API (imagen_fast/sample.py)
-    except ImportError:
-        load_pipeline = None
-    if load_pipeline is not None:
-        return load_pipeline(path, device=device, dtype=dtype)
-    if path is None:
-        raise FileNotFoundError("no built-in cascade in this installation: pass a checkpoint "
-                                "directory")
-    from ._cascade import CascadeGenerator
-    return CascadeGenerator.load(path, device=device, dtype=dtype)
+    from imagen_fast.sample import load_pipeline
+    return load_pipeline(path, device=device, dtype=dtype)

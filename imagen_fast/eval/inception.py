@@ -12,7 +12,8 @@ pools with a max instead of an average; the classifier has 1008 outputs.
 
 Input: float images (N, 3, 299, 299) with values in [0, 255] (resized beforehand, see
 ``fid.clean_resize``). They are mapped to [-1, 1] as the TensorFlow graph does,
-``(x - 128) / 128``. Output: the 2048 pool features (``forward``) or the logits.
+``(x - 128) / 128``. Output: the 2048 pool features (``forward``); ``fc`` is kept
+for the file's layout (the logits would be ``model.fc(features)``).
 """
 from __future__ import annotations
 
@@ -199,9 +200,6 @@ class InceptionV3(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
-
-    def logits(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:

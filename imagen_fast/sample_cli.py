@@ -1,0 +1,209 @@
+"""`imagen-fast sample`: prompts in, image files out, with the shipped cascade or any other.
+
+    imagen-fast sample "two red circles above a blue square" -o out.png
+    imagen-fast sample --prompts-file prompts.txt --num-images 2 --grid -o grid.png
+    imagen-fast sample "a blue square on the left" --guidance 5,3 --steps 32 --sampler ddim
+
+Per-stage options (--guidance, --steps, --sampler, --threshold, --percentile, --aug-level)
+take one value for every stage or a comma-separated list, one per stage. Output: with
+one image, ``-o`` is its file; with several, ``<stem>-<n><suffix>`` files, or one grid
+(a row per prompt) with ``--grid``. Every mistake a user can make ends in one line on
+stderr and exit status 2, and is caught before any sampling starts.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp")          # dpmpp = DPM-Solver++(2M)
+_SAMPLER_NAMES = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp2m", "dpmpp2m": "dpmpp2m"}
+THRESHOLDS = ("none", "static", "dynamic")
+
+
+class SampleError(ValueError):
+    """A user mistake: printed as one line."""
+
+
+def _per_stage(text: Optional[str], name: str, parse, check=None):
+    """'4' -> 4 (every stage), '4,2' -> [4, 2] (per stage); None stays None."""
+    if text is None:
+        return None
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            v = parse(part)
+        except ValueError:
+            raise SampleError(f"--{name}: cannot read {part!r}") from None
+        if check is not None:
+            problem = check(v)
+            if problem:
+                raise SampleError(f"--{name}: {problem}, got {part!r}")
+        values.append(v)
+    return values[0] if len(values) == 1 else values
+
+
+def _positive_int(v):
+    return None if v >= 1 else "must be a positive integer"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _fraction(v):
+    return None if 0.0 < v <= 1.0 else "must be a fraction in (0, 1] (the paper's 99.5% is 0.995)"
+
+
+def _unit(v):
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+
+
+def _choice(options):
+    def check(v):
+        return None if v in options else f"must be one of {', '.join(options)}"
+    return check
+
+
+def read_prompts_file(path: str) -> List[str]:
+    """One prompt a line (blank lines skipped), or a CSV with a ``Prompt`` column
+    (DrawBench's layout)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SampleError(f"--prompts-file: no such file: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SampleError(f"--prompts-file: cannot read {path}: {e}") from None
+    lines = text.splitlines()
+    if p.suffix.lower() == ".csv" or (lines and "prompt" in [c.strip().lower() for c in lines[0].split(",")]):
+        rows = list(csv.DictReader(lines))
+        key = next((k for k in (rows[0].keys() if rows else []) if k and k.strip().lower() == "prompt"), None)
+        if key is None:
+            raise SampleError(f"--prompts-file: {path} is a CSV without a 'Prompt' column")
+        prompts = [r[key].strip() for r in rows if r.get(key) and r[key].strip()]
+    else:
+        prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise SampleError(f"--prompts-file: {path} holds no prompts")
+    return prompts
+
+
+def _outputs(out: str, prompts: List[str], num_images: int, grid: bool) -> List[Path]:
+    """The files this run will write, checked to be writable before sampling."""
+    path = Path(out)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise SampleError(f"-o: {out!r} needs an image suffix (.png, .jpg, .webp)")
+    total = len(prompts) * num_images
+    files = [path] if grid or total == 1 else [
+        path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(total)]
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SampleError(f"-o: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SampleError(f"-o: directory {str(parent)!r} is not writable")
+    for f in files:
+        if f.is_dir():
+            raise SampleError(f"-o: {str(f)!r} is a directory")
+        if f.exists() and not os.access(f, os.W_OK):
+            raise SampleError(f"-o: {str(f)!r} is not writable")
+    return files
+
+
+def cmd_sample(args) -> int:
+    try:
+        return _run(args)
+    except SampleError as e:
+        print(f"imagen-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    t_start = time.perf_counter()
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    if not prompts:
+        raise SampleError("give a prompt (or --prompts-file)")
+    for p in prompts:
+        if not p.strip():
+            raise SampleError("empty prompt")
+    if args.num_images < 1:
+        raise SampleError(f"--num-images: must be a positive integer, got {args.num_images}")
+    settings = dict(
+        guidance=_per_stage(args.guidance, "guidance", float, _non_negative),
+        steps=_per_stage(args.steps, "steps", int, _positive_int),
+        sampler=_per_stage(args.sampler, "sampler", str, _choice(SAMPLERS + ("dpmpp2m",))),
+        threshold=_per_stage(args.threshold, "threshold", str, _choice(THRESHOLDS)),
+        percentile=_per_stage(args.percentile, "percentile", float, _fraction),
+        aug_level=_per_stage(args.aug_level, "aug-level", float, _unit),
+    )
+    if settings["sampler"] is not None:
+        s = settings["sampler"]
+        settings["sampler"] = [_SAMPLER_NAMES[x] for x in s] if isinstance(s, list) else _SAMPLER_NAMES[s]
+    files = _outputs(args.output, prompts, args.num_images, args.grid)
+
+    import torch
+
+    from .data.transforms import image_grid
+    from .sample import load_pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        pipe = load_pipeline(args.checkpoint, device=args.device, dtype=args.dtype)
+        pipe.settings(**settings)                     # per-stage counts and values, before sampling
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        where = f"--checkpoint {args.checkpoint}: " if args.checkpoint else ""
+        raise SampleError(f"{where}{e}") from None
+    t_loaded = time.perf_counter()
+    times = []
+    try:
+        images = pipe(prompts, num_images_per_prompt=args.num_images, seed=args.seed,
+                      progress=not args.quiet, on_stage=lambda st, sec: times.append((st, sec)),
+                      **settings)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+    if args.grid:
+        image_grid(images, args.num_images).save(files[0])
+    else:
+        for img, f in zip(images, files):
+            img.save(f)
+    if not args.quiet:
+        stages = ", ".join(f"{st.name} {st.resolution}px {sec:.1f}s" for st, sec in times)
+        print(f"sampled {len(images)} image(s): load {t_loaded - t_start:.1f}s, {stages}; "
+              f"total {time.perf_counter() - t_start:.1f}s", file=sys.stderr)
+    for f in files:
+        print(f)
+    return 0
+
+
+def add_sample_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("sample", help="generate images from text prompts with a trained cascade",
+                       description="Generate images from text prompts. Per-stage options take one "
+                                   "value or a comma-separated list (one per stage).")
+    s.add_argument("prompts", nargs="*", help="text prompt(s)")
+    s.add_argument("-o", "--output", default="out.png",
+                   help="image file (several images: <stem>-<n>.png, or one file with --grid)")
+    s.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prompts-file", help="one prompt a line, or a CSV with a Prompt column")
+    s.add_argument("--grid", action="store_true", help="write one grid image, a row per prompt")
+    s.add_argument("--guidance", help="classifier-free guidance weight w (>= 0; 1 = off)")
+    s.add_argument("--steps", help="denoising steps")
+    s.add_argument("--sampler", help="ddpm, ddim or dpmpp (DPM-Solver++ 2M)")
+    s.add_argument("--threshold", help="none, static or dynamic")
+    s.add_argument("--percentile", help="dynamic-thresholding percentile, a fraction in (0, 1]")
+    s.add_argument("--aug-level", help="noise-augmentation level of the SR stages' input, [0, 1]")
+    s.add_argument("--checkpoint", help="a cascade directory (default: the shipped cascade)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    s.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or timing line")
+    s.set_defaults(func=cmd_sample)
+    return s
