@@ -113,7 +113,13 @@ def _bytes_to_unicode():
 def tiny_clip_dir(path, seed: int = 0) -> str:
     """A random-weight CLIP (32-px images, 2 layers) with a character-level BPE tokenizer
     (no merges) saved with save_pretrained: everything CLIPScorer loads, offline."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
     path = str(path)
     os.makedirs(path, exist_ok=True)
     chars = _bytes_to_unicode()

@@ -5,7 +5,12 @@ import os
 import shutil
 
 import pytest
-from eval_helpers import random_inception_file, tiny_cascade_dir, tiny_clip_dir, write_coco
+from eval_helpers import (
+    random_inception_file,
+    tiny_cascade_dir,
+    tiny_clip_dir,
+    write_coco,
+)
 
 from imagen_fast.cli import main
 

@@ -63,7 +63,8 @@ def test_side_by_side_sheets_with_shared_seeds(tmp_path):
         for label in m.labels:
             assert len(it["images"][label]) == 2
             assert all(os.path.isfile(m.image_path(p)) for p in it["images"][label])
-    page = open(index, encoding="utf-8").read()
+    with open(index, encoding="utf-8") as f:
+        page = f.read()
     assert "category-colors.html" in page and "category-counting.html" in page
     colors = (out / "category-colors.html").read_text()
     assert colors.count("<tr><td class=\"prompt\">") == 2

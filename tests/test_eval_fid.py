@@ -167,7 +167,7 @@ def test_inception_bad_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         load_inception(str(tmp_path / "nope.pth"))
     torch.save(torch.nn.Linear(3, 4).state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not the Inception 2015-12-05 layout.*missing"):
+    with pytest.raises(ValueError, match="does not fit this architecture.*missing.*Inception 2015-12-05 layout"):
         load_inception(str(tmp_path / "other.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a plain state dict"):
@@ -175,7 +175,7 @@ def test_inception_bad_weights(tmp_path):
     sd = InceptionV3().state_dict()
     sd["fc.weight"] = torch.zeros(1000, 2048)
     torch.save(sd, tmp_path / "shape.pth")
-    with pytest.raises(ValueError, match="another shape"):
+    with pytest.raises(ValueError, match="other shapes"):
         load_inception(str(tmp_path / "shape.pth"))
 
 

@@ -3,10 +3,10 @@ tokens, the HTTP API, and the report's screening and intervals."""
 import json
 import os
 import threading
-from contextlib import closing
 import urllib.error
 import urllib.request
 from collections import Counter
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -211,7 +211,11 @@ class _Server:
     def __init__(self, store):
         from wsgiref.simple_server import make_server
 
-        from imagen_fast.eval.serve.app import RatingApp, ThreadingWSGIServer, _QuietHandler
+        from imagen_fast.eval.serve.app import (
+            RatingApp,
+            ThreadingWSGIServer,
+            _QuietHandler,
+        )
         self.httpd = make_server("127.0.0.1", 0, RatingApp(store),
                                  server_class=ThreadingWSGIServer, handler_class=_QuietHandler)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"

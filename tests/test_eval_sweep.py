@@ -10,7 +10,12 @@ from PIL import Image
 from imagen_fast.eval.clip_score import CLIPScorer
 from imagen_fast.eval.coco import load_coco
 from imagen_fast.eval.generator import System
-from imagen_fast.eval.sweep import guidance_setting, num_stages, plot_tradeoff, run_sweep
+from imagen_fast.eval.sweep import (
+    guidance_setting,
+    num_stages,
+    plot_tradeoff,
+    run_sweep,
+)
 
 
 def test_guidance_goes_to_one_stage():

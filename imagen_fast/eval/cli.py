@@ -281,14 +281,3 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add_shapes_eval_parser(sub)
     return p
 
-
-def main(argv=None) -> int:
-    """Standalone entry (``python -m imagen_fast.eval.cli fid ...``)."""
-    parser = argparse.ArgumentParser(prog="imagen-fast")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -234,25 +234,19 @@ def load_inception(path: str, device=None) -> InceptionV3:
     """The FID InceptionV3 with the weights of ``path`` (see the module docstring), in eval
     mode. ``model.weights_sha256`` is the file's hash (what feature caches are keyed by).
     A file of another layout raises ValueError naming the first missing/unexpected keys."""
+    from imagen_fast.checkpoint import CheckpointError, check_state_dict_matches
+
     state = read_state_dict(path)
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     model = InceptionV3()
-    own = model.state_dict()
-    own_keys = {k for k in own if not k.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(own_keys - set(state)), sorted(set(state) - own_keys)
-    bad_shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(own_keys & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or bad_shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if bad_shapes:
-            parts.append(f"{len(bad_shapes)} of another shape (e.g. {bad_shapes[:2]})")
-        raise ValueError(f"weights file {path} is not the Inception 2015-12-05 layout: "
-                         + "; ".join(parts))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    # BatchNorm's step counters are not weights: files saved by older torch lack them
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            state.setdefault(k, v)
+    try:
+        check_state_dict_matches(model, state, f"weights file {path}")
+    except CheckpointError as e:
+        raise ValueError(f"{e} (expected the Inception 2015-12-05 layout)") from None
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.weights_sha256 = file_sha256(path)
     model.eval().requires_grad_(False)
     return model if device is None else model.to(device)

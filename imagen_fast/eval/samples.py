@@ -84,7 +84,7 @@ def generate(system: System, prompts: Sequence[str], *, seed: int = 0, batch_siz
             if size:
                 images = [square_resize(im, size) for im in images]
             if sample_dir is not None:
-                for i, im in zip(idx, images):
+                for i, im in zip(idx, images, strict=True):
                     sample_dir.save(i, im)
         if progress:
             progress(len(idx))

@@ -15,7 +15,7 @@ import random
 import secrets
 import sqlite3
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from typing import Dict, List, Optional
 
@@ -66,6 +66,22 @@ class Store:
         db.execute("PRAGMA foreign_keys=ON")
         return db
 
+    @contextmanager
+    def _write(self):
+        """One write transaction, taken at once (BEGIN IMMEDIATE: concurrent writers
+        queue instead of interleaving), committed on success, rolled back on error."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
     # ------------------------------------------------------------------ study
     def meta(self, key: str) -> Optional[str]:
         with closing(self._connect()) as db:
@@ -91,9 +107,7 @@ class Store:
                 raise ValueError(f"{self.path} already holds another study (from "
                                  f"{self.meta('source')}); use a new database file")
             return False
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._write() as db:
             ids: Dict[str, int] = {}
 
             def image_id(path: Optional[str]) -> Optional[int]:
@@ -111,12 +125,6 @@ class Store:
                                ("source", study.source), ("digest", digest),
                                ("num_batches", str(study.num_batches))):
                 db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
         return True
 
     def image_path(self, image_id: int) -> Optional[str]:
@@ -132,9 +140,7 @@ class Store:
         name = (name or "").strip()[:100]
         cfg = self.config()
         token = secrets.token_urlsafe(24)
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")  # two raters starting at once get distinct batches
+        with self._write() as db:  # two raters starting at once get distinct batches
             counts = {r["batch"]: r["n"] for r in db.execute(
                 "SELECT batch, COUNT(*) AS n FROM raters GROUP BY batch")}
             num_batches = int(db.execute("SELECT value FROM meta WHERE key='num_batches'")
@@ -151,12 +157,6 @@ class Store:
             db.executemany("INSERT INTO trials (rater, position, question, swapped) VALUES "
                            "(?, ?, ?, ?)", [(rater, pos, q, int(swap.random() < 0.5))
                                             for pos, q in enumerate(order)])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
         return {"token": token, "rater": rater, "batch": batch, "total": len(order)}
 
     def rater_of(self, token: Optional[str]) -> int:
@@ -189,9 +189,7 @@ class Store:
         """Record ``choice`` (A/B: "left", "right", "indifferent"; alignment: "yes",
         "somewhat", "no") for the rater's trial. Repeating the stored answer is a no-op
         (a retry after a lost reply); a different one for an answered trial is refused."""
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._write() as db:
             row = db.execute("SELECT t.rater, t.swapped, t.answer, q.kind FROM trials t JOIN "
                              "questions q ON q.id = t.question WHERE t.id = ?", (trial,)).fetchone()
             if row is None:
@@ -201,18 +199,10 @@ class Store:
             value = _normalise(row["kind"], choice, bool(row["swapped"]))
             if row["answer"] is not None:
                 if row["answer"] == value:
-                    db.execute("ROLLBACK")
                     return
                 raise StoreError(409, f"trial {trial} is already answered")
             db.execute("UPDATE trials SET answer = ?, answered = ? WHERE id = ? AND rater = ? "
                        "AND answer IS NULL", (value, time.time(), trial, rater))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
 
     def progress(self, rater: int) -> dict:
         with closing(self._connect()) as db:

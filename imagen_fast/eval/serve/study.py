@@ -36,7 +36,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
