@@ -273,3 +273,19 @@ def test_http_api(store):
         assert srv.request("GET", "/api/answer")[0] == 405
     finally:
         srv.close()
+
+
+def test_raters_starting_at_once_get_distinct_batches(store):
+    results, errors = [], []
+
+    def start(i):
+        try:
+            results.append(store.create_rater(f"r{i}")["batch"])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(results) == [0, 1, 2, 3, 4]

@@ -351,6 +351,9 @@ def fid_coco(system, coco, extractor: FeatureExtractor, *, num: int = 30000, siz
         coco = load_coco(coco)
     if num < 2:
         raise ValueError(f"num: FID needs at least 2 samples, got {num}")
+    if samples_dir and system.label == REFERENCE:
+        raise ValueError(f"label: {REFERENCE!r} names the COCO images in the samples manifest; "
+                         f"give the system another label")
     chosen = coco.sample(num, seed)
     prompts = [c for _, c in chosen]
     ref_paths = coco.image_paths()

@@ -85,7 +85,11 @@ def run_sweep(system: System, guidances: Sequence[float], coco, extractor, clip_
 
 def plot_tradeoff(points: Sequence[dict], path: str, title: str = "") -> str:
     """CLIP score (x) vs FID (y), points joined in guidance order and labelled."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the sweep's plot needs matplotlib (pip install matplotlib, or "
+                          "imagen-fast[eval])") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
