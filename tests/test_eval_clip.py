@@ -65,8 +65,8 @@ def test_score_manifest_per_system_and_category(clip_dir, tmp_path):
                           [f"caption {i}" for i in range(4)])
     assert r["A"]["clip_score"] == pytest.approx(direct.mean())
     assert r["A"]["categories"]["even"] == pytest.approx(direct[[0, 2]].mean())
-    with pytest.raises(ValueError, match="not a system"):
-        list(m.pairs("C"))
+    with pytest.raises(ValueError, match="'C' is not in"):
+        score_manifest(scorer, m, ["C"])
 
 
 def test_clip_bad_input(clip_dir, tmp_path):

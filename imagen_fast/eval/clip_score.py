@@ -103,6 +103,9 @@ def score_manifest(scorer: CLIPScorer, manifest, labels: Optional[List[str]] = N
     {label: {"clip_score", "num", "categories": {name: score}}}."""
     out = {}
     for label in labels or manifest.labels:
+        if label not in manifest.labels:
+            raise ValueError(f"system {label!r} is not in {manifest.folder} (systems: "
+                             f"{', '.join(manifest.labels)})")
         caps, paths, cats = [], [], []
         for item in manifest.items:
             for rel in item["images"].get(label, []):

@@ -18,7 +18,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -227,26 +227,6 @@ def _trace_sqrt_product(s1, s2, f1, f2) -> float:
 
 def fid_from_statistics(a: Statistics, b: Statistics) -> float:
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, a.factor, b.factor)
-
-
-def statistics_of_images(images: Iterable[ImageLike], extractor: FeatureExtractor,
-                         size: Optional[int] = None, chunk: int = 256,
-                         progress: Optional[Callable[[int], None]] = None) -> Statistics:
-    """Statistics of a stream of images (each first square-resized to ``size`` if given)."""
-    stats, buf = RunningStatistics(), []
-
-    def flush():
-        if buf:
-            stats.update(extractor(buf))
-            if progress:
-                progress(len(buf))
-            buf.clear()
-    for im in images:
-        buf.append(square_resize(im, size) if size else im)
-        if len(buf) >= chunk:
-            flush()
-    flush()
-    return stats.result()
 
 
 def _load_resized(size: Optional[int]):

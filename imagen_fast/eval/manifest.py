@@ -36,15 +36,6 @@ class Manifest:
     def image_path(self, rel: str) -> str:
         return rel if os.path.isabs(rel) else os.path.normpath(os.path.join(self.folder, rel))
 
-    def pairs(self, label: str):
-        """(caption, absolute image path) for every image of one system."""
-        if label not in self.labels:
-            raise ValueError(f"label: {label!r} is not a system of {self.folder} "
-                             f"(systems: {', '.join(self.labels)})")
-        for item in self.items:
-            for rel in item["images"].get(label, []):
-                yield item["caption"], self.image_path(rel)
-
 
 def write_manifest(folder: str, systems: List[Dict[str, Any]], items: List[Dict[str, Any]]) -> str:
     path = os.path.join(folder, NAME)

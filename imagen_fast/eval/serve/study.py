@@ -16,8 +16,9 @@ Alignment questions go to each system in ``align``. The real questions are shuff
 (seeded) and cut into batches of ``batch_size`` (50 in the paper); a rater gets one
 batch.
 
-Control questions have a known answer and are interleaved with the real ones, one in
-every ``control_every`` trials, to tell attentive raters from careless ones:
+Control questions have a known answer and are interleaved with the real ones, one
+at a random place in each run of ``control_every`` real questions (1 in 6 trials by
+default), to tell attentive raters from careless ones:
 
 * photorealism: an image next to a visibly destroyed copy of itself (tiles shuffled,
   strong noise); the intact image is right.
