@@ -83,5 +83,5 @@ class CMakeBuild(build_ext):
 setup(
     ext_modules=[CMakeExtension("imagen_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
-    package_data={"imagen_fast": ["py.typed"]},
+    package_data={"imagen_fast": ["py.typed", "ops/gpu_choice.json"]},
 )
