@@ -34,7 +34,7 @@ test: venv
 
 bench: venv
 	$(PIP) install -q matplotlib
-	$(VPY) -m benchmarks.bench_cpu_ops
+	$(VPY) -m benchmarks.bench_ops
 
 lint: venv
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check imagen_fast tests benchmarks

@@ -569,7 +569,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", default="unknown", choices=["yes", "no", "unknown"],
                     help="record whether other work was paused on the machine during the run")
     args = ap.parse_args(argv)
-    harness.set_allocator_env()
     which = [w for w in args.ops.split(",") if w]
     bad = sorted(set(which) - set(OPS))
     if bad:
@@ -578,6 +577,7 @@ def main(argv=None) -> int:
         print("bench_ops: --device cuda but no CUDA GPU is visible (torch.cuda.is_available() is "
               "False); run it on a GPU machine, or use --device cpu", file=sys.stderr)
         return 2
+    harness.set_allocator_env()
     device = torch.device(args.device)
     threads = int(os.environ.get("IMAGEN_FAST_BENCH_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
