@@ -7,7 +7,7 @@ PIP := $(VPY) -m pip
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 
-.PHONY: venv build test test-fast bench lint cuda-check clean
+.PHONY: venv build test test-fast bench bench-model lint cuda-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: venv
 bench: venv
 	$(PIP) install -q matplotlib
 	$(VPY) -m benchmarks.bench_ops
+
+bench-model: venv
+	$(PIP) install -q matplotlib
+	$(VPY) -m benchmarks.bench_model
 
 lint: venv
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check imagen_fast tests benchmarks

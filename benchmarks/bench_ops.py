@@ -482,6 +482,44 @@ def make_tables(records: List[dict], device_type: str) -> List[harness.Table]:
     return tables
 
 
+def summary_table(records: List[dict]) -> harness.Table:
+    """One row per (op, pass): cases, and the range (median) of each speedup and of the
+    roofline fraction over them: the table the README shows."""
+    table = harness.Table("Summary: imagen-fast's speedup over each baseline, min - max (median) over the cases",
+                          ["op", "pass", "cases", "x eager", "x compile", "x best SDPA", "x triton (cuda)",
+                           "fraction of roofline"])
+
+    def spread(vals):
+        vals = sorted(v for v in vals if v == v)
+        if not vals:
+            return "n/a"
+        return f"{vals[0]:.2f} - {vals[-1]:.2f} ({vals[len(vals) // 2]:.2f})"
+    for (op, mode) in TITLES:
+        rows = [r for r in records if (r["op"], r["mode"]) == (op, mode)]
+        if not rows:
+            continue
+        def ratio(r, names, ours="imagen-fast"):
+            t = {k: v["median_ms"] for k, v in r["timings"].items()}
+            present = [t[n] for n in names if n in t]
+            return min(present) / t[ours] if present and ours in t else float("nan")
+        sdpa = [p for p in PEERS if p.startswith("sdpa")]
+        frac = []
+        for r in rows:
+            kind, amount = r["work"]
+            rate = amount / (r["timings"]["imagen-fast"]["median_ms"] * 1e-3)
+            peak = (r["roof"]["matmul_gflops"] or float("nan")) * 1e9 if kind == "flops" else r["roof"]["copy_gbs"] * 1e9
+            frac.append(rate / peak)
+        table.add(OP_NAMES[op], mode, len(rows), spread(ratio(r, ["eager"]) for r in rows),
+                  spread(ratio(r, ["compile"]) for r in rows),
+                  spread(ratio(r, sdpa) for r in rows) if op == "attn" else "",
+                  spread(ratio(r, ["triton"], ours="cuda") for r in rows),
+                  spread(frac) + (" of matmul" if op == "attn" else " of copy"))
+    empty = [i for i in range(len(table.columns)) if all(row[i] in ("", "n/a") for row in table.rows)]
+    table.columns = [c for i, c in enumerate(table.columns) if i not in empty]
+    table.rows = [[v for i, v in enumerate(row) if i not in empty] for row in table.rows]
+    return table
+
+
 # ------------------------------------------------------------ the choice table
 CHOICE_OPS = {("gn", "fwd"): "group_norm_silu_fwd", ("gn", "fwd+bwd"): "group_norm_silu_bwd",
               ("thr", "fwd"): "dynamic_threshold", ("step", "fwd"): "sampler_step"}
@@ -537,6 +575,34 @@ def _previous(name: str, machine: dict) -> Tuple[List[dict], List[dict]]:
     return data.get("raw", {}).get("cases", []), data.get("raw", {}).get("runs", [])
 
 
+def render(name: str) -> int:
+    """Tables and plot again from a results JSON (after a change to how they are drawn)."""
+    import json
+    path = harness.RESULTS / f"{name}.json"
+    data = json.loads(path.read_text())
+    records, runs = data["raw"]["cases"], data["raw"].get("runs", [])
+    m = data["machine"]
+    tables = all_tables(records, "cuda" if m.get("gpu") else "cpu", m.get("rounds"), m.get("threads"), runs)
+    harness.write_results(name, data["machine"], tables, data["raw"])
+    try:
+        from benchmarks.plots import plot_speedups
+        print(f"wrote {plot_speedups(path)}")
+    except ImportError:
+        pass
+    print(f"wrote {path.with_suffix('.md')}")
+    return 0
+
+
+def all_tables(records, device_type: str, rounds, threads, runs) -> List[harness.Table]:
+    tables = [summary_table(records)] + make_tables(records, device_type)
+    for t in tables:
+        t.notes.insert(0, f"Medians of {rounds} interleaved rounds; "
+                          f"{'CUDA events' if device_type == 'cuda' else 'wall clock'}; {threads} threads; "
+                          "fractions use the copy bandwidth / matmul rate measured at the start of "
+                          "the run that timed the row. " + _runs_note(runs))
+    return tables
+
+
 def _runs_note(runs: List[dict]) -> str:
     return "Runs: " + "; ".join(
         f"{r['date']} commit {r['git_commit']}, copy {r['copy_gbs']}->{r['copy_gbs_end']} GB/s, "
@@ -568,7 +634,11 @@ def main(argv=None) -> int:
                     help="keep the cases already in the results file (same machine) and run the rest")
     ap.add_argument("--quiet", default="unknown", choices=["yes", "no", "unknown"],
                     help="record whether other work was paused on the machine during the run")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the markdown and PNG from the results JSON (no timing)")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(args.out or "cpu_ops")
     which = [w for w in args.ops.split(",") if w]
     bad = sorted(set(which) - set(OPS))
     if bad:
@@ -626,12 +696,7 @@ def main(argv=None) -> int:
                    quiet=args.quiet)
     runs.append({k: machine[k] for k in ("date", "git_commit", "copy_gbs", "copy_gbs_end",
                                          "load_average", "load_average_end", "elapsed_s", "quiet")})
-    tables = make_tables(records, device.type)
-    for t in tables:
-        t.notes.insert(0, f"Medians of {rounds} interleaved rounds; "
-                          f"{'CUDA events' if device.type == 'cuda' else 'wall clock'}; {threads} threads; "
-                          "fractions use the copy bandwidth / matmul rate measured at the start of "
-                          "the run that timed the row. " + _runs_note(runs))
+    tables = all_tables(records, device.type, rounds, threads, runs)
     raw = {"cases": records, "skipped": skipped, "runs": runs}
     if device.type == "cuda":
         arch, gpu = gpu_choice.arch_of(device)

@@ -106,14 +106,18 @@ build() {
 }
 
 tests() {
-  local per_test=()
-  "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=120)
-  "$PY" -m pytest -q -p no:cacheprovider "${per_test[@]}" -o junit_family=xunit2 \
+  local opts=()
+  "$PY" -c "import pytest_timeout" 2> /dev/null && opts+=(--timeout=120)
+  # the tests are mostly Triton compilation: 8 workers on the 16 cores share the GPU
+  "$PY" -c "import xdist" 2> /dev/null && opts+=(-n 8)
+  "$PY" -m pytest -q -p no:cacheprovider "${opts[@]}" -o junit_family=xunit2 \
     --junitxml="$LOGS/tests.xml" tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py
 }
 
+# the real-GPU kernel tests (test_cuda_kernels.py -k gpu_) at small shapes: the whole
+# contract suite under the sanitizer takes longer than one call allows
 sanitizer() {
-  TOOLS="memcheck racecheck" PY="$PY" bash tests/gpu/run_sanitizer.sh
+  SANITIZER_K=gpu_ TOOLS="memcheck racecheck" PY="$PY" bash tests/gpu/run_sanitizer.sh
 }
 
 # the benchmarks stop starting new cases in time to write their results

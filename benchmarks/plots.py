@@ -27,9 +27,16 @@ def _pyplot():
     return plt
 
 
-def _title(m: dict, what: str, json_path: Path) -> str:
-    return (f"imagen-fast {what} on {m.get('gpu') or m.get('cpu')} ({m.get('torch_threads')} threads), "
-            f"commit {m.get('git_commit')} ({Path(json_path).name})")
+def _save(fig, plt, machine: dict, what: str, json_path: Path) -> Path:
+    """Title with the machine and commit, written beside the JSON as .png."""
+    fig.suptitle(f"imagen-fast {what} on {machine.get('gpu') or machine.get('cpu')} "
+                 f"({machine.get('torch_threads')} threads), commit {machine.get('git_commit')} "
+                 f"({Path(json_path).name})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    out = Path(json_path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def plot_speedups(json_path: Path) -> Path:
@@ -69,12 +76,7 @@ def plot_speedups(json_path: Path) -> Path:
         ax.set_ylabel("speedup (x)")
         ax.set_title(f"{OP_TITLES[op]} {mode}", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(_title(data["machine"], "op speedups", json_path), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    out = Path(json_path).with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, plt, data["machine"], "op speedups", json_path)
 
 
 def plot_model(json_path: Path) -> Path:
@@ -96,12 +98,7 @@ def plot_model(json_path: Path) -> Path:
         ax.set_ylabel("images/s")
         ax.set_title({"train": "training step", "sample": "sampling, per denoising step",
                       "sample e2e": "sampling, end to end"}[mode], fontsize=9)
-    fig.suptitle(_title(data["machine"], "model throughput", json_path), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    out = Path(json_path).with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, plt, data["machine"], "model throughput", json_path)
 
 
 def plot(json_path: Path) -> Path:

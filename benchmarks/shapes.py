@@ -29,22 +29,27 @@ BATCHES = (1, 8, 64)
 
 
 @dataclass(frozen=True)
-class GNCall:
+class ImageShape:
+    """An (N, C, H, W) tensor of a preset: its output image, or a feature map."""
     preset: str
     n: int
     c: int
     h: int
     w: int
-    groups: int
-    film: bool
-    activation: str
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
         return (self.n, self.c, self.h, self.w)
 
-    def at_batch(self, batch: int) -> "GNCall":
+    def at_batch(self, batch: int):
         return replace(self, n=batch)
+
+
+@dataclass(frozen=True)
+class GNCall(ImageShape):
+    groups: int
+    film: bool
+    activation: str
 
 
 @dataclass(frozen=True)
@@ -65,22 +70,6 @@ class AttnCall:
 
     def at_batch(self, batch: int) -> "AttnCall":
         return replace(self, b=batch)
-
-
-@dataclass(frozen=True)
-class ImageShape:
-    preset: str
-    n: int
-    c: int
-    h: int
-    w: int
-
-    @property
-    def shape(self) -> Tuple[int, int, int, int]:
-        return (self.n, self.c, self.h, self.w)
-
-    def at_batch(self, batch: int) -> "ImageShape":
-        return replace(self, n=batch)
 
 
 class _Recorder(TorchDispatchMode):

@@ -159,3 +159,12 @@ def test_bench_cli_refuses_cuda_without_gpu():
     r = subprocess.run([sys.executable, "-m", "imagen_fast.cli", "bench", "ops", "--device", "cuda"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_summary_table_ranges_and_drops_empty_columns():
+    recs = [_record("gn", "fwd", (8, 64, 32, 32), {"imagen-fast": 10.0, "eager": 40.0}),
+            _record("gn", "fwd", (8, 64, 16, 16), {"imagen-fast": 10.0, "eager": 20.0})]
+    t = bench_ops.summary_table(recs)
+    row = dict(zip(t.columns, t.rows[0]))
+    assert row["cases"] == 2 and row["x eager"] == "2.00 - 4.00 (4.00)"
+    assert "x compile" not in t.columns and "x best SDPA" not in t.columns
