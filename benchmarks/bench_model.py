@@ -390,6 +390,7 @@ def _imagen_pytorch_status():
 
 
 def main(argv=None) -> int:
+    global E2E_STEPS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--presets", default="", help="comma list (default: per device)")
@@ -397,6 +398,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--quick", action="store_true",
                     help="matched preset at batch 2, no e2e, 3 rounds, one memory run (a smoke run)")
+    ap.add_argument("--e2e-steps", type=int, default=E2E_STEPS, help="steps of the end-to-end sampling run")
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--memory-repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=None,
@@ -416,6 +418,7 @@ def main(argv=None) -> int:
         print(json.dumps(memory_worker(lib, preset, mode, args.batch, args.memory_steps, device)))
         return 0
     harness.set_allocator_env()
+    E2E_STEPS = args.e2e_steps
     from imagen_fast.models import PRESETS
     presets = [p for p in args.presets.split(",") if p] or list(
         CPU_PRESETS if device.type == "cpu" else GPU_PRESETS)
@@ -471,6 +474,9 @@ def main(argv=None) -> int:
         f"load average before/after: {tuple(round(x, 2) for x in load_before)} / "
         f"{tuple(round(x, 2) for x in load_after)}; quiet machine (other work paused): {args.quiet}",
     ] + [f"not run: {s}" for s in skipped]
+    warning = None if device.type == "cuda" else harness.load_warning([load_before[0], load_after[0]])
+    if warning:
+        table.notes.append(warning)
     raw = {"throughput": throughput, "memory": memory, "params": params, "skipped": skipped,
            "imagen_pytorch": ip_status, "e2e_steps": E2E_STEPS, "load_before": load_before,
            "load_after": load_after}

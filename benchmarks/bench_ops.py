@@ -595,6 +595,10 @@ def render(name: str) -> int:
 
 def all_tables(records, device_type: str, rounds, threads, runs) -> List[harness.Table]:
     tables = [summary_table(records)] + make_tables(records, device_type)
+    warning = None if device_type == "cuda" else harness.load_warning(
+        [v for r in runs for v in (r["load_average"][0], r["load_average_end"][0])])
+    if warning:
+        tables[0].notes.append(warning)
     for t in tables:
         t.notes.insert(0, f"Medians of {rounds} interleaved rounds; "
                           f"{'CUDA events' if device_type == 'cuda' else 'wall clock'}; {threads} threads; "

@@ -158,6 +158,18 @@ def measure_matmul_rate(device: torch.device = torch.device("cpu"), n: Optional[
     return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e9
 
 
+def load_warning(load_averages: Sequence[float], cpu_count: Optional[int] = None) -> Optional[str]:
+    """A warning for the results when the 1-minute load average exceeded the core count
+    at any of the given moments: timings are then dominated by scheduling (threads of
+    a parallel region wait for a descheduled one), ratios included."""
+    cores = cpu_count or os.cpu_count() or 1
+    worst = max(load_averages, default=0.0)
+    if worst <= cores:
+        return None
+    return (f"LOADED MACHINE: load average up to {worst:.1f} on {cores} cores while timing; "
+            "these numbers measure the scheduler as much as the code (rerun on a quiet machine)")
+
+
 def fresh_compile(fn: Callable) -> Callable:
     """torch.compile(fn) with empty dynamo caches: each benchmarked shape gets its own
     static-shape graph, and the recompile limit (8 per function) never turns a later

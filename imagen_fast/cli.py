@@ -92,13 +92,13 @@ def cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible to torch")
     sys.path.insert(0, str(root))
-    from benchmarks import harness
-    harness.set_allocator_env()        # re-executes this command with fixed allocator settings
-    extra = ["--device", args.device] + (["--quick"] if args.quick else [])
     if args.what == "shapes":
         from benchmarks import shapes
         shapes.main([])
         return 0
+    from benchmarks import harness
+    harness.set_allocator_env()        # re-executes this command with fixed allocator settings
+    extra = ["--device", args.device] + (["--quick"] if args.quick else [])
     status = 0
     if args.what in ("ops", "all"):
         from benchmarks import bench_ops

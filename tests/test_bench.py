@@ -168,3 +168,8 @@ def test_summary_table_ranges_and_drops_empty_columns():
     row = dict(zip(t.columns, t.rows[0]))
     assert row["cases"] == 2 and row["x eager"] == "2.00 - 4.00 (4.00)"
     assert "x compile" not in t.columns and "x best SDPA" not in t.columns
+
+
+def test_load_warning_only_above_the_core_count():
+    assert harness.load_warning([1.0, 1.9], cpu_count=2) is None
+    assert "LOADED MACHINE" in harness.load_warning([1.0, 15.0], cpu_count=2)
