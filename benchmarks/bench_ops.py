@@ -48,7 +48,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -85,7 +85,6 @@ class Case:
     film: bool = True
     text_len: int = 0
     masked: bool = False
-    extra: Dict = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -156,7 +155,7 @@ def build_cases(device: torch.device, quick: bool, which, presets=None) -> List[
                     for mode in ("fwd", "fwd+bwd"):
                         add(0 if (first and masked) else 1,
                             Case("attn", mode, a.shape, main, "BHLD", f"{preset} {a.kind}",
-                                 text_len=a.text_len, masked=masked and a.masked, extra={"kind": a.kind}))
+                                 text_len=a.text_len, masked=masked and a.masked))
         img = shape_table.image_shape(preset).at_batch(8)
         for op in ("thr", "step"):
             add(0, Case(op, "fwd", img.shape, torch.float32, "NCHW", f"{preset} output"))
@@ -174,7 +173,7 @@ def build_cases(device: torch.device, quick: bool, which, presets=None) -> List[
                 if attn:
                     a = attn[0].at_batch(batch)
                     add(1, Case("attn", mode, a.shape, main, "BHLD", f"{preset} {a.kind} batch {batch}",
-                                text_len=a.text_len, masked=True, extra={"kind": a.kind}))
+                                text_len=a.text_len, masked=True))
             for op in ("thr", "step"):
                 img = shape_table.image_shape(preset).at_batch(batch)
                 add(1, Case(op, "fwd", img.shape, torch.float32, "NCHW", f"{preset} output batch {batch}"))
