@@ -60,7 +60,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from benchmarks import shapes as shape_table  # noqa: E402
-from benchmarks.baselines import STEP, eager_group_norm, eager_sampler_step, quantile_threshold  # noqa: E402
+from benchmarks.baselines import (  # noqa: E402
+    STEP,
+    eager_group_norm,
+    eager_sampler_step,
+    quantile_threshold,
+)
 from imagen_fast import ops  # noqa: E402
 from imagen_fast.ops import gpu_choice, reference  # noqa: E402
 
