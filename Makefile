@@ -7,7 +7,7 @@ PIP := $(VPY) -m pip
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 
-.PHONY: venv build sample test bench lint clean
+.PHONY: venv build sample test bench bench-model lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -43,7 +43,11 @@ test: venv
 
 bench: venv
 	$(PIP) install -q matplotlib
-	$(VPY) -m benchmarks.bench_cpu_ops
+	$(VPY) -m benchmarks.bench_ops
+
+bench-model: venv
+	$(PIP) install -q matplotlib
+	$(VPY) -m benchmarks.bench_model
 
 lint: venv
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check imagen_fast tests benchmarks

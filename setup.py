@@ -83,7 +83,7 @@ class CMakeBuild(build_ext):
 setup(
     ext_modules=[CMakeExtension("imagen_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
-    package_data={"imagen_fast": ["py.typed", "eval/data/*.csv", "eval/serve/static/*",
+    package_data={"imagen_fast": ["py.typed", "ops/gpu_choice.json", "eval/data/*.csv", "eval/serve/static/*",
                                   "assets/shapes-cascade/*.json", "assets/shapes-cascade/*.safetensors",
                                   "assets/shapes-cascade/*.md", "assets/shapes-cascade/training/*"]},
 )

@@ -1,10 +1,13 @@
-"""Timing, machine description and result files shared by the benchmarks.
+"""Timing, machine description and result files shared by the benchmarks (CPU and GPU).
 
 Rules the numbers follow: candidates compared in one table run in the same process,
-interleaved round by round (so background load hits all of them alike); each
-round times a batch of calls; the table reports the median over rounds with the
-10th/90th percentiles; inputs rotate over several copies whose total size exceeds
-the last-level cache, so no call finds its data already cached.
+interleaved round by round in a shuffled order (so background load hits all of them
+alike); each round times a batch of calls, with CUDA events around the batch on a GPU
+and the wall clock on a CPU; the table reports the median over rounds with the
+10th/90th percentiles; inputs rotate over several copies whose total size exceeds the
+last-level cache (CPU) or 4x the L2 cache (GPU), so no call finds its data already
+cached. The roofline denominators (copy bandwidth, matmul rate) are measured by the
+same process at start.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -26,14 +29,20 @@ ROTATE_BYTES = 256 << 20        # rotate inputs over at least this many bytes
 
 
 def set_allocator_env() -> None:
-    """glibc returns big blocks to the OS and page-faults them back in on every call
-    unless the mmap/trim thresholds are high; they must be set before the process
-    starts allocating, so the benchmark re-executes itself with them when needed."""
+    """Fixed allocator and thread settings for timing, set before the process allocates:
+    glibc returns big blocks to the OS and page-faults them back in on every call unless
+    its mmap/trim thresholds are high, and OpenMP's thread count must be fixed at start.
+    The benchmark re-executes itself with them when they are missing (call this first
+    thing in a benchmark's main, never at import)."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return
+    threads = os.environ.get("IMAGEN_FAST_BENCH_THREADS", str(os.cpu_count() or 1))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296",
-               MALLOC_TRIM_THRESHOLD_="68719476736", MALLOC_TOP_PAD_="1073741824")
+               MALLOC_TRIM_THRESHOLD_="68719476736", MALLOC_TOP_PAD_="1073741824",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
     import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
 
 
@@ -48,14 +57,47 @@ class Timing:
         return asdict(self)
 
 
-def copies_for(nbytes: int, minimum: int = 2, maximum: int = 64) -> int:
-    """How many input copies rotate so their total exceeds ROTATE_BYTES."""
-    return max(minimum, min(maximum, -(-ROTATE_BYTES // max(1, nbytes))))
+def rotate_bytes(device: torch.device = torch.device("cpu")) -> int:
+    """Bytes the rotated inputs of one call must span: more than any cache level."""
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+        return max(ROTATE_BYTES, 4 * l2)
+    return ROTATE_BYTES
+
+
+def copies_for(nbytes: int, minimum: int = 2, maximum: int = 64,
+               device: torch.device = torch.device("cpu")) -> int:
+    """How many input copies rotate so their total exceeds ``rotate_bytes(device)``."""
+    return max(minimum, min(maximum, -(-rotate_bytes(device) // max(1, nbytes))))
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Clock:
+    """Times a batch of calls: CUDA events on a GPU (device time of the stream, launch
+    gaps included), perf_counter with a synchronise on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def time(self, fn: Callable[[int], object], first: int, k: int) -> float:
+        """ms per call of fn(first), ..., fn(first + k - 1)."""
+        if self.cuda:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            for i in range(first, first + k):
+                fn(i)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / k
+        t0 = time.perf_counter()
+        for i in range(first, first + k):
+            fn(i)
+        return (time.perf_counter() - t0) / k * 1e3
 
 
 def compare(candidates: Dict[str, Callable[[int], object]], *, rounds: int = 21,
@@ -64,16 +106,14 @@ def compare(candidates: Dict[str, Callable[[int], object]], *, rounds: int = 21,
     """Time each candidate; a candidate is ``fn(i)`` running call number i (which input
     copy it uses is up to it). Returns per-candidate timings per call."""
     names = list(candidates)
+    clock = _Clock(device)
     inner = {}
     for name in names:                      # warm up and size the inner loops
         fn = candidates[name]
         for i in range(warmup):
             fn(i)
         _sync(device)
-        t0 = time.perf_counter()
-        fn(warmup)
-        _sync(device)
-        one = max(time.perf_counter() - t0, 1e-6)
+        one = max(clock.time(fn, warmup, 1) * 1e-3, 1e-7)
         inner[name] = max(1, int(min_round_s / one))
     samples: Dict[str, List[float]] = {n: [] for n in names}
     counter = 0
@@ -84,12 +124,8 @@ def compare(candidates: Dict[str, Callable[[int], object]], *, rounds: int = 21,
         for name in order:
             fn, k = candidates[name], inner[name]
             _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn(counter)
-                counter += 1
-            _sync(device)
-            samples[name].append((time.perf_counter() - t0) / k * 1e3)
+            samples[name].append(clock.time(fn, counter, k))
+            counter += k
     out = {}
     for name, s in samples.items():
         q = statistics.quantiles(s, n=10)
@@ -97,9 +133,11 @@ def compare(candidates: Dict[str, Callable[[int], object]], *, rounds: int = 21,
     return out
 
 
-def measure_copy_bandwidth(device: torch.device = torch.device("cpu"), nbytes: int = 512 << 20,
+def measure_copy_bandwidth(device: torch.device = torch.device("cpu"), nbytes: Optional[int] = None,
                            rounds: int = 15) -> float:
-    """GB/s of dst.copy_(src) over buffers far larger than the cache (read + write)."""
+    """GB/s of dst.copy_(src) over buffers far larger than the cache (read + write):
+    512 MiB on a CPU, 1 GiB on a GPU."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (512 << 20))
     n = nbytes // 4
     src = [torch.rand(n, device=device) for _ in range(2)]
     dst = [torch.empty(n, device=device) for _ in range(2)]
@@ -108,14 +146,45 @@ def measure_copy_bandwidth(device: torch.device = torch.device("cpu"), nbytes: i
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
-def measure_matmul_rate(device: torch.device = torch.device("cpu"), n: int = 2048,
+def measure_matmul_rate(device: torch.device = torch.device("cpu"), n: Optional[int] = None,
                         dtype: torch.dtype = torch.float32, rounds: int = 9) -> float:
-    """GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in ``dtype``."""
+    """GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in ``dtype`` (n = 2048 on a CPU,
+    8192 on a GPU)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)
     t = compare({"mm": lambda i: torch.mm(a, b, out=out)}, rounds=rounds, min_round_s=0.05,
                 device=device)["mm"]
     return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e9
+
+
+def load_warning(load_averages: Sequence[float], cpu_count: Optional[int] = None) -> Optional[str]:
+    """A warning for the results when the 1-minute load average exceeded the core count
+    at any of the given moments: timings are then dominated by scheduling (threads of
+    a parallel region wait for a descheduled one), ratios included."""
+    cores = cpu_count or os.cpu_count() or 1
+    worst = max(load_averages, default=0.0)
+    if worst <= cores:
+        return None
+    return (f"LOADED MACHINE: load average up to {worst:.1f} on {cores} cores while timing; "
+            "these numbers measure the scheduler as much as the code (rerun on a quiet machine)")
+
+
+def fresh_compile(fn: Callable) -> Callable:
+    """torch.compile(fn) with empty dynamo caches: each benchmarked shape gets its own
+    static-shape graph, and the recompile limit (8 per function) never turns a later
+    shape's "compile" candidate silently back into eager code."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def progress(items: Sequence, desc: str):
+    """A progress bar over the benchmark list (tqdm, to stderr), or the plain list."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="case", dynamic_ncols=True, mininterval=1.0)
 
 
 def _git_commit() -> str:
@@ -136,6 +205,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - not installed or broken: reported as None
+        return None
+
+
 def machine_info(device: torch.device = torch.device("cpu")) -> dict:
     info = {
         "cpu": _cpu_model(),
@@ -143,8 +219,11 @@ def machine_info(device: torch.device = torch.device("cpu")) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "triton": _version("triton"),
+        "imagen_fast": _version("imagen_fast"),
         "git_commit": _git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
     try:
@@ -154,7 +233,9 @@ def machine_info(device: torch.device = torch.device("cpu")) -> dict:
         info["imagen_fast_build"] = None
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, gpu_sms=p.multi_processor_count, cuda=torch.version.cuda,
+        info.update(gpu=p.name, gpu_arch=f"sm_{p.major}{p.minor}", gpu_sms=p.multi_processor_count,
+                    gpu_l2_mb=round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
+                    gpu_memory_gb=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
                     driver=_nvidia_driver())
     return info
 

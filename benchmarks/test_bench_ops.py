@@ -43,6 +43,17 @@ def test_attention_text_mask(benchmark):
         benchmark(ops.attention, q, k, v, mask)
 
 
+def test_attention_text_mask_forward_backward(benchmark):
+    q, k, v = (torch.randn(8, 8, n, 64, requires_grad=True) for n in (256, 333, 333))
+    mask = torch.rand(8, 333) > 0.2
+    mask[:, 0] = True
+    go = torch.randn(8, 8, 256, 64)
+
+    def run():
+        torch.autograd.grad(ops.attention(q, k, v, mask), [q, k, v], go)
+    benchmark(run)
+
+
 @pytest.mark.parametrize("shape", [(8, 3, 64, 64), (8, 3, 256, 256)], ids=lambda s: "x".join(map(str, s)))
 def test_dynamic_threshold(benchmark, shape):
     x = 2 * torch.randn(shape)

@@ -84,22 +84,29 @@ def _repo_root() -> Path:
 
 def cmd_bench(args) -> int:
     root = _repo_root()
-    if not (root / "benchmarks" / "bench_cpu_ops.py").exists():
+    if not (root / "benchmarks" / "bench_ops.py").exists():
         raise UsageError("the benchmarks live in the source tree (benchmarks/): run this from a "
                          "checkout installed with `pip install -e .`")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is visible to torch")
     sys.path.insert(0, str(root))
-    from benchmarks import bench_cpu_ops
-
-    extra = ["--quick"] if args.quick else []
+    if args.what == "shapes":
+        from benchmarks import shapes
+        shapes.main([])
+        return 0
+    from benchmarks import harness
+    harness.set_allocator_env()        # re-executes this command with fixed allocator settings
+    extra = ["--device", args.device] + (["--quick"] if args.quick else [])
+    status = 0
     if args.what in ("ops", "all"):
-        bench_cpu_ops.main(extra)
+        from benchmarks import bench_ops
+        status |= bench_ops.main(extra)
     if args.what in ("model", "all"):
-        try:
-            from benchmarks import bench_model
-        except ImportError as e:
-            raise UsageError(f"model benchmark not available: {e}") from None
-        bench_model.main(extra)
-    return 0
+        from benchmarks import bench_model
+        status |= bench_model.main(extra)
+    return status
 
 
 def cmd_presets(args) -> int:
@@ -147,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
     s = sub.add_parser("bench", help="benchmarks (results under benchmarks/results/)")
-    s.add_argument("what", choices=["ops", "model", "all"], nargs="?", default="ops")
-    s.add_argument("--quick", action="store_true", help="a short smoke run")
+    s.add_argument("what", choices=["ops", "model", "all", "shapes"], nargs="?", default="ops",
+                   help="ops: every op over the shape table; model: every preset's training and "
+                        "sampling vs imagen-pytorch; shapes: print the shape table")
+    s.add_argument("--quick", action="store_true", help="a short smoke run (under 2 minutes on CPU)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.set_defaults(func=cmd_bench)
     s = sub.add_parser("train", help="train one stage of the cascade from a TOML config")
     s.add_argument("--config", required=True, help="TOML file (see imagen_fast/train_config.py)")

@@ -62,12 +62,12 @@ class AttentionBlock(nn.Module):
         b, l, _ = t.shape
         return t.view(b, l, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None,
-                context_mask: Optional[Tensor] = None) -> Tensor:
-        b, c, h, w = x.shape
-        # channels_last NCHW -> (B, HW, C) is a view, no copy.
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        q = self._heads(self.to_q(tokens))
+    def _keys_values(self, tokens: Tensor, context: Optional[Tensor],
+                     context_mask: Optional[Tensor], q_dtype: torch.dtype):
+        """(k, v, mask) in heads layout, or None when there is nothing to attend to.
+        A function of its own so the projections' full-width outputs are freed before
+        the attention runs (they would otherwise stay alive beside k and v)."""
+        b, hw, _ = tokens.shape
         ks, vs = [], []
         mask_parts = []
         if self.mode == "self":
@@ -76,20 +76,33 @@ class AttentionBlock(nn.Module):
             vs.append(v_img)
         if context is not None and self.context_kv is not None:
             k_txt, v_txt = self.context_kv(self.context_norm(context)).chunk(2, dim=-1)
-            ks.append(k_txt.to(q.dtype))
-            vs.append(v_txt.to(q.dtype))
+            ks.append(k_txt.to(q_dtype))
+            vs.append(v_txt.to(q_dtype))
             if context_mask is not None:
                 if self.mode == "self":
-                    mask_parts.append(torch.ones(b, h * w, dtype=torch.bool, device=x.device))
+                    mask_parts.append(torch.ones(b, hw, dtype=torch.bool, device=tokens.device))
                 mask_parts.append(context_mask)
         if not ks:
-            # cross-attention with no text: nothing to attend to, the layer is the identity
-            return x
-        k = self._heads(torch.cat(ks, dim=1).to(q.dtype))
-        v = self._heads(torch.cat(vs, dim=1).to(q.dtype))
+            return None
+        k = self._heads(torch.cat(ks, dim=1).to(q_dtype))
+        v = self._heads(torch.cat(vs, dim=1).to(q_dtype))
         # No mask at all when every key is valid: kernels take their unmasked fast path.
         mask = torch.cat(mask_parts, dim=1) if mask_parts else None
-        out = ops.attention(q, k, v, key_padding_mask=mask)          # (B, heads, HW, Dh)
+        return k, v, mask
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None,
+                context_mask: Optional[Tensor] = None) -> Tensor:
+        b, c, h, w = x.shape
+        # channels_last NCHW -> (B, HW, C) is a view, no copy.
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        q = self._heads(self.to_q(tokens))
+        kv = self._keys_values(tokens, context, context_mask, q.dtype)
+        del tokens
+        if kv is None:
+            # cross-attention with no text: nothing to attend to, the layer is the identity
+            return x
+        out = ops.attention(q, *kv[:2], key_padding_mask=kv[2])     # (B, heads, HW, Dh)
+        del q, kv
         out = self.proj_out(out.transpose(1, 2).reshape(b, h * w, c))
         out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)           # channels_last NCHW view
         return x + out

@@ -354,5 +354,10 @@ class EfficientUNet(_UNetBase):
         for k, block in enumerate(self.ublocks):
             skip = skips.pop() if k else None
             h = self._run(block, h, skip, emb, context, mask)
-        h = (h + h0) * SKIP_SCALE
+        # In place: the last UBlock's output is used nowhere else (its transposed conv
+        # saves only its input), and h0 is dropped before the output layers. Out of
+        # place, four full-resolution maps were alive at once here, the peak of a
+        # guided (2B) sampling step.
+        h = h.add_(h0).mul_(SKIP_SCALE)
+        del h0
         return self.out_conv(self.out_norm(h))

@@ -7,7 +7,9 @@ cannot. Selection:
 * an explicit backend (``use_backend(...)`` or IMAGEN_FAST_BACKEND) must serve the
   call, or a ValueError says why not;
 * otherwise the first backend of the device's preference list that can serve it is
-  used; falling back past a kernel backend is logged once per (op, reason).
+  used; falling back past a kernel backend is logged once per (op, reason). On CUDA
+  devices, where both triton and cuda can serve an op, which one goes first comes from
+  the measured table of ``gpu_choice`` (per op, shape class and GPU architecture).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+
+from . import gpu_choice
 
 log = logging.getLogger("imagen_fast")
 
@@ -154,9 +158,15 @@ def resolve(op: str, device: torch.device, *args) -> Callable:
             raise ValueError(f"{op}: requested backend {wanted!r} cannot run this call: {why}")
         return _registry[(op, wanted)].fn
     order = _AUTO_ORDER.get(device.type, ("torch",))
+    reasons: Dict[str, Optional[str]] = {}
+    if device.type == "cuda" and op in gpu_choice.CHOSEN_OPS:
+        reasons = {b: _reason(op, b, device, args) for b in gpu_choice.GPU_BACKENDS}
+        if all(r is None for r in reasons.values()):
+            first = gpu_choice.pick_for_device(op, device, args[0])
+            order = (first,) + tuple(b for b in order if b != first)
     skipped = []
     for backend in order:
-        why = _reason(op, backend, device, args)
+        why = reasons[backend] if backend in reasons else _reason(op, backend, device, args)
         if why is None:
             if skipped:
                 key = (backend, tuple(skipped))

@@ -11,6 +11,7 @@
 #
 #   tests/gpu/run_sanitizer.sh                  # all four tools
 #   TOOLS="memcheck racecheck" tests/gpu/run_sanitizer.sh
+#   SANITIZER_K=gpu_ tests/gpu/run_sanitizer.sh   # only tests/test_cuda_kernels.py -k gpu_ (quick)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -38,6 +39,9 @@ export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 # (attention has no cuda kernel; the 2x3x1024x1024 contract case is too slow here).
 TESTS=(tests/test_cuda_kernels.py
        "tests/test_ops.py -k cuda and not attention and not above_quantile_limit")
+if [ -n "${SANITIZER_K:-}" ]; then
+  TESTS=("tests/test_cuda_kernels.py -k $SANITIZER_K")
+fi
 
 status=0
 for tool in $TOOLS; do

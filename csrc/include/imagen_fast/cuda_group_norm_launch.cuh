@@ -3,7 +3,7 @@
 // instantiated in its own csrc/cuda/group_norm_<dtype>.cu so the build parallelises.
 //
 // Path heuristic (device properties queried once per device; not yet tuned on a GPU:
-// benchmarks/bench_cuda_gpu.py times both paths forced next to the automatic choice):
+// benchmarks/bench_ops.py --device cuda times both paths forced next to the automatic choice):
 // * one-pass when a group fits in one CTA's registers (at most 512 threads x 16
 //   vectors of 16 bytes forward, 512 x 8 backward, whatever the channel count), N*G
 //   CTAs cover at least every SM once, and, channels-last, a group's row of D channels

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Everything a lent CUDA GPU (H100/H200) is needed for, in ONE call of under ~9 minutes:
+#   1 info        nvidia-smi, versions
+#   2 build       imagen_fast._C with the CUDA kernels for this card's architecture only
+#   3 tests       tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py at full shapes
+#   4 sanitizer   compute-sanitizer memcheck + racecheck on the small-shape cuda tests
+#   5 ops         python -m benchmarks.bench_ops --device cuda (every op; triton vs cuda;
+#                 writes imagen_fast/ops/gpu_choice.json)
+#   6 model       python -m benchmarks.bench_model --device cuda (paper-size presets)
+# Each part runs under its own hard time limit (`timeout`), inside what is left of the
+# total; a part that fails or times out is recorded and the next one runs. Nothing here
+# stops on an error.
+#
+#   bash benchmarks/gpu_session.sh                       # from the repository root
+#   OUT=/some/dir TOTAL_S=540 bash benchmarks/gpu_session.sh
+# With the device tool:  run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
+# (add carry [".whl"] and IMAGEN_FAST_WHEELS=.whl to bring imagen-pytorch, see
+# benchmarks/fetch_gpu_wheels.sh). Back on the development machine:
+#   bash benchmarks/gpu_session.sh --unpack /path/to/fetched/files
+# puts the results under benchmarks/results/ and the choice table in imagen_fast/ops/.
+#
+# What comes back (at most 8 files, the device tool's limit): summary.md (one line per
+# part with status and seconds, the test summary, the tables), logs.tar.gz (every log
+# and the pytest junit files), results.tar.gz (benchmark JSON/markdown/PNG files) and
+# gpu_choice.json.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+if [ "${1:-}" = "--unpack" ]; then
+  src=${2:?usage: gpu_session.sh --unpack DIR}
+  tar -xzf "$src/results.tar.gz" -C "$ROOT/benchmarks/results" && echo "results -> benchmarks/results/"
+  if [ -s "$src/gpu_choice.json" ]; then
+    cp "$src/gpu_choice.json" "$ROOT/imagen_fast/ops/gpu_choice.json" && echo "choice table -> imagen_fast/ops/gpu_choice.json"
+  fi
+  exit 0
+fi
+
+PY=${PY:-python3}
+OUT=${OUT:-$ROOT/benchmarks/results/gpu_session}
+TOTAL_S=${TOTAL_S:-540}
+RESERVE_S=20                       # kept back for packing the results
+WORK=$(mktemp -d)
+LOGS=$WORK/logs
+mkdir -p "$OUT" "$LOGS"
+START=$(date +%s)
+touch "$WORK/start.marker"
+SUMMARY=$WORK/summary.md
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+IMAGEN_FAST_WHEELS=${IMAGEN_FAST_WHEELS:-}
+echo "# GPU session $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$SUMMARY"
+echo "" >> "$SUMMARY"
+echo "| part | status | seconds | limit |" >> "$SUMMARY"
+echo "|---|---|---|---|" >> "$SUMMARY"
+
+# part NAME LIMIT_S COMMAND...: runs under `timeout` with at most what is left of the total
+part() {
+  local name=$1 limit=$2; shift 2
+  local now left t0 rc status
+  now=$(date +%s)
+  left=$(( TOTAL_S - RESERVE_S - (now - START) ))
+  if [ "$left" -lt 10 ]; then
+    echo "| $name | skipped (no time left) | 0 | $limit |" >> "$SUMMARY"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s)"
+  t0=$(date +%s)
+  # the part's functions run in a child bash (timeout cannot run a shell function)
+  PART_LIMIT=$limit timeout --kill-after=15 "$limit" bash -c '"$@"' "$name" "$@" \
+    > "$LOGS/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status="TIMEOUT after ${limit}s" ;;
+    *) status="FAILED (exit $rc)" ;;
+  esac
+  echo "| $name | $status | $(( $(date +%s) - t0 )) | $limit |" >> "$SUMMARY"
+  tail -n 3 "$LOGS/$name.log"
+  return 0
+}
+
+info() {
+  nvidia-smi || true
+  "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+  "$PY" -c "import triton; print('triton', triton.__version__)" || true
+  command -v nvcc && nvcc --version | tail -n 2
+  command -v compute-sanitizer || true
+  if [ -n "${IMAGEN_FAST_WHEELS:-}" ] && ls "$IMAGEN_FAST_WHEELS"/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ipsite \
+      "$IMAGEN_FAST_WHEELS"/*.whl && echo "wheels installed to /tmp/ipsite"
+  fi
+}
+
+build() {
+  local arch
+  arch=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(0); print(f'{p[0]}{p[1]}' + ('a' if p[0] == 9 else ''))")
+  echo "building for CUDA architecture $arch"
+  cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CUDA_ARCHITECTURES="$arch" -DPython_EXECUTABLE="$(command -v "$PY")" \
+    -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
+    -DIMAGEN_FAST_OUTPUT_DIR="$ROOT/imagen_fast" &&
+  cmake --build build/gpu --parallel "$(nproc)" &&
+  "$PY" -m imagen_fast.cli info
+}
+
+tests() {
+  local opts=()
+  "$PY" -c "import pytest_timeout" 2> /dev/null && opts+=(--timeout=120)
+  # the tests are mostly Triton compilation: 8 workers on the 16 cores share the GPU
+  "$PY" -c "import xdist" 2> /dev/null && opts+=(-n 8)
+  "$PY" -m pytest -q -p no:cacheprovider "${opts[@]}" -o junit_family=xunit2 \
+    --junitxml="$LOGS/tests.xml" tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py
+}
+
+# the real-GPU kernel tests (test_cuda_kernels.py -k gpu_) at small shapes: the whole
+# contract suite under the sanitizer takes longer than one call allows
+sanitizer() {
+  SANITIZER_K=gpu_ TOOLS="memcheck racecheck" PY="$PY" bash tests/gpu/run_sanitizer.sh
+}
+
+# the benchmarks stop starting new cases in time to write their results
+ops_bench() {
+  "$PY" -m benchmarks.bench_ops --device cuda --compile-limit 2 --budget-s "$(( PART_LIMIT - 40 ))"
+}
+
+model_bench() {
+  if [ -d /tmp/ipsite ]; then export PYTHONPATH=$PYTHONPATH:/tmp/ipsite; fi
+  "$PY" -m benchmarks.bench_model --device cuda --budget-s "$(( PART_LIMIT - 25 ))"
+}
+
+export PY ROOT LOGS PYTHONPATH IMAGEN_FAST_WHEELS
+export -f info build tests sanitizer ops_bench model_bench
+
+part info 30 info
+part build 110 build
+part tests 110 tests
+part ops 150 ops_bench
+part model 90 model_bench
+part sanitizer 80 sanitizer
+
+# ---------------------------------------------------------------- pack it up
+{
+  echo ""
+  echo "total $(( $(date +%s) - START )) s of $TOTAL_S"
+  echo ""
+  echo "## tests"
+  grep -E "passed|failed|error" "$LOGS/tests.log" 2>/dev/null | tail -n 5 | sed 's/^/    /'
+  echo ""
+  echo "## sanitizer"
+  grep -E "ERROR SUMMARY|!!!|passed|failed" "$LOGS/sanitizer.log" 2>/dev/null | tail -n 12 | sed 's/^/    /'
+} >> "$SUMMARY"
+cd "$ROOT/benchmarks/results" || exit 0
+NEW=$(find . -maxdepth 1 -newer "$WORK/start.marker" -type f \( -name 'gpu_*' -o -name 'bench_model_gpu*' \) | sort)
+for f in $NEW; do
+  case $f in *.md) { echo ""; cat "$f"; } >> "$SUMMARY" ;; esac
+done
+if [ -n "$NEW" ]; then tar -czf "$OUT/results.tar.gz" $NEW; fi
+cp "$ROOT/imagen_fast/ops/gpu_choice.json" "$OUT/gpu_choice.json"
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
+cp "$SUMMARY" "$OUT/summary.md"
+echo "=== done in $(( $(date +%s) - START )) s; results in $OUT"
+head -n 40 "$OUT/summary.md"
