@@ -4,6 +4,10 @@ import os
 import pytest
 import torch
 
+# The JAX tests run on the CPU (Pallas kernels in interpret mode, TPU lowering
+# checked by jax.export): never let a GPU build of jaxlib pick another platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # Without a GPU the triton backend runs in Triton's interpreter on CPU tensors. This
 # must be set before any @triton.jit function is defined, so before imagen_fast's
 # triton kernels are imported.
