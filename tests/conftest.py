@@ -7,6 +7,8 @@ import torch
 # The JAX tests run on the CPU (Pallas kernels in interpret mode, TPU lowering
 # checked by jax.export): never let a GPU build of jaxlib pick another platform.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Test models are tiny: compile time dominates, so skip LLVM's heavy optimisations.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 # Without a GPU the triton backend runs in Triton's interpreter on CPU tensors. This
 # must be set before any @triton.jit function is defined, so before imagen_fast's

@@ -45,9 +45,13 @@ def logsnr(schedule: Dict[str, Any], t, xp=jnp):
     t = xp.clip(t, 0.0, 1.0)
     name = schedule["name"]
     if name == "cosine":
+        # -2 log tan(a t + b); past t = 1/2 as 2 log tan(a (1 - t) + c) with
+        # c = pi/2 - a - b, which keeps float32 accurate where tan nears its pole
         b = math.atan(math.exp(-0.5 * hi))
         a = math.atan(math.exp(-0.5 * lo)) - b
-        lam = -2.0 * xp.log(xp.tan(a * t + b))
+        c = math.atan(math.exp(0.5 * lo))
+        lam = xp.where(t < 0.5, -2.0 * xp.log(xp.tan(a * t + b)),
+                       2.0 * xp.log(xp.tan(a * (1.0 - t) + c)))
     elif name == "linear":
         b0, b1 = schedule.get("beta_start", 1e-4), schedule.get("beta_end", 0.02)
         steps = schedule.get("num_steps", 1000)
@@ -101,6 +105,7 @@ def sampler_step(z, pred_cond, pred_uncond, guidance_scale, coefs, noise, thresh
 
 
 # ---------------------------------------------------------------- training loss
+@jax.tree_util.register_dataclass
 @dataclass
 class Draws:
     """Every random number of one loss evaluation (torch's ``loss`` keyword arguments)."""
