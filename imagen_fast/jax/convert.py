@@ -106,7 +106,7 @@ def to_torch(model, device=None):
     from ..models import unet_from_config as torch_unet
 
     net = torch_unet(model.config, device=device)
-    tensors = {k: torch.from_numpy(v) for k, v in state_dict(model).items()}
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict(model).items()}
     net.load_state_dict(tensors)
     return net
 
