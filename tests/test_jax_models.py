@@ -233,3 +233,25 @@ def test_the_whole_model_lowers_to_mosaic_kernels_for_tpu():
     attentions = 1 + sum(isinstance(m, AttentionBlock) for _, m in nnx.iter_modules(model))
     assert tpu.count("tpu_custom_call") == 2 * norms + attentions
     assert "tpu_custom_call" not in cpu
+
+
+def test_jax_cascade_samples_a_torch_checkpoint(tmp_path):
+    """Text from the host encoder, the base stage's images condition the SR stage,
+    each stage with its own stored sampling settings (overridable)."""
+    from imagen_fast.jax.pipeline import JaxCascade, to_uint8
+
+    torch.manual_seed(0)
+    ImagenCascade.from_presets(["tiny-base32", "tiny-sr64"]).save(str(tmp_path))
+    cascade = JaxCascade.load(str(tmp_path))
+    emb, mask = cascade.encode(["two red circles", "a blue square"], encoder="hash:32", max_length=8)
+    assert emb.shape == (2, 8, 32) and mask.dtype == bool
+    fast = [{"steps": 2, "sampler": "ddim"}, {"steps": 2}]
+    base, sr = cascade.sample(emb, mask, key=jax.random.key(1), sampling=fast, return_all=True)
+    assert base.shape == (2, 32, 32, 3) and sr.shape == (2, 64, 64, 3)
+    assert float(jnp.abs(sr).max()) <= 1.0 and to_uint8(sr).dtype == np.uint8
+    again = cascade.sample(emb, mask, key=jax.random.key(1), sampling=fast)
+    assert jnp.array_equal(again, sr)                    # compiled once, deterministic per key
+    with pytest.raises(ValueError, match="unknown sampling"):
+        cascade.sample(emb, mask, sampling=[{"step": 2}])
+    with pytest.raises(ValueError, match="text_dim"):
+        cascade.sample(jnp.ones((1, 4, 16)))
