@@ -10,15 +10,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_jax_train import BATCH, base_raw, fixed_batches  # noqa: E402
+from test_jax_train import BATCH, base_raw, fixed_batches
 
-from imagen_fast.jax import sharding  # noqa: E402
-from imagen_fast.jax.train import JaxTrainer  # noqa: E402
-from imagen_fast.train_config import config_from_dict  # noqa: E402
+from imagen_fast.jax import sharding
+from imagen_fast.jax.train import JaxTrainer
+from imagen_fast.train_config import config_from_dict
 
 sharding.MIN_SHARDED_SIZE = 256          # the test model is tiny: shard it anyway
 

@@ -6,17 +6,18 @@ Mosaic kernels for TPU."""
 import numpy as np
 import pytest
 import torch
-
-from jax_util import jax, jnp
 from flax import nnx
+from jax_util import jax, jnp
+from test_models import make_inputs, randomize_output
+
 from imagen_fast.diffusion import GaussianDiffusion, sample
 from imagen_fast.jax import convert
 from imagen_fast.jax import diffusion as jdiff
-from imagen_fast.jax.models import AttentionBlock, GroupNormAct, build_unet as jax_unet
+from imagen_fast.jax.models import AttentionBlock, GroupNormAct
+from imagen_fast.jax.models import build_unet as jax_unet
 from imagen_fast.models import build_unet
 from imagen_fast.ops import step_coefficients
 from imagen_fast.pipeline import ImagenCascade
-from test_models import make_inputs, randomize_output
 
 PRESETS = ["tiny-base32", "tiny-sr64", "tiny-sr128", "base64-small", "base64-small-efficient"]
 
@@ -210,6 +211,12 @@ def test_sampler_loop_is_traced_once():
                                                     guidance_scale=3.0, steps=50))(jax.random.key(0))
     assert calls == [(4, 8, 8, 3)]               # one traced model call, batch 2B
     assert "scan" in str(jaxpr)
+    # exported for TPU, the loop's dynamic thresholding is the sort-free Pallas kernel
+    loop = jax.jit(lambda seed: jdiff.sample(model_fn, jd, (2, 8, 8, 3), key=jax.random.key(seed),
+                                             text_embeds=text, text_mask=mask, guidance_scale=3.0,
+                                             steps=50))
+    tpu = jax.export.export(loop, platforms=["tpu"])(jax.ShapeDtypeStruct((), jnp.uint32)).mlir_module()
+    assert tpu.count("tpu_custom_call") == 1 and "sort" not in tpu.replace("tpu_custom_call", "")
     with pytest.raises(ValueError, match="sampler"):
         jdiff.sample(model_fn, jd, (2, 8, 8, 3), sampler="euler")
 

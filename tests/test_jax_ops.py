@@ -4,14 +4,14 @@ lowering of every kernel (jax.export for platform "tpu" on this CPU host); argum
 checks and implementation selection."""
 import pytest
 import torch
-
 from jax_util import jax, jnp, nchw, nhwc, to_jax, to_torch
+from numerics import assert_close_to_reference, group_norm_inputs, randn
+
 from imagen_fast.jax import ops
 from imagen_fast.jax.kernels import attention as attention_kernel
 from imagen_fast.jax.kernels import group_norm as group_norm_kernel
 from imagen_fast.jax.kernels import threshold as threshold_kernel
 from imagen_fast.ops import reference
-from numerics import assert_close_to_reference, group_norm_inputs, randn
 
 
 def _vjp_both(fn, args, cot):

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from jax_util import jax  # noqa: F401  (skips without JAX)
+from test_train import MODEL, _losses, _write_config
+
 from imagen_fast import checkpoint as ck
 from imagen_fast import cli
 from imagen_fast.models import build_unet
 from imagen_fast.train import Trainer
 from imagen_fast.train_config import config_from_dict
-from test_train import MODEL, _losses, _write_config
 
 pytest.importorskip("PIL")
 BATCH = 16

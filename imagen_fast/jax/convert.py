@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..checkpoint import describe_mismatch
 from .models import unet_from_config
 
 # torch layout -> Flax layout, and back
@@ -72,15 +73,9 @@ def load_state_dict(model, state_dict: Mapping[str, Any], what: str = "state dic
             expected = tuple(param.shape[a] for a in axes)
             shapes.append(f"{key}: {tuple(_numpy(state_dict[key]).shape)} vs model {expected}")
         converted[key] = value
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
-        raise ValueError(f"{what} does not fit this architecture: " + "; ".join(parts))
+    problem = describe_mismatch(what, missing, unexpected, shapes)
+    if problem:
+        raise ValueError(problem)
     for key, value in converted.items():
         param = params[key][0]
         param[...] = jnp.asarray(value, dtype=param[...].dtype)
@@ -132,9 +127,10 @@ def load_cascade(path: str, **kwargs) -> List[Dict[str, Any]]:
     return stages
 
 
-def save_cascade(path: str, stages: List[Dict[str, Any]]) -> None:
-    """Write stages (as ``load_cascade`` returns them) in the cascade checkpoint format;
-    ``ImagenCascade.load(path)`` reads it back into torch."""
+def save_cascade(path: str, stages: List[Dict[str, Any]], text: Dict[str, Any] = None) -> None:
+    """Write stages (as ``load_cascade`` returns them) in the cascade checkpoint format,
+    with the text-encoder entry ``text`` when given; ``ImagenCascade.load(path)`` reads
+    it back into torch."""
     from safetensors.numpy import save_file
 
     from ..pipeline import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
@@ -142,6 +138,8 @@ def save_cascade(path: str, stages: List[Dict[str, Any]]) -> None:
     config = dict(format=FORMAT, version=FORMAT_VERSION, stages=[
         dict(name=st["name"], unet=st["model"].config, diffusion=st["diffusion"],
              sampling=st["sampling"]) for st in stages])
+    if text is not None:
+        config["text"] = text
     tensors = {f"stages.{i}.{k}": v for i, st in enumerate(stages)
                for k, v in state_dict(st["model"]).items()}
     os.makedirs(path, exist_ok=True)

@@ -34,6 +34,7 @@ from typing import Iterator, Optional
 import jax
 import jax.numpy as jnp
 
+from ..ops.api import _check_attention_shapes, _check_float, _check_percentile
 from . import reference
 from .kernels import attention as _attention
 from .kernels import group_norm as _group_norm
@@ -93,19 +94,6 @@ def _check_array(t, name: str, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES)
     return jnp.asarray(t)
 
 
-def _check_float(value, name: str, *, low=None, high=None, low_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
-    return value
-
-
 def _channel_param(t, name: str, c: int):
     if t is None:
         return None
@@ -126,14 +114,6 @@ def _film_param(t, name: str, n: int, c: int, ndim: int):
         raise ValueError(f"{name} must have shape (N, C) = ({n}, {c}) (or (N, 1, ..., 1, C)), "
                          f"got {tuple(t.shape)}")
     return t.reshape(n, c)
-
-
-def _check_percentile(percentile) -> float:
-    p = _check_float(percentile, "percentile")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"percentile must be a fraction in [0, 1] (0.995 is the paper's "
-                         f"99.5th percentile), got {p}")
-    return p
 
 
 # ------------------------------------------------------------------------------ ops
@@ -189,13 +169,7 @@ def attention(q, k, v, key_padding_mask=None, scale: Optional[float] = None, *,
     for t, name in ((k, "k"), (v, "v")):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    b, h, lq, d = q.shape
-    if k.shape[:2] != (b, h) or k.shape[3] != d:
-        raise ValueError(f"k must have shape (B, H, Lk, D) = ({b}, {h}, Lk, {d}), got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if min(q.shape) == 0 or k.shape[2] == 0:
-        raise ValueError(f"q and k must not be empty, got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, h, lq, d = _check_attention_shapes(q.shape, k.shape, v.shape)
     if key_padding_mask is not None:
         key_padding_mask = _check_array(key_padding_mask, "key_padding_mask", ndim=2,
                                         dtypes=(jnp.dtype(jnp.bool_),))

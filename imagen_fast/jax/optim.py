@@ -36,7 +36,7 @@ def adamw_update(params, grads, state, step, lr, *, betas=(0.9, 0.999), eps=1e-8
         return p, m, v
 
     out = jax.tree_util.tree_map(one, params, grads, state["exp_avg"], state["exp_avg_sq"])
-    pick = lambda i: jax.tree_util.tree_map(lambda _, o: o[i], params, out)  # noqa: E731
+    pick = lambda i: jax.tree_util.tree_map(lambda _, o: o[i], params, out)
     return pick(0), {"exp_avg": pick(1), "exp_avg_sq": pick(2)}
 
 

@@ -26,28 +26,37 @@ SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "threshold", "perc
 
 
 class JaxCascade:
-    def __init__(self, stages: List[Dict[str, Any]]):
-        """stages as ``convert.load_cascade`` returns them (base stage first)."""
+    def __init__(self, stages: List[Dict[str, Any]], text: Optional[Dict[str, Any]] = None):
+        """stages as ``convert.load_cascade`` returns them (base stage first); ``text``
+        the checkpoint's text-encoder entry ({"encoder", "max_length"}) when it has one."""
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         self.stages = stages
+        self.text = text
         self.diffusions = [Diffusion(st["diffusion"]) for st in stages]
         self._compiled: Dict[Any, Any] = {}
 
     @classmethod
     def load(cls, path: str) -> "JaxCascade":
-        return cls(convert.load_cascade(path))
+        from ..pipeline import ImagenCascade
+
+        return cls(convert.load_cascade(path), ImagenCascade.read_config(path).get("text"))
 
     @property
     def text_dim(self) -> Optional[int]:
         return self.stages[0]["model"].config.get("text_dim")
 
-    def encode(self, prompts: Sequence[str], encoder: str = "minilm", max_length: int = 64):
+    def encode(self, prompts: Sequence[str], encoder: Optional[str] = None,
+               max_length: Optional[int] = None):
         """Prompts -> (embeddings (B, max_length, D) float32, mask (B, max_length) bool)
-        with a torch text encoder (or cache) on the host."""
+        with a torch text encoder (or cache) on the host; by default the checkpoint's
+        encoder (else "minilm") and its max_length (else 64)."""
         from ..text import get_text_encoder
         from .train import pad_text
 
+        saved = self.text or {}
+        encoder = encoder or saved.get("encoder", "minilm")
+        max_length = max_length or saved.get("max_length", 64)
         enc = get_text_encoder(encoder, max_length=max_length) if isinstance(encoder, str) else encoder
         if self.text_dim is not None and enc.dim != self.text_dim:
             raise ValueError(f"encoder: {enc.name!r} gives {enc.dim}-d embeddings, the cascade "

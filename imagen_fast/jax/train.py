@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,15 @@ from flax import nnx
 from .. import checkpoint as ck
 from ..data import StreamPosition, make_loader
 from ..models import preset_config
-from ..train import (TrainLoop, build_dataset, build_diffusion, build_text_source, check_stage,
-                     image_grid, lr_factor)
+from ..train import (
+    TrainLoop,
+    build_dataset,
+    build_diffusion,
+    build_text_source,
+    check_stage,
+    image_grid,
+    lr_factor,
+)
 from ..train_config import Config, ConfigError
 from . import convert, sharding
 from .diffusion import Diffusion, compile_sampler

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ...models.blocks import pick_groups
 from .. import ops
 
 
@@ -111,14 +112,6 @@ class LayerNorm(nnx.Module):
         var = ((xf - mean) ** 2).mean(-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
         return y.astype(x.dtype)
-
-
-def pick_groups(channels: int, groups: int) -> int:
-    """The largest divisor of ``channels`` not above ``groups`` (as the torch model)."""
-    g = min(groups, channels)
-    while channels % g:
-        g -= 1
-    return g
 
 
 class GroupNormAct(nnx.Module):

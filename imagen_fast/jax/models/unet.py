@@ -24,10 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ...models.attention import attention_heads
+from ...models.unet import SKIP_SCALE, check_levels
 from .. import ops
-from .layers import Conv2d, ConvTranspose2d, GroupNormAct, LayerNorm, Linear, SiLU, zero_init
-
-SKIP_SCALE = 1.0 / math.sqrt(2.0)
+from .layers import (
+    Conv2d,
+    ConvTranspose2d,
+    GroupNormAct,
+    LayerNorm,
+    Linear,
+    SiLU,
+    zero_init,
+)
 
 
 def sinusoidal_embedding(values, dim: int, scale: float = 1000.0, max_period: float = 10000.0):
@@ -185,18 +193,7 @@ class AttentionBlock(nnx.Module):
     def __init__(self, channels: int, *, num_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, context_dim: Optional[int] = None,
                  mode: str = "self", groups: int = 32, rng: np.random.Generator):
-        if mode not in ("self", "cross"):
-            raise ValueError(f"mode must be 'self' or 'cross', got {mode!r}")
-        if (num_heads is None) == (head_dim is None):
-            raise ValueError("give exactly one of num_heads and head_dim")
-        if head_dim is not None:
-            if channels % head_dim:
-                raise ValueError(f"channels={channels} not divisible by head_dim={head_dim}")
-            num_heads = channels // head_dim
-        if channels % num_heads:
-            raise ValueError(f"channels={channels} not divisible by num_heads={num_heads}")
-        if mode == "cross" and context_dim is None:
-            raise ValueError("cross-attention needs context_dim")
+        num_heads = attention_heads(channels, num_heads, head_dim, mode, context_dim)
         self.mode = mode
         self.num_heads = num_heads
         self.head_dim = channels // num_heads
@@ -417,13 +414,7 @@ class EfficientUNet(_UNetBase):
                  attn_every_res_block: bool = False, dtype=jnp.float32,
                  rng: Optional[np.random.Generator] = None):
         rng = rng if rng is not None else np.random.default_rng(0)
-        n = len(channels)
-        for name, seq in (("num_res_blocks", num_res_blocks), ("self_attention", self_attention),
-                          ("cross_attention", cross_attention)):
-            if len(seq) != n:
-                raise ValueError(f"{name} must have one entry per level ({n}), got {list(seq)}")
-        if any(s and c for s, c in zip(self_attention, cross_attention)):
-            raise ValueError("a level has either self-attention (with text) or cross-attention")
+        n = check_levels(channels, num_res_blocks, self_attention, cross_attention)
         self._init_common(lowres_cond, use_checkpoint, dtype)
         emb_dim = emb_dim or 4 * channels[0]
         self.cond = Conditioning(emb_dim, text_dim, context_dim, lowres_cond, pool_heads, rng=rng)
