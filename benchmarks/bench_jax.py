@@ -26,12 +26,11 @@ import argparse
 import os
 import time
 
-from benchmarks import harness
+import jax
+import jax.numpy as jnp
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from benchmarks import harness
 
 TEXT_LEN = 64
 GUIDANCE = 5.0
