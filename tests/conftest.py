@@ -70,3 +70,13 @@ def require_op(backend: str, op: str) -> None:
 def small(backend: str) -> bool:
     """True where shapes must stay tiny (Triton's interpreter is ~4000x slower)."""
     return backend == "triton" and INTERPRETED
+
+
+def pytest_collection_modifyitems(config, items):
+    """@pytest.mark.slow tests run only with IMAGEN_FAST_SLOW=1."""
+    if os.environ.get("IMAGEN_FAST_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set IMAGEN_FAST_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

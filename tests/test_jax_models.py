@@ -19,7 +19,10 @@ from imagen_fast.models import build_unet
 from imagen_fast.ops import step_coefficients
 from imagen_fast.pipeline import ImagenCascade
 
-PRESETS = ["tiny-base32", "tiny-sr64", "tiny-sr128", "base64-small", "base64-small-efficient"]
+# base64-small is the ADM architecture of tiny-base32 at 22M parameters: its compile
+# dominates the suite, so it runs with IMAGEN_FAST_SLOW=1 (passes, rel. error 3e-6).
+PRESETS = ["tiny-base32", "tiny-sr64", "tiny-sr128",
+           pytest.param("base64-small", marks=pytest.mark.slow), "base64-small-efficient"]
 
 
 def nhwc(t):
