@@ -6,6 +6,9 @@ PIP := $(VPY) -m pip
 # The CPU wheel of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
+# The JAX path (imagen_fast/jax): CPU jaxlib here; a TPU host installs ".[tpu]".
+JAX ?= jax[cpu]==0.10.2
+FLAX ?= flax==0.12.8
 
 .PHONY: venv build sample test bench bench-model lint clean
 
@@ -18,6 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
 	# eval: scipy checks the Frechet distance, matplotlib draws the guidance sweep,
 	# selenium drives Debian's chromium in the rating-app test
 	$(PIP) install -q scipy==1.17.1 matplotlib==3.11.2 selenium==4.51.0
+	$(PIP) install -q "$(JAX)" "$(FLAX)"
 	IMAGEN_FAST_REQUIRE_EXTENSION=1 $(PIP) install -q --no-build-isolation -e .
 	touch $@
 
@@ -38,8 +42,10 @@ OUT ?= out.png
 sample: venv
 	$(VENV)/bin/imagen-fast sample "$(PROMPT)" -o $(OUT)
 
+# JAX_PLATFORMS=cpu: the JAX tests run the Pallas kernels in interpret mode and check
+# their TPU lowering with jax.export, whatever accelerator a jaxlib could find.
 test: venv
-	$(VPY) -m pytest -q tests
+	JAX_PLATFORMS=cpu $(VPY) -m pytest -q tests
 
 bench: venv
 	$(PIP) install -q matplotlib

@@ -219,12 +219,20 @@ def check_state_dict_matches(model: torch.nn.Module, sd: Dict[str, torch.Tensor]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
-        raise CheckpointError(f"{what} does not fit this architecture: " + "; ".join(parts))
+    problem = describe_mismatch(what, missing, unexpected, shapes)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def describe_mismatch(what: str, missing, unexpected, shapes) -> Optional[str]:
+    """One message naming the first missing / unexpected / reshaped keys, or None."""
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {list(missing)[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {list(unexpected)[:3]})")
+    if shapes:
+        parts.append(f"{len(shapes)} with other shapes (e.g. {list(shapes)[:3]})")
+    return f"{what} does not fit this architecture: " + "; ".join(parts)

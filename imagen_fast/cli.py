@@ -24,10 +24,13 @@ def _versions() -> dict:
 
     out = {"imagen_fast": imagen_fast.__version__, "python": platform.python_version(),
            "torch": torch.__version__}
-    for name in ("triton", "numpy", "jax", "transformers"):
+    from importlib import metadata
+
+    # Installed versions, read without importing (importing jax would start its runtime).
+    for name in ("triton", "numpy", "jax", "flax", "transformers"):
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # not installed, or broken: report, never fail
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = None
     return out
 
@@ -132,7 +135,15 @@ def cmd_train(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, args.set)
-        trainer = Trainer(cfg, resume=args.resume)
+        if args.backend == "jax":
+            try:
+                from .jax.train import JaxTrainer
+            except ImportError as e:
+                raise UsageError(f"--backend jax needs JAX and Flax: pip install "
+                                 f"'imagen-fast[jax]' ({e})") from None
+            trainer = JaxTrainer(cfg, resume=args.resume)
+        else:
+            trainer = Trainer(cfg, resume=args.resume)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     summary = trainer.run()
@@ -165,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable)")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    s.add_argument("--backend", choices=["torch", "jax"], default="torch",
+                   help="torch (CPU/CUDA, torchrun) or jax (TPU/GPU/CPU, sharded over a mesh)")
     s.set_defaults(func=cmd_train)
     from .data.cli import add_data_parser
     add_data_parser(sub)

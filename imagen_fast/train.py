@@ -142,8 +142,85 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 1) * 1_000_000_007 + step)
 
 
+def check_stage(cfg: Config, model_config: Dict[str, Any]) -> str:
+    """The model's stage ("base" or "sr"), after checking the data settings fit it."""
+    stage = model_config["stage"]
+    if stage == "sr" and not cfg.data.lowres_resolution:
+        raise ValueError("data.lowres_resolution must be set for a super-resolution preset")
+    if stage == "base" and cfg.data.lowres_resolution:
+        raise ValueError("data.lowres_resolution must be 0 for a base preset")
+    if model_config["image_size"] != cfg.data.resolution:
+        raise ValueError(f"data.resolution={cfg.data.resolution} differs from the preset's "
+                         f"image_size={model_config['image_size']}")
+    return stage
+
+
+def build_diffusion(cfg: Config, stage: str) -> GaussianDiffusion:
+    dc = cfg.diffusion
+    return GaussianDiffusion(schedule=dc.schedule, prediction=dc.prediction,
+                             cond_drop_prob=dc.cond_drop_prob,
+                             noise_aug=dc.noise_aug and stage == "sr",
+                             aug_level_max=dc.aug_level_max)
+
+
 # ------------------------------------------------------------------ the trainer
-class Trainer:
+class TrainLoop:
+    """The loop both trainers share (torch here, JAX in imagen_fast.jax.train):
+    metrics, progress, checkpoints every ckpt_every steps and at the end, sample grids,
+    SIGTERM/SIGINT = checkpoint and stop. Subclasses provide train_step(), save(),
+    sample_weights() (torch-layout weights for the grid), save_grid(weights), and the
+    attributes cfg, step, dataset, out_dir, is_main."""
+
+    _stop = False
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            log.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
+            self._stop = True
+        with contextlib.suppress(ValueError):          # not the main thread
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+
+    def run(self, sample_fn=None) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.out_dir, self.step, enabled=self.is_main,
+                             tensorboard=cfg.log.tensorboard)
+        self._install_signal_handlers()
+        bar = Progress(cfg.train.steps, self.step, enabled=self.is_main and cfg.log.progress)
+        t_last, step_last = time.perf_counter(), self.step
+        last = {}
+        while self.step < cfg.train.steps and not self._stop:
+            last = self.train_step()
+            if self.step % cfg.log.log_every == 0 or self.step == cfg.train.steps:
+                now = time.perf_counter()
+                rate = (self.step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, self.step
+                last.update(it_s=rate, images_s=rate * cfg.train.batch_size, skipped=self.skipped)
+                metrics.write(self.step, last)
+                bar.update(self.step, last)
+            if self.step % cfg.log.ckpt_every == 0:
+                self.save()
+            if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+                # Gathering the weights may be collective (FSDP2, multi-host JAX): every rank takes part.
+                weights = self.sample_weights()
+                if self.is_main:
+                    (sample_fn or type(self).save_grid)(self, weights)
+        if self.step % cfg.log.ckpt_every != 0 or self._stop:
+            self.save()
+        bar.close()
+        metrics.close()
+        summary = {"step": self.step, "skipped_samples": self.skipped, **last}
+        if self.is_main and self.skipped:
+            log.warning("data: %s", self.dataset.skips.summary())
+        return summary
+
+    @property
+    def skipped(self) -> int:
+        return self.dataset.skips.skipped if self.dataset is not None else 0
+
+
+class Trainer(TrainLoop):
     def __init__(self, cfg: Config, *, text_source=None, batches=None, resume: bool = False):
         """text_source(captions) -> (embeddings (B, L, D), mask (B, L)); default: the
         configured encoder or embedding cache. batches: an iterator of collated batch
@@ -163,19 +240,8 @@ class Trainer:
 
         torch.manual_seed(tc.seed)
         self.model = build_unet(cfg.model.preset, **cfg.model.overrides).to(self.device)
-        self.stage = self.model.config["stage"]
-        if self.stage == "sr" and not cfg.data.lowres_resolution:
-            raise ValueError("data.lowres_resolution must be set for a super-resolution preset")
-        if self.stage == "base" and cfg.data.lowres_resolution:
-            raise ValueError("data.lowres_resolution must be 0 for a base preset")
-        if self.model.config["image_size"] != cfg.data.resolution:
-            raise ValueError(f"data.resolution={cfg.data.resolution} differs from the preset's "
-                             f"image_size={self.model.config['image_size']}")
-        dc = cfg.diffusion
-        self.diffusion = GaussianDiffusion(schedule=dc.schedule, prediction=dc.prediction,
-                                           cond_drop_prob=dc.cond_drop_prob,
-                                           noise_aug=dc.noise_aug and self.stage == "sr",
-                                           aug_level_max=dc.aug_level_max)
+        self.stage = check_stage(cfg, self.model.config)
+        self.diffusion = build_diffusion(cfg, self.stage)
         self.train_model = self._wrap(self.model)
         # After wrapping: under FSDP2 each rank keeps the EMA of its own shards.
         self.ema = EMA(dict(self.model.named_parameters()), tc.ema_decay) if tc.ema_decay > 0 else None
@@ -189,7 +255,6 @@ class Trainer:
             self._resume()
         self.batches = batches if batches is not None else iter(make_loader(
             self.dataset, self.micro_batch, num_workers=cfg.data.num_workers))
-        self._stop = False
         self.last_lowres = None
 
     # ---------------------------------------------------------------- set-up
@@ -346,52 +411,16 @@ class Trainer:
             loss_value = t.item() / self.dist.world
         return {"loss": loss_value, "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"]}
 
-    # -------------------------------------------------------------------- run
-    def _install_signal_handlers(self):
-        def handler(signum, frame):
-            log.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
-            self._stop = True
-        with contextlib.suppress(ValueError):          # not the main thread
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGINT, handler)
-
-    def run(self, sample_fn=None) -> Dict[str, Any]:
-        cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(self.out_dir, self.step, enabled=self.dist.main,
-                             tensorboard=cfg.log.tensorboard)
-        self._install_signal_handlers()
-        bar = Progress(cfg.train.steps, self.step, enabled=self.dist.main and cfg.log.progress)
-        t_last, step_last = time.perf_counter(), self.step
-        last = {}
-        while self.step < cfg.train.steps and not self._stop:
-            last = self.train_step()
-            if self.step % cfg.log.log_every == 0 or self.step == cfg.train.steps:
-                now = time.perf_counter()
-                rate = (self.step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, self.step
-                last.update(it_s=rate, images_s=rate * cfg.train.batch_size, skipped=self.skipped)
-                metrics.write(self.step, last)
-                bar.update(self.step, last)
-            if self.step % cfg.log.ckpt_every == 0:
-                self.save()
-            if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
-                # Gathering the weights is collective under FSDP2: every rank takes part.
-                weights = self.ema.full_state() if self.ema else self._full_state()[0]
-                if self.dist.main:
-                    (sample_fn or save_sample_grid)(self, weights)
-        if self.step % cfg.log.ckpt_every != 0 or self._stop:
-            self.save()
-        bar.close()
-        metrics.close()
-        summary = {"step": self.step, "skipped_samples": self.skipped, **last}
-        if self.dist.main and self.skipped:
-            log.warning("data: %s", self.dataset.skips.summary())
-        return summary
-
+    # ------------------------------------------------------------ loop hooks
     @property
-    def skipped(self) -> int:
-        return self.dataset.skips.skipped if self.dataset is not None else 0
+    def is_main(self) -> bool:
+        return self.dist.main
+
+    def sample_weights(self) -> Dict[str, torch.Tensor]:
+        return self.ema.full_state() if self.ema else self._full_state()[0]
+
+    def save_grid(self, weights) -> Path:
+        return save_sample_grid(self, weights)
 
 
 def image_grid(images: torch.Tensor, columns: int = 4):

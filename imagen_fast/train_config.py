@@ -7,7 +7,7 @@
     [train]      steps, batch_size, grad_accum, lr, warmup_steps, optimizer, ema_decay,
                  precision, grad_clip, channels_last, compile, seed, device, ...
     [log]        out_dir, log_every, ckpt_every, keep, sample_every, sample_prompts, ...
-    [distributed] strategy = "ddp" | "fsdp"
+    [distributed] strategy = "ddp" | "fsdp"; mesh, multi_host, coordinator, ... (JAX)
 
 An unknown section or key, a value of the wrong type or out of range fails before
 anything runs, with a message naming the key (e.g. ``train.lr must be > 0``).
@@ -153,10 +153,20 @@ class LogConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "ddp"           # ddp | fsdp (FSDP2, fully_shard)
+    strategy: str = "ddp"           # ddp | fsdp (torch: FSDP2 fully_shard; JAX: the mesh's fsdp axis)
+    # JAX backend only (see imagen_fast/jax/sharding.py):
+    mesh: List[int] = field(default_factory=list)   # [data, fsdp]; [] = from strategy
+    multi_host: bool = False        # start jax.distributed (auto-detected on Cloud TPU)
+    coordinator: str = ""           # host:port of process 0 when not auto-detected
+    num_processes: int = 0
+    process_id: int = -1
 
     def validate(self, s: str) -> None:
         _need(self.strategy in ("ddp", "fsdp"), f"{s}.strategy", f"must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        _need(not self.mesh or (len(self.mesh) == 2 and min(self.mesh) >= 1), f"{s}.mesh",
+              f"must be [data, fsdp] with positive sizes, got {self.mesh}")
+        _need(not self.coordinator or (self.num_processes >= 1 and self.process_id >= 0),
+              f"{s}.coordinator", "needs distributed.num_processes and distributed.process_id")
 
 
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,

@@ -4,6 +4,12 @@ import os
 import pytest
 import torch
 
+# The JAX tests run on the CPU (Pallas kernels in interpret mode, TPU lowering
+# checked by jax.export): never let a GPU build of jaxlib pick another platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Test models are tiny: compile time dominates, so skip LLVM's heavy optimisations.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
 # Without a GPU the triton backend runs in Triton's interpreter on CPU tensors. This
 # must be set before any @triton.jit function is defined, so before imagen_fast's
 # triton kernels are imported.
@@ -64,3 +70,13 @@ def require_op(backend: str, op: str) -> None:
 def small(backend: str) -> bool:
     """True where shapes must stay tiny (Triton's interpreter is ~4000x slower)."""
     return backend == "triton" and INTERPRETED
+
+
+def pytest_collection_modifyitems(config, items):
+    """@pytest.mark.slow tests run only with IMAGEN_FAST_SLOW=1."""
+    if os.environ.get("IMAGEN_FAST_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set IMAGEN_FAST_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

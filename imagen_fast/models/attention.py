@@ -21,23 +21,31 @@ from .. import ops
 from .blocks import GroupNormAct, zero_init
 
 
+def attention_heads(channels: int, num_heads: Optional[int], head_dim: Optional[int],
+                    mode: str, context_dim: Optional[int]) -> int:
+    """The head count of an attention layer, after checking its arguments (shared by
+    the torch and the Flax AttentionBlock)."""
+    if mode not in ("self", "cross"):
+        raise ValueError(f"mode must be 'self' or 'cross', got {mode!r}")
+    if (num_heads is None) == (head_dim is None):
+        raise ValueError("give exactly one of num_heads and head_dim")
+    if head_dim is not None:
+        if channels % head_dim:
+            raise ValueError(f"channels={channels} not divisible by head_dim={head_dim}")
+        num_heads = channels // head_dim
+    if channels % num_heads:
+        raise ValueError(f"channels={channels} not divisible by num_heads={num_heads}")
+    if mode == "cross" and context_dim is None:
+        raise ValueError("cross-attention needs context_dim")
+    return num_heads
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, channels: int, *, num_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, context_dim: Optional[int] = None,
                  mode: str = "self", groups: int = 32):
         super().__init__()
-        if mode not in ("self", "cross"):
-            raise ValueError(f"mode must be 'self' or 'cross', got {mode!r}")
-        if (num_heads is None) == (head_dim is None):
-            raise ValueError("give exactly one of num_heads and head_dim")
-        if head_dim is not None:
-            if channels % head_dim:
-                raise ValueError(f"channels={channels} not divisible by head_dim={head_dim}")
-            num_heads = channels // head_dim
-        if channels % num_heads:
-            raise ValueError(f"channels={channels} not divisible by num_heads={num_heads}")
-        if mode == "cross" and context_dim is None:
-            raise ValueError("cross-attention needs context_dim")
+        num_heads = attention_heads(channels, num_heads, head_dim, mode, context_dim)
         self.mode = mode
         self.num_heads = num_heads
         self.head_dim = channels // num_heads

@@ -273,6 +273,19 @@ class UBlock(nn.Module):
         return self.up_conv(h)
 
 
+def check_levels(channels, num_res_blocks, self_attention, cross_attention) -> int:
+    """The Efficient U-Net's level count, after checking the per-level settings agree
+    (shared by the torch and the Flax model)."""
+    n = len(channels)
+    for name, seq in (("num_res_blocks", num_res_blocks), ("self_attention", self_attention),
+                      ("cross_attention", cross_attention)):
+        if len(seq) != n:
+            raise ValueError(f"{name} must have one entry per level ({n}), got {list(seq)}")
+    if any(s and c for s, c in zip(self_attention, cross_attention)):
+        raise ValueError("a level has either self-attention (with text) or cross-attention")
+    return n
+
+
 class EfficientUNet(_UNetBase):
     """Imagen's Efficient U-Net (B.1): more residual blocks at low resolution, skips
     scaled by 1/sqrt(2), DBlocks downsample before their convolutions and UBlocks
@@ -297,13 +310,7 @@ class EfficientUNet(_UNetBase):
                  use_checkpoint: bool = False, pool_heads: int = 8,
                  attn_every_res_block: bool = False):
         super().__init__()
-        n = len(channels)
-        for name, seq in (("num_res_blocks", num_res_blocks), ("self_attention", self_attention),
-                          ("cross_attention", cross_attention)):
-            if len(seq) != n:
-                raise ValueError(f"{name} must have one entry per level ({n}), got {list(seq)}")
-        if any(s and c for s, c in zip(self_attention, cross_attention)):
-            raise ValueError("a level has either self-attention (with text) or cross-attention")
+        n = check_levels(channels, num_res_blocks, self_attention, cross_attention)
         self._init_common(lowres_cond, use_checkpoint)
         emb_dim = emb_dim or 4 * channels[0]
         self.cond = Conditioning(emb_dim, text_dim, context_dim, lowres_cond, pool_heads)

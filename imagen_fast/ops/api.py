@@ -247,6 +247,19 @@ torch.library.register_autograd("imagen_fast::attention_fwd", _attn_backward,
                                 setup_context=_attn_setup)
 
 
+def _check_attention_shapes(q_shape, k_shape, v_shape):
+    """(B, H, Lq, D) of q after checking k and v fit it (shared with the JAX ops)."""
+    q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
+    b, h, lq, d = q_shape
+    if k_shape[:2] != (b, h) or k_shape[3] != d:
+        raise ValueError(f"k must have shape (B, H, Lk, D) = ({b}, {h}, Lk, {d}), got {k_shape}")
+    if v_shape != k_shape:
+        raise ValueError(f"v must have k's shape {k_shape}, got {v_shape}")
+    if min(q_shape) == 0 or k_shape[2] == 0:
+        raise ValueError(f"q and k must not be empty, got {q_shape} and {k_shape}")
+    return b, h, lq, d
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
               scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v with a key padding mask, flash-style where a kernel exists.
@@ -263,13 +276,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         _check_same_device(q, t, name, "q")
-    b, h, lq, d = q.shape
-    if k.shape[:2] != (b, h) or k.shape[3] != d:
-        raise ValueError(f"k must have shape (B, H, Lk, D) = ({b}, {h}, Lk, {d}), got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if min(q.shape) == 0 or k.shape[2] == 0:
-        raise ValueError(f"q and k must not be empty, got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, h, lq, d = _check_attention_shapes(q.shape, k.shape, v.shape)
     if key_padding_mask is not None:
         _check_tensor(key_padding_mask, "key_padding_mask", ndim=2, dtypes=(torch.bool,))
         _check_same_device(q, key_padding_mask, "key_padding_mask", "q")

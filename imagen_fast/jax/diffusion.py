@@ -1,0 +1,305 @@
+"""Continuous-time diffusion in JAX: the schedules, the training loss and the
+samplers of ``imagen_fast.diffusion``, from the same config dicts
+(``GaussianDiffusion.config()``, as a checkpoint stores it).
+
+* Schedules are written once for numpy (float64, host: sampler coefficient tables)
+  and jnp (float32, device: training draws t on the device). The linear schedule's
+  integral is evaluated without the cancellation of its closed form, so float32
+  alpha/sigma agree with torch's float64 ones to ~1e-7.
+* ``Diffusion.loss`` is ``GaussianDiffusion.loss`` with every draw explicit
+  (``Draws``), so a train step is a pure function of (params, batch, key).
+* ``sample`` compiles the whole sampler loop once (``lax.scan`` over the time grid,
+  per-step coefficients precomputed in float64 on the host), guidance as one
+  2B-batch forward per step, thresholding through ``imagen_fast.jax.ops`` (the
+  sort-free Pallas kernel on TPU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import ops
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+THRESHOLDS = ("dynamic", "static", "none")
+
+
+# -------------------------------------------------------------------- schedules
+def _linear_excess(delta, xp):
+    """(1 + d) log1p(d) - d, accurate for small |d| (series) and elsewhere."""
+    series = delta * delta * (0.5 + delta * (-1 / 6 + delta * (1 / 12 + delta * (
+        -1 / 20 + delta * (1 / 30 - delta / 42)))))
+    direct = (1 + delta) * xp.log1p(delta) - delta
+    return xp.where(xp.abs(delta) < 0.05, series, direct)
+
+
+def logsnr(schedule: Dict[str, Any], t, xp=jnp):
+    """lambda(t) = log(alpha^2 / sigma^2) of a schedule config (``Schedule.config()``),
+    with numpy (``xp=np``, float64) or jnp."""
+    lo, hi = schedule.get("logsnr_min", -20.0), schedule.get("logsnr_max", 20.0)
+    t = xp.clip(t, 0.0, 1.0)
+    name = schedule["name"]
+    if name == "cosine":
+        # -2 log tan(a t + b); past t = 1/2 as 2 log tan(a (1 - t) + c) with
+        # c = pi/2 - a - b, which keeps float32 accurate where tan nears its pole
+        b = math.atan(math.exp(-0.5 * hi))
+        a = math.atan(math.exp(-0.5 * lo)) - b
+        c = math.atan(math.exp(0.5 * lo))
+        lam = xp.where(t < 0.5, -2.0 * xp.log(xp.tan(a * t + b)),
+                       2.0 * xp.log(xp.tan(a * (1.0 - t) + c)))
+    elif name == "linear":
+        b0, b1 = schedule.get("beta_start", 1e-4), schedule.get("beta_end", 0.02)
+        steps = schedule.get("num_steps", 1000)
+        k = (b1 - b0) / (steps - 1)
+        # g = integral over [0.5, n + 0.5] of -log(1 - beta(x)), beta(x) = b0 + k (x - 1):
+        # with u = 1 - beta, g = -dx log u_a + (u_a / k) * excess(du / u_a), no cancellation
+        dx = t * steps
+        u_a = 1.0 - (b0 + k * (0.5 - 1.0))
+        g = -dx * math.log(u_a) + (u_a / k) * _linear_excess(-k * dx / u_a, xp)
+        lam = -xp.log(xp.expm1(xp.maximum(g, 1e-30)))
+    else:
+        raise ValueError(f"schedule name must be 'cosine' or 'linear', got {name!r}")
+    return xp.clip(lam, lo, hi)
+
+
+def alpha_sigma(schedule: Dict[str, Any], t, xp=jnp):
+    lam = logsnr(schedule, t, xp)
+    sig = (lambda v: 1.0 / (1.0 + xp.exp(-v)))
+    return xp.sqrt(sig(lam)), xp.sqrt(sig(-lam))
+
+
+def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddpm",
+                      eta: float = 0.0, prediction: str = "eps") -> np.ndarray:
+    """[a, b, c_x0, c_z, c_noise] of one step t -> s, float64, as
+    ``imagen_fast.ops.step_coefficients`` (see there for the formulas)."""
+    if prediction == "eps":
+        a, b = 1.0 / alpha_t, -sigma_t / alpha_t
+    else:
+        a, b = alpha_t, -sigma_t
+    alpha_ts = alpha_t / alpha_s
+    sigma_ts2 = max(sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2, 0.0)
+    var = sigma_ts2 * sigma_s ** 2 / sigma_t ** 2
+    c = (1.0 if sampler == "ddpm" else eta) * math.sqrt(var)
+    direction = math.sqrt(max(sigma_s ** 2 - c ** 2, 0.0))
+    return np.array([a, b, alpha_s - direction * alpha_t / sigma_t, direction / sigma_t, c])
+
+
+def sampler_step(z, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold: str,
+                 percentile: float, min_value: float = 1.0):
+    """One step from coefficients (5,) (see ``imagen_fast.ops.reference.sampler_step``):
+    guidance combine -> x0 -> threshold -> z_s."""
+    pred = pred_cond if pred_uncond is None else pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    a, b, c_x0, c_z, c_noise = (coefs[i].astype(z.dtype) for i in range(5))
+    x0 = a * z + b * pred
+    if threshold == "dynamic":
+        x0 = ops.dynamic_threshold(x0, percentile, min_value)
+    elif threshold == "static":
+        x0 = jnp.clip(x0, -1.0, 1.0)
+    z_s = c_x0 * x0 + c_z * z
+    return z_s if noise is None else z_s + c_noise * noise
+
+
+# ---------------------------------------------------------------- training loss
+@jax.tree_util.register_dataclass
+@dataclass
+class Draws:
+    """Every random number of one loss evaluation (torch's ``loss`` keyword arguments)."""
+    t: Any                      # (B,) in [0, 1]
+    noise: Any                  # x0's shape
+    drop: Any                   # (B,) bool, True = drop the text
+    aug_level: Any = None       # (B,) for SR stages
+    aug_noise: Any = None       # lowres's shape
+
+
+class Diffusion:
+    """The JAX twin of ``GaussianDiffusion``, built from its ``config()`` dict."""
+
+    def __init__(self, config: Dict[str, Any]):
+        from ..diffusion import GaussianDiffusion
+
+        self.config = GaussianDiffusion.from_config(config).config()   # validated, complete
+        self.schedule = self.config["schedule"]
+        self.aug_schedule = self.config["aug_schedule"]
+        self.prediction = self.config["prediction"]
+        self.cond_drop_prob = self.config["cond_drop_prob"]
+        self.noise_aug = self.config["noise_aug"]
+        self.aug_level_max = self.config["aug_level_max"]
+
+    def draws(self, key, x_shape, lowres_shape=None) -> Draws:
+        """Fresh draws for a batch: t ~ U(0, 1), noise, text-dropout coins with
+        p = cond_drop_prob and, for SR, aug level ~ U(0, aug_level_max) and its noise."""
+        b = x_shape[0]
+        k_t, k_n, k_d, k_a, k_an = jax.random.split(key, 5)
+        d = Draws(t=jax.random.uniform(k_t, (b,)), noise=jax.random.normal(k_n, x_shape),
+                  drop=jax.random.uniform(k_d, (b,)) < self.cond_drop_prob)
+        if lowres_shape is not None:
+            d.aug_level = (jax.random.uniform(k_a, (b,)) * self.aug_level_max if self.noise_aug
+                           else jnp.zeros((b,)))
+            d.aug_noise = jax.random.normal(k_an, lowres_shape)
+        return d
+
+    def augment_lowres(self, lowres, level, noise):
+        alpha, sigma = alpha_sigma(self.aug_schedule, level)
+        alpha = jnp.where(level <= 0, 1.0, alpha)          # level 0: the clean image
+        sigma = jnp.where(level <= 0, 0.0, sigma)
+        return _bcast(alpha, lowres) * lowres + _bcast(sigma, lowres) * noise
+
+    def loss(self, model: Callable, x0, text_embeds, text_mask, lowres, draws: Draws,
+             reduction: str = "mean"):
+        """Squared error in eps (or v) space, per sample then averaged, float32."""
+        b = x0.shape[0]
+        alpha, sigma = alpha_sigma(self.schedule, draws.t)
+        z_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * draws.noise.astype(x0.dtype)
+        if text_embeds is not None:
+            keep = ~draws.drop
+            if text_mask is None:
+                text_mask = jnp.ones(text_embeds.shape[:2], bool)
+            text_embeds = text_embeds * keep[:, None, None].astype(text_embeds.dtype)
+            text_mask = text_mask.astype(bool) & keep[:, None]
+        kwargs = {}
+        if lowres is not None:
+            kwargs = dict(lowres=self.augment_lowres(lowres, draws.aug_level, draws.aug_noise),
+                          aug_level=draws.aug_level)
+        pred = model(z_t, draws.t, text_embeds, text_mask, **kwargs)
+        target = draws.noise if self.prediction == "eps" else (
+            _bcast(alpha, x0) * draws.noise - _bcast(sigma, x0) * x0)
+        err = (pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
+        per_sample = err.reshape(b, -1).mean(axis=1)
+        return per_sample if reduction == "none" else per_sample.mean()
+
+
+def _bcast(v, like):
+    return v.astype(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+# --------------------------------------------------------------------- sampling
+def time_grid(steps: int):
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    return [1.0 - i / steps for i in range(steps)] + [0.0]
+
+
+def _alpha_sigma_at(schedule, t: float):
+    if t <= 0.0:
+        return 1.0, 0.0
+    a, s = alpha_sigma(schedule, np.float64(t), xp=np)
+    return float(a), float(s)
+
+
+def coefficient_table(diffusion: Diffusion, steps: int, sampler: str, eta: float) -> np.ndarray:
+    """Per-step coefficients, float64. ddpm/ddim: (steps, 5) [a, b, c_x0, c_z, c_noise].
+    dpmpp2m: (steps, 9) = the x0 step's 5, then [c_z, c_d, d_x0, d_prev] of
+    z_s = c_z z - c_d d with d = d_x0 x0 - d_prev x0_prev; the last row's c_z = c_d = 0
+    (the final step returns x0)."""
+    grid = time_grid(steps)
+    rows = []
+    h_prev = None
+    for t, s in zip(grid[:-1], grid[1:]):
+        a_t, s_t = _alpha_sigma_at(diffusion.schedule, t)
+        a_s, s_s = _alpha_sigma_at(diffusion.schedule, s)
+        if sampler != "dpmpp2m":
+            rows.append(step_coefficients(a_t, s_t, a_s, s_s, sampler=sampler, eta=eta,
+                                          prediction=diffusion.prediction))
+            continue
+        x0_step = step_coefficients(a_t, s_t, 1.0, 0.0, sampler="ddim", eta=0.0,
+                                    prediction=diffusion.prediction)
+        if s_s == 0.0:
+            rows.append(np.concatenate([x0_step, [0.0, 0.0, 1.0, 0.0]]))
+            continue
+        h = math.log(a_s / s_s) - math.log(a_t / s_t)
+        d = [1.0, 0.0] if h_prev is None else [1.0 + 0.5 / (h_prev / h), 0.5 / (h_prev / h)]
+        rows.append(np.concatenate([x0_step, [s_s / s_t, a_s * math.expm1(-h)], d]))
+        h_prev = h
+    return np.stack(rows)
+
+
+def guided_inputs(text_embeds, text_mask, lowres, aug_level, guidance_scale):
+    """(guided, text, mask, lowres, aug_level): the 2B batch [cond | uncond] when
+    guidance is on (text given and w != 1), the inputs as they are otherwise."""
+    guided = text_embeds is not None and float(guidance_scale) != 1.0
+    if text_embeds is not None and text_mask is None:
+        text_mask = jnp.ones(text_embeds.shape[:2], bool)
+    if guided:
+        text_embeds = jnp.concatenate([text_embeds, jnp.zeros_like(text_embeds)])
+        text_mask = jnp.concatenate([text_mask.astype(bool), jnp.zeros(text_mask.shape, bool)])
+        if lowres is not None:
+            lowres = jnp.concatenate([lowres, lowres])
+            aug_level = jnp.concatenate([aug_level, aug_level])
+    return guided, text_embeds, text_mask, lowres, aug_level
+
+
+def sample(model_fn: Callable, diffusion: Diffusion, shape, *, key=None, text_embeds=None,
+           text_mask=None, lowres=None, aug_level: float = 0.0, guidance_scale: float = 1.0,
+           sampler: str = "ddpm", steps: int = 50, eta: float = 0.0, threshold: str = "dynamic",
+           percentile: float = 0.995, noise=None, aug_noise=None, step_noise=None):
+    """Draw samples of ``shape`` (B, H, W, C) with ``model_fn(z, t, text, mask[, lowres=,
+    aug_level=])``. Arguments as ``imagen_fast.diffusion.sample``; randomness from
+    ``key`` unless given: ``noise`` the starting z_1, ``aug_noise`` the low-res
+    augmentation noise, ``step_noise`` (steps, *shape) the per-step noise (the steps
+    that need none ignore theirs). The loop is one ``lax.scan``: call this inside
+    ``jax.jit`` (``compile_sampler`` does) to compile it once."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    table = jnp.asarray(coefficient_table(diffusion, steps, sampler, eta), jnp.float32)
+    times = jnp.asarray(time_grid(steps)[:-1], jnp.float32)
+    if key is None:
+        key = jax.random.key(0)
+    k_z, k_aug, k_steps = jax.random.split(key, 3)
+    b = shape[0]
+    z = noise if noise is not None else jax.random.normal(k_z, shape)
+    level = None
+    if lowres is not None:
+        level = jnp.full((b,), aug_level, jnp.float32)
+        if aug_noise is None:
+            aug_noise = jax.random.normal(k_aug, lowres.shape)
+        lowres = diffusion.augment_lowres(lowres, level, aug_noise)
+    guided, text, mask, lowres, level = guided_inputs(text_embeds, text_mask, lowres, level,
+                                                      guidance_scale)
+    kwargs = {} if lowres is None else dict(lowres=lowres, aug_level=level)
+    w = float(guidance_scale)
+
+    def predict(z, t):
+        n = b * (2 if guided else 1)
+        zz = jnp.concatenate([z, z]) if guided else z
+        out = model_fn(zz, jnp.full((n,), t), text, mask, **kwargs).astype(z.dtype)
+        return (out[:b], out[b:]) if guided else (out, None)
+
+    def step(carry, xs):
+        z, x0_prev = carry
+        i, t, c = xs
+        cond, uncond = predict(z, t)
+        if sampler == "dpmpp2m":
+            x0 = sampler_step(z, cond, uncond, w, c[:5], None, threshold, percentile)
+            d = c[7] * x0 - c[8] * x0_prev
+            z_next = jnp.where(c[5] == 0.0, x0, c[5] * z - c[6] * d)
+            return (z_next, x0), None
+        eps = (step_noise[i] if step_noise is not None
+               else jax.random.normal(jax.random.fold_in(k_steps, i), z.shape, z.dtype))
+        return (sampler_step(z, cond, uncond, w, c, eps, threshold, percentile), x0_prev), None
+
+    (z, _), _ = jax.lax.scan(step, (z, jnp.zeros_like(z)), (jnp.arange(steps), times, table))
+    return z
+
+
+def compile_sampler(model, diffusion: Diffusion, **settings):
+    """A jitted ``fn(key, text_embeds, text_mask, lowres=None) -> images`` sampling
+    ``model`` (an NNX U-Net) with fixed ``settings`` (shape, sampler, steps, ...)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, key, text_embeds, text_mask, lowres=None):
+        net = nnx.merge(graphdef, state)
+        return sample(net, diffusion, key=key, text_embeds=text_embeds, text_mask=text_mask,
+                      lowres=lowres, **settings)
+
+    return lambda key, text_embeds=None, text_mask=None, lowres=None: run(
+        state, key, text_embeds, text_mask, lowres)
