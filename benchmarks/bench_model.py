@@ -18,18 +18,10 @@ counts within 15%):
 Timings: both libraries in one process, interleaved round by round
 (``harness.compare``), median and 10th/90th percentiles over rounds.
 
-imagen-pytorch (2.1.0) setup, outside this repository's environment, reusing its torch:
-    python3 -m venv /tmp/ipbench
-    echo "$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')" \\
-        > "$(/tmp/ipbench/bin/python -c 'import site; print(site.getsitepackages()[0])')/project.pth"
-    printf "torch==2.13.0\\ntorchvision==0.28.0\\n" > /tmp/ipbench/constraints.txt
-    /tmp/ipbench/bin/pip install imagen-pytorch -c /tmp/ipbench/constraints.txt
-    PYTHONPATH=. /tmp/ipbench/bin/python -m benchmarks.bench_model
-Its torchvision wheel lacks the compiled ops this torch build expects, so the import
-skips torchvision's meta registrations, and imagen-pytorch asks the Hugging Face hub
-for a T5 config at import: it gets a local T5Config instead (its T5 is never run, the
-benchmark feeds precomputed text embeddings). Without imagen-pytorch the benchmark
-runs imagen-fast alone and says why.
+imagen-pytorch (2.1.0) comes with `make venv` (installed under constraints pinning this
+torch); imagen_fast.patch._peers.import_imagen_pytorch imports it offline (torchvision's
+meta registrations skipped, a local T5 config instead of the hub lookup). Without
+imagen-pytorch the benchmark runs imagen-fast alone and says why.
 """
 from __future__ import annotations
 
@@ -44,6 +36,8 @@ from benchmarks import harness
 harness.set_allocator_env()
 
 import torch  # noqa: E402
+
+from imagen_fast.patch._peers import import_imagen_pytorch  # noqa: E402
 
 RES = 64
 TEXT_LEN = 64
@@ -128,17 +122,6 @@ def our_params() -> int:
 
 
 # ---------------------------------------------------------- imagen-pytorch
-def import_imagen_pytorch():
-    """imagen_pytorch with the two import-time problems bypassed (see module docstring)."""
-    import types
-    sys.modules.setdefault("torchvision._meta_registrations",
-                           types.ModuleType("torchvision._meta_registrations"))
-    import transformers
-    transformers.T5Config.from_pretrained = classmethod(lambda cls, name, **kw: cls(d_model=768))
-    import imagen_pytorch
-    return imagen_pytorch
-
-
 def _ip_imagen(batch, train: bool):
     ip = import_imagen_pytorch()
     torch.manual_seed(0)

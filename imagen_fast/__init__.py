@@ -2,5 +2,6 @@
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
+from .patch import PatchReport, accelerate, restore  # noqa: E402
 
-__all__ = ["ops", "__version__"]
+__all__ = ["PatchReport", "accelerate", "ops", "restore", "__version__"]
