@@ -316,7 +316,7 @@ def test_percentile_is_exact(dtype, kind):
     for m, p in cases:
         big = torch.finfo(dtype).max / 4          # finite data: no inf - inf in the lerp
         x = _data(kind, 3, m, g).clamp(-big, big).to(dtype).to(DEVICE)
-        par = tthr._params(x, [tthr._rank(p, m)[1], 1e-30, 0.0])
+        par = tthr._params(x, [tthr._rank(p, m)[1], 1e-30, 0.0, math.inf])
         with tthr.force_launch(block=16, programs=3):
             s = tthr._percentile_scale(x, x.dtype, 3, m, p, 1e-30, par=par)
         ref = reference.quantile_linear(x.cpu().double().abs(), p).clamp(min=1e-30)
