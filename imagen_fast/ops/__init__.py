@@ -11,6 +11,6 @@ from .dispatch import BACKENDS, available_backends, requested_backend, use_backe
 
 __all__ = [
     "BACKENDS", "attention", "available_backends", "channel_rms_norm_silu",
-    "dynamic_threshold", "group_norm_silu", "is_channels_last", "reference", "requested_backend", "sampler_step",
-    "step_coefficients", "use_backend",
+    "dynamic_threshold", "group_norm_silu", "is_channels_last", "reference",
+    "requested_backend", "sampler_step", "step_coefficients", "use_backend",
 ]

@@ -157,6 +157,17 @@ def _channel_param(t, name: str, x: Tensor) -> Optional[Tensor]:
     return t.to(_param_dtype(x)).contiguous()
 
 
+def _check_norm_args(x: Tensor, eps, activation) -> Tuple[float, str]:
+    """The checks the norm ops share: x not empty, eps > 0, a known activation."""
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    eps = _check_float(eps, "eps", low=0.0, low_open=True)
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
+    return eps, act
+
+
 def _param_dtype(x: Tensor) -> torch.dtype:
     """Parameters reach kernels in float32 (float64 for float64 inputs)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -188,12 +199,7 @@ def group_norm_silu(
     c = x.shape[1]
     if num_groups <= 0 or c % num_groups != 0:
         raise ValueError(f"num_groups must be a positive divisor of C={c}, got {num_groups}")
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    eps = _check_float(eps, "eps", low=0.0, low_open=True)
-    act = "none" if activation is None else activation
-    if act not in ACTIVATIONS:
-        raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
+    eps, act = _check_norm_args(x, eps, activation)
     weight = _channel_param(weight, "weight", x)
     bias = _channel_param(bias, "bias", x)
     scale = _film_param(scale, "scale", x)
@@ -277,12 +283,7 @@ def channel_rms_norm_silu(
     weight = gamma. The RMS is computed in float32 (float64 for float64 inputs).
     """
     _check_tensor(x, "x", min_ndim=2)
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    eps = _check_float(eps, "eps", low=0.0, low_open=True)
-    act = "none" if activation is None else activation
-    if act not in ACTIVATIONS:
-        raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
+    eps, act = _check_norm_args(x, eps, activation)
     weight = _channel_param(weight, "weight", x)
     scale = _film_param(scale, "scale", x)
     shift = _film_param(shift, "shift", x)

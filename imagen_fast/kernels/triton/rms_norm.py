@@ -22,16 +22,17 @@ g_weight = sum_n (1 + scale) P2.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import triton
 import triton.language as tl
 
-from ...ops.api import _like_layout, is_channels_last
+from ...ops.api import _like_layout
 from ...ops.dispatch import register
 from . import _common as cm
 from ._common import activation, activation_grad
+from .group_norm import _compute_dtype, _geometry, _stat_dtype, _supports
 
 # Test hook: force plan fields {"block_c": CB, "block_s": BS}; see force_plan().
 _FORCED: Dict[str, int] = {}
@@ -153,34 +154,6 @@ def make_plan(C: int, S: int, channels_last: bool):
     return cb, bs, cm.cdiv(C, cb)
 
 
-def _geometry(x):
-    n, c = x.shape[:2]
-    return n, c, x.numel() // (n * c), is_channels_last(x)
-
-
-def _cdt(x):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
-def _sdt(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _supports(x, *_args) -> Optional[str]:
-    why = cm.check_device(x)
-    if why:
-        return why
-    if not cm.dtype_supported(x.dtype):
-        return f"dtype {x.dtype} not supported"
-    if x.ndim < 2:
-        return "x must have at least 2 dims"
-    if x.numel() // x.shape[0] >= 2 ** 31:
-        return "more than 2^31 elements per sample"
-    if not (x.is_contiguous() or is_channels_last(x)):
-        return "x must be contiguous or channels-last"
-    return None
-
-
 def _flags(weight, scale, shift, activation):
     return dict(HAS_W=weight is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
                 ACT=cm.ACT_CODES[activation])
@@ -190,13 +163,13 @@ def _flags(weight, scale, shift, activation):
 def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
     N, C, S, cl = _geometry(x)
     y = torch.empty_like(x)
-    rstd = torch.empty((N, S), dtype=_sdt(x), device=x.device)
+    rstd = torch.empty((N, S), dtype=_stat_dtype(x), device=x.device)
     cb, bs, ncb = make_plan(C, S, cl)
     nsb = cm.cdiv(S, bs)
     d = rstd  # stands in for absent optional pointers (never read)
     _rms_fwd_kernel[(N * nsb,)](
         x, y, rstd, weight if weight is not None else d, scale if scale is not None else d,
-        shift if shift is not None else d, C, S, nsb, float(eps), CDT=_cdt(x), CB=cb, BS=bs,
+        shift if shift is not None else d, C, S, nsb, float(eps), CDT=_compute_dtype(x), CB=cb, BS=bs,
         NCB=ncb, CL=cl, **_flags(weight, scale, shift, activation), num_warps=4)
     return y, rstd
 
@@ -205,7 +178,7 @@ def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
 def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
     N, C, S, cl = _geometry(x)
     gy = _like_layout(grad_y, x)
-    sdt = _sdt(x)
+    sdt = _stat_dtype(x)
     rstd = rstd.to(sdt).contiguous()
     need_x = bool(needs[0])
     gx = torch.empty_like(x) if need_x else None
@@ -215,7 +188,7 @@ def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation,
     opt = lambda t: t if t is not None else rstd  # noqa: E731
     _rms_bwd_kernel[(N * nsb,)](
         gy, x, rstd, opt(gx), opt(weight), opt(scale), opt(shift), part, C, S, nsb,
-        N * nsb * C, float(eps), CDT=_cdt(x), CB=cb, BS=bs, NCB=ncb, CL=cl,
+        N * nsb * C, float(eps), CDT=_compute_dtype(x), CB=cb, BS=bs, NCB=ncb, CL=cl,
         **_flags(weight, scale, shift, activation), NEED_X=need_x, num_warps=4)
     p1, p2 = part.sum(dim=2)                                  # (N, C) each
     gw = gs = gsh = None
