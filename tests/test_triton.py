@@ -196,7 +196,7 @@ RMS_PLANS = [("one_tile", {}), ("channel_blocks", dict(block_c=4, block_s=16)),
 
 @pytest.mark.parametrize("plan_name,plan", RMS_PLANS, ids=[p[0] for p in RMS_PLANS])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_rms_norm_plans_fwd_bwd(poison, plan_name, plan, channels_last, dtype):
     i = [p[0] for p in RMS_PLANS].index(plan_name)
     activation = ["silu", "gelu", None][i]
