@@ -10,7 +10,7 @@ imagen-pytorch 2.1.0 has two import-time problems here:
   config at import time. Offline, ``T5Config.from_pretrained`` is answered with a
   local T5Config of T5-base's width (768); only that width is read (the T5 encoder
   itself is never run: callers pass text embeddings).
-Both changes are process-wide, so they happen only when asked for.
+The first is process-wide; the second lasts only while imagen-pytorch imports.
 """
 from __future__ import annotations
 
@@ -27,7 +27,14 @@ def import_imagen_pytorch():
     sys.modules.setdefault("torchvision._meta_registrations",
                            types.ModuleType("torchvision._meta_registrations"))
     import transformers
-    transformers.T5Config.from_pretrained = classmethod(
-        lambda cls, name, **kw: cls(d_model=T5_BASE_WIDTH))
-    import imagen_pytorch
+    config = transformers.T5Config
+    own = config.__dict__.get("from_pretrained")       # normally inherited, so None
+    config.from_pretrained = classmethod(lambda cls, name, **kw: cls(d_model=T5_BASE_WIDTH))
+    try:
+        import imagen_pytorch
+    finally:        # imagen-pytorch caches the config it got; nobody else sees the stand-in
+        if own is None:
+            del config.from_pretrained
+        else:
+            config.from_pretrained = own
     return imagen_pytorch
