@@ -9,10 +9,17 @@ TRITON ?= triton==3.9.0
 # The JAX path (imagen_fast/jax): CPU jaxlib here; a TPU host installs ".[tpu]".
 JAX ?= jax[cpu]==0.10.2
 FLAX ?= flax==0.12.8
+TORCHVISION ?= torchvision==0.28.0
+PEERS ?= diffusers==0.42.1 imagen-pytorch==2.1.0
 
 .PHONY: venv build sample test bench bench-model lint clean
 
-$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
+# PEERS: the libraries imagen_fast.accelerate patches (tests/test_patch_*.py,
+# benchmarks/bench_patch.py), installed under constraints so they cannot swap this torch.
+# PyPI's torchvision is a CUDA build whose compiled ops cannot load beside the CPU torch;
+# its import then fails registering meta kernels for them (also when transformers imports
+# it): tools/torchvision_meta_shim.pth skips those registrations at interpreter start.
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt tools/torchvision_meta_shim.pth
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" numpy "$(TRITON)" pytest pytest-benchmark \
@@ -23,6 +30,9 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q scipy==1.17.1 matplotlib==3.11.2 selenium==4.51.0
 	$(PIP) install -q "$(JAX)" "$(FLAX)"
 	IMAGEN_FAST_REQUIRE_EXTENSION=1 $(PIP) install -q --no-build-isolation -e .
+	printf '%s\n' "$(TORCH)" "$(TORCHVISION)" > $(VENV)/peer-constraints.txt
+	$(PIP) install -q -c $(VENV)/peer-constraints.txt $(PEERS)
+	cp tools/torchvision_meta_shim.pth "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -36,18 +36,11 @@ The matched configuration (issue 5): preset "base64-small-efficient" (21.7M para
 against imagen-pytorch's memory_efficient=True Unet (IP_UNET, 20.6M), 64x64, attention
 with text at 16 and 8 px, the same text embeddings.
 
-imagen-pytorch (2.1.0) setup, outside this repository's environment, reusing its torch:
-    python3 -m venv /tmp/ipbench
-    echo "$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')" \\
-        > "$(/tmp/ipbench/bin/python -c 'import site; print(site.getsitepackages()[0])')/project.pth"
-    printf "torch==2.13.0\\ntorchvision==0.28.0\\n" > /tmp/ipbench/constraints.txt
-    /tmp/ipbench/bin/pip install imagen-pytorch==2.1.0 -c /tmp/ipbench/constraints.txt
-    PYTHONPATH=. /tmp/ipbench/bin/python -m benchmarks.bench_model
-Its torchvision wheel lacks the compiled ops this torch build expects, so the import
-skips torchvision's meta registrations, and imagen-pytorch asks the Hugging Face hub
-for a T5 config at import: it gets a local T5Config instead (its T5 is never run, the
-benchmark feeds precomputed text embeddings). Without imagen-pytorch the benchmark
-runs imagen-fast alone and says why.
+imagen-pytorch (2.1.0) comes with `make venv` (installed under constraints pinning this
+torch); imagen_fast.patch._peers.import_imagen_pytorch imports it offline (torchvision's
+meta registrations skipped, a local T5 config instead of the hub lookup; its T5 is never
+run: the benchmark feeds precomputed text embeddings). Without imagen-pytorch the
+benchmark runs imagen-fast alone and says why.
 """
 from __future__ import annotations
 
@@ -72,6 +65,7 @@ if __package__ in (None, ""):  # run as a file
 import torch  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from imagen_fast.patch._peers import import_imagen_pytorch  # noqa: E402
 
 TEXT_LEN = 64
 GUIDANCE = 5.0
@@ -196,17 +190,6 @@ def our_params(preset: str) -> int:
 
 
 # ---------------------------------------------------------- imagen-pytorch
-def import_imagen_pytorch():
-    """imagen_pytorch with the two import-time problems bypassed (see module docstring)."""
-    import types
-    sys.modules.setdefault("torchvision._meta_registrations",
-                           types.ModuleType("torchvision._meta_registrations"))
-    import transformers
-    transformers.T5Config.from_pretrained = classmethod(lambda cls, name, **kw: cls(d_model=768))
-    import imagen_pytorch
-    return imagen_pytorch
-
-
 class _IP:
     def __init__(self, preset: str, batch: int, device, train: bool, timesteps: int = 1000):
         from imagen_fast.models import preset_config

@@ -17,6 +17,7 @@ void register_cuda(py::module_& m);
 // CPU kernel families (csrc/cpu/*.cpp).
 void register_cpu_group_norm(py::module_& m);
 void register_cpu_threshold(py::module_& m);
+void register_cpu_rms_norm(py::module_& m);
 
 static py::dict build_info() {
   py::dict d;
@@ -76,4 +77,5 @@ PYBIND11_MODULE(_C, m) {
   // CPU kernel families register themselves here (csrc/cpu/*.cpp).
   register_cpu_group_norm(m);
   register_cpu_threshold(m);
+  register_cpu_rms_norm(m);
 }

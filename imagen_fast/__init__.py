@@ -2,8 +2,9 @@
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
+from .patch import PatchReport, accelerate, restore  # noqa: E402
 
-__all__ = ["ops", "load_pipeline", "ImagenPipeline", "__version__"]
+__all__ = ["ImagenPipeline", "PatchReport", "accelerate", "load_pipeline", "ops", "restore", "__version__"]
 
 
 def __getattr__(name):

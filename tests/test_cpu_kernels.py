@@ -464,3 +464,94 @@ def test_backend_supports_predicates():
     assert cb._gn_supports(x.int()) is not None
     assert cb._threshold_supports(x[:, :, ::2]) is not None
     assert cb._step_supports(x, x.to(memory_format=torch.channels_last)) is not None
+
+
+# ---------------------------------------------------------- channel_rms_norm_silu
+def _rms_grads(x, w, s, sh, act, gy, dtype, eps):
+    """Reference grads in float64 and in the low-precision dtype (None for absent params)."""
+    out = []
+    for dt in (torch.float64, dtype):
+        leaves = [None if t is None else t.to(dt).requires_grad_() for t in (x, w, s, sh)]
+        y = reference.channel_rms_norm_silu(leaves[0], leaves[1], eps, leaves[2], leaves[3], act)
+        live = [t for t in leaves if t is not None]
+        gr = iter(torch.autograd.grad(y, live, gy.to(dt)))
+        out.append([None if t is None else next(gr) for t in leaves])
+    return out
+
+
+def _check_rms(x, params, act, eps=1e-6, seed=0):
+    """The cpu backend's forward and backward against the float64 reference."""
+    dtype = x.dtype
+    w, s, sh = params
+    y, rstd = cb.channel_rms_norm_fwd(x, w, eps, s, sh, act)
+    assert y.stride() == x.stride() and y.dtype == dtype
+    ref = reference.channel_rms_norm_silu(x.double(), _d64(w), eps, _d64(s), _d64(sh), act)
+    lp = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    same = reference.channel_rms_norm_silu(x, lp(w), eps, lp(s), lp(sh), act)
+    assert_close_to_reference(y, ref, same, what=f"y {tuple(x.shape)} {act}")
+    rms = x.double().pow(2).mean(1).sqrt().clamp_min(eps).reshape(x.shape[0], -1)
+    torch.testing.assert_close(rstd.double(), 1 / rms, rtol=2e-6, atol=0)
+    gy = _layout(randn(*x.shape, generator=_gen(seed + 1)).to(dtype), not x.is_contiguous())
+    needs = (True, w is not None, s is not None, sh is not None)
+    grads = cb.channel_rms_norm_bwd(gy, x, rstd, w, eps, s, sh, act, needs)
+    r64, rlp = _rms_grads(x, w, s, sh, act, gy, dtype, eps)
+    for name, g, r, t, p in zip(["x", "weight", "scale", "shift"], grads, r64, rlp, [x, w, s, sh]):
+        if p is None:
+            assert g is None
+            continue
+        assert g.shape == p.shape and g.dtype == p.dtype
+        if name == "x":
+            assert g.stride() == x.stride(), "grad_x must keep x's layout"
+        floor = None if name == "x" else 1e-4 * math.sqrt(x.numel()) * r.abs().max().item() + 1e-12
+        assert_close_to_reference(g, r, t, what=f"grad {name} {tuple(x.shape)} {act}", floor=floor)
+
+
+def _rms_case(shape, dtype, flags, seed):
+    x, params = _gn_case(shape, dtype, (flags[0], False, flags[1], flags[2]), seed)
+    return x, [params[0], params[2], params[3]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "none"])
+def test_rms_norm_every_film_variant(poisoned, dtype, channels_last, activation):
+    for i, flags in enumerate(itertools.product([False, True], repeat=3)):   # weight, scale, shift
+        x, params = _rms_case((2, 20, 5, 7), dtype, flags, seed=i)
+        _check_rms(_layout(x, channels_last), params, activation, seed=i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (3, 17, 9, 11), (2, 33, 70, 3), (1, 64, 20, 20),
+                                   (2, 5, 3, 4, 6)])
+def test_rms_norm_odd_shapes(poisoned, dtype, channels_last, shape):
+    """C below, between and above a vector; S over several position blocks (contiguous)
+    and over the 256-position flush of the channels-last sums."""
+    x, params = _rms_case(shape, dtype, (True, True, True), seed=3)
+    _check_rms(_layout(x, channels_last), params, "silu")
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rms_norm_threads(poisoned, threads, channels_last):
+    """Samples split across threads mid-sample: the per-thread channel sums merge."""
+    x, params = _rms_case((3, 24, 41, 13), torch.float32, (True, True, True), seed=4)
+    _check_rms(_layout(x, channels_last), params, "gelu")
+
+
+def test_rms_norm_argument_checks():
+    x = torch.randn(2, 4, 3, 3)
+    y, r = torch.empty_like(x), torch.empty(2, 9)
+    fwd = lambda **kw: _C.channel_rms_norm_fwd(**{**dict(  # noqa: E731
+        x=x.data_ptr(), y=y.data_ptr(), rstd=r.data_ptr(), weight=0, scale=0, shift=0, N=2, C=4,
+        S=9, eps=1e-6, channels_last=False, dtype=0, activation=1), **kw})
+    fwd()
+    for bad in (dict(x=0), dict(y=0), dict(rstd=0), dict(N=0), dict(C=-1), dict(S=0),
+                dict(dtype=9), dict(activation=3), dict(eps=0.0), dict(eps=float("inf"))):
+        with pytest.raises(ValueError):
+            fwd(**bad)
+    with pytest.raises(ValueError):
+        _C.channel_rms_norm_bwd(0, x.data_ptr(), r.data_ptr(), 0, 0, 0, y.data_ptr(), 0, 0, 0,
+                                2, 4, 9, 1e-6, False, 0, 1)
+    with pytest.raises(ValueError):
+        _C.dynamic_threshold(x.data_ptr(), y.data_ptr(), 2, 36, 0, 0.5, 1.0, 0.0)

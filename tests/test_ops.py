@@ -125,6 +125,106 @@ def test_group_norm_silu_gradcheck(backend):
                                            activation=act), (x, w, b, s, sh))
 
 
+# ------------------------------------------------------------ channel_rms_norm_silu
+RMS_SHAPES = [(2, 8, 5, 7), (1, 96, 7, 9), (3, 5, 3, 3), (3, 12, 11), (2, 6, 3, 4, 5)]
+RMS_SMALL = [(2, 8, 5, 7), (1, 12, 3, 5)]
+
+
+def _rms_inputs(shape, dtype, film, affine, seed=0):
+    x, w, _, s, sh = group_norm_inputs(shape, dtype, film, affine, seed)
+    return x, w, s, sh
+
+
+def _rms_ref(x, w, s, sh, activation, eps=1e-6, dtype=torch.float64):
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return reference.channel_rms_norm_silu(cast(x), cast(w), eps, cast(s), cast(sh), activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("film,affine,activation", [
+    (True, True, "silu"), (False, True, "silu"), (True, False, "gelu"), (False, False, None),
+])
+def test_channel_rms_norm_forward(backend, poison, dtype, channels_last, film, affine, activation):
+    require_op(backend, "channel_rms_norm_fwd")
+    for shape in (RMS_SMALL if small(backend) else RMS_SHAPES):
+        if channels_last and len(shape) not in (4, 5):
+            continue
+        x, w, s, sh = _rms_inputs(shape, dtype, film, affine)
+        xd = _to_layout(x.to(DEVICE), channels_last)
+        y = ops.channel_rms_norm_silu(xd, *_dev(w), 1e-6, *_dev(s, sh), activation=activation)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert ops.is_channels_last(y) == ops.is_channels_last(xd), "layout not kept"
+        ref = _rms_ref(x, w, s, sh, activation)
+        same = _rms_ref(x, w, s, sh, activation, dtype=dtype)
+        assert_close_to_reference(y.cpu(), ref, same, what=f"y {shape}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu", None])
+def test_channel_rms_norm_backward(backend, dtype, channels_last, activation):
+    require_op(backend, "channel_rms_norm_fwd")
+    shape = (2, 8, 5, 7) if small(backend) else (2, 96, 7, 9)
+    x, w, s, sh = _rms_inputs(shape, dtype, True, True, seed=1)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, w, s, sh)]
+    y = ops.channel_rms_norm_silu(_to_layout(leaves[0], channels_last), leaves[1], 1e-6,
+                                  leaves[2], leaves[3], activation)
+    gy = randn(*shape, dtype=dtype, generator=_gen(7)).to(DEVICE)
+    grads = torch.autograd.grad(y, leaves, gy)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, s, sh)]
+    ref_grads = torch.autograd.grad(_rms_ref(*ref_leaves, activation), ref_leaves, gy.cpu().double())
+    lp_leaves = [t.to(dtype).requires_grad_() for t in (x, w, s, sh)]
+    lp_grads = torch.autograd.grad(_rms_ref(*lp_leaves, activation, dtype=dtype), lp_leaves, gy.cpu())
+    for name, g, r, t, leaf in zip(["x", "weight", "scale", "shift"], grads, ref_grads, lp_grads,
+                                   leaves):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        floor = None if name == "x" else 1e-4 * math.sqrt(x.numel()) * r.abs().max().item()
+        assert_close_to_reference(g.cpu(), r, t, what=f"grad {name}", floor=floor)
+
+
+def test_channel_rms_norm_tiny_rms_is_clamped(backend):
+    """Positions whose RMS is below eps (here: all zeros, and 1e-9) scale by 1 / eps,
+    as F.normalize does; their gradient is the plain rescaled one."""
+    require_op(backend, "channel_rms_norm_fwd")
+    x = randn(2, 6, 3, 4, generator=_gen(8))
+    x[0, :, 1, 2] = 0.0
+    x[1, :, 0, :] *= 1e-9
+    w = randn(6, generator=_gen(9))
+    xd = x.to(DEVICE).requires_grad_()
+    y = ops.channel_rms_norm_silu(xd, w.to(DEVICE), 1e-6, activation=None)
+    assert_close_to_reference(y.detach().cpu(), _rms_ref(x, w, None, None, None), floor=1e-5)
+    gy = randn(*x.shape, generator=_gen(10))
+    (gx,) = torch.autograd.grad(y, [xd], gy.to(DEVICE))
+    x64 = x.double().requires_grad_()
+    (r,) = torch.autograd.grad(_rms_ref(x64, w, None, None, None), [x64], gy.double())
+    r = torch.nan_to_num(r)  # F.normalize-style sqrt(0) gives NaN * 0 at the all-zero column
+    r[0, :, 1, 2] = (gy[0, :, 1, 2] * w).double() * 1e6
+    torch.testing.assert_close(gx.cpu().double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_rms_norm_matches_imagen_pytorch_form(backend):
+    """F.normalize(x, dim=1) * sqrt(C) * gamma is the op with eps = 1e-12 / sqrt(C)."""
+    require_op(backend, "channel_rms_norm_fwd")
+    x = randn(2, 16, 5, 3, generator=_gen(11))
+    gamma = randn(16, generator=_gen(12))
+    expected = torch.nn.functional.normalize(x.double(), dim=1) * 4.0 * gamma.double()[:, None, None]
+    y = ops.channel_rms_norm_silu(x.to(DEVICE), gamma.to(DEVICE), 1e-12 / 4.0, activation=None)
+    assert_close_to_reference(y.cpu(), expected, torch.nn.functional.normalize(x, dim=1) * 4.0
+                              * gamma[:, None, None])
+
+
+def test_channel_rms_norm_gradcheck(backend):
+    require_op(backend, "channel_rms_norm_fwd")
+    if backend in ("triton", "cuda") and DEVICE.type == "cpu":
+        pytest.skip("float64 gradcheck runs on backends torch and cpu")
+    x, w, s, sh = (t.double().to(DEVICE).requires_grad_() for t in _rms_inputs(
+        (2, 6, 3, 4), torch.float64, True, True, seed=5))
+    for act in ("silu", "gelu"):
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.channel_rms_norm_silu(a[0], a[1], 1e-6, a[2], a[3], act), (x, w, s, sh))
+
+
 # ----------------------------------------------------------------------- attention
 ATTN_CASES = [  # B, H, Lq, Lk, D
     (2, 2, 5, 7, 8),
@@ -214,6 +314,20 @@ def test_dynamic_threshold(backend, poison, dtype, percentile):
         ref = reference.dynamic_threshold(x.double(), percentile)
         # Same-dtype error: the reference's maths rounded to the dtype.
         assert_close_to_reference(y.cpu(), ref, ref.to(dtype), what=f"threshold {shape}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dynamic_threshold_max_value(backend, dtype):
+    """s = clamp(quantile, min_value, max_value) in torch.clamp's order (max wins), as
+    diffusers' schedulers clamp it: samples above, inside and below the bounds."""
+    x = randn(4, 3, 5, 7, dtype=torch.float64, generator=_gen(45))
+    x = (x * torch.tensor([3.0, 0.2, 1.3, 6.0], dtype=torch.float64).reshape(-1, 1, 1, 1)).to(dtype)
+    for max_value in (1.5, 0.8):
+        y = ops.dynamic_threshold(x.to(DEVICE), 0.95, 1.0, max_value)
+        flat = x.double().reshape(4, -1)
+        s = torch.quantile(flat.abs(), 0.95, dim=1).clamp(min=1.0, max=max_value)[:, None]
+        expected = (torch.clamp(flat, -s, s) / s).reshape(x.shape)
+        assert_close_to_reference(y.cpu(), expected, expected.to(dtype), what=f"max {max_value}")
 
 
 def test_dynamic_threshold_ties_and_layout(backend):

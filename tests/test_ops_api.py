@@ -31,6 +31,16 @@ BAD_CALLS = [
     (lambda: ops.group_norm_silu(x4, 2, eps=float("nan")), ValueError, "eps must be finite"),
     (lambda: ops.group_norm_silu(x4, 2, activation="relu"), ValueError, "activation must be"),
     (lambda: ops.group_norm_silu(torch.randn(0, 8, 2, 2), 2), ValueError, "x must not be empty"),
+    (lambda: ops.channel_rms_norm_silu([1.0]), TypeError, "x must be a torch.Tensor"),
+    (lambda: ops.channel_rms_norm_silu(torch.randn(8)), ValueError, "x must have at least 2 dims"),
+    (lambda: ops.channel_rms_norm_silu(x4, torch.randn(4)), ValueError, "weight must have shape (C,)"),
+    (lambda: ops.channel_rms_norm_silu(x4, scale=torch.randn(3, 8)), ValueError, "scale must have shape"),
+    (lambda: ops.channel_rms_norm_silu(x4, shift=torch.randn(2, 8, 2)), ValueError, "shift must have shape"),
+    (lambda: ops.channel_rms_norm_silu(x4, eps=-1.0), ValueError, "eps must be > 0"),
+    (lambda: ops.channel_rms_norm_silu(x4, activation="tanh"), ValueError, "activation must be"),
+    (lambda: ops.channel_rms_norm_silu(torch.randn(2, 0, 3)), ValueError, "x must not be empty"),
+    (lambda: ops.dynamic_threshold(x4, 0.9, max_value=0.0), ValueError, "max_value must be > 0"),
+    (lambda: ops.dynamic_threshold(x4, 0.9, max_value="1"), TypeError, "max_value must be a float"),
     (lambda: ops.attention(q4[0], k4, k4), ValueError, "q must have 4 dims"),
     (lambda: ops.attention(q4, k4.double(), k4), TypeError, "k must have q's dtype"),
     (lambda: ops.attention(q4, torch.randn(2, 2, 7, 4), torch.randn(2, 2, 7, 4)), ValueError,
@@ -148,7 +158,10 @@ def test_opcheck():
     mask = torch.rand(2, 6) > 0.3
     mask[:, 0] = True
     torch.library.opcheck(torch.ops.imagen_fast.attention_fwd.default, (q, k, v, mask, 0.35))
-    torch.library.opcheck(torch.ops.imagen_fast.dynamic_threshold.default, (x.detach(), 0.9, 1.0))
+    torch.library.opcheck(torch.ops.imagen_fast.dynamic_threshold.default,
+                          (x.detach(), 0.9, 1.0, 1.5))
+    torch.library.opcheck(torch.ops.imagen_fast.channel_rms_norm_fwd.default,
+                          (x, w, 1e-6, s, None, "gelu"))
 
 
 class _Block(torch.nn.Module):
@@ -207,6 +220,21 @@ def test_torch_export_sees_the_ops():
 
     ep = torch.export.export(M(), (torch.randn(2, 4, 3, 3),))
     assert "imagen_fast.group_norm_silu_fwd" in str(ep.graph)
+
+
+def test_torch_compile_channel_rms_norm_fullgraph():
+    """Forward and backward of channel_rms_norm_silu under torch.compile, no graph break."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 6, 4, 5, requires_grad=True)
+    w, s, sh = torch.randn(6, requires_grad=True), torch.randn(2, 6), torch.randn(2, 6)
+    f = lambda x, w: ops.channel_rms_norm_silu(x, w, 1e-6, s, sh) * 2  # noqa: E731
+    eager = f(x, w)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
+    torch.testing.assert_close(compiled, eager)
+    ge = torch.autograd.grad(eager.sum(), [x, w])
+    gc = torch.autograd.grad(compiled.sum(), [x, w])
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
 
 
 def test_compiled_backward_through_strided_attention_inputs():

@@ -37,6 +37,7 @@ if _status == "available":
     from imagen_fast.kernels.triton import _common as cm  # noqa: E402
     from imagen_fast.kernels.triton import attention as tattn  # noqa: E402
     from imagen_fast.kernels.triton import group_norm as tgn  # noqa: E402
+    from imagen_fast.kernels.triton import rms_norm as trms  # noqa: E402
     from imagen_fast.kernels.triton import threshold as tthr  # noqa: E402
 
 GPU = DEVICE.type == "cuda"
@@ -186,6 +187,49 @@ def test_group_norm_plan_choice():
     assert p.GB * p.CB >= 64, "a channels-last tile should span >= 64 contiguous channels"
 
 
+# ------------------------------------------------------------ channel_rms_norm_silu
+# Tiles smaller than the tensor: several channel blocks (the two-pass walk, with a
+# partial last block) and several position blocks (partial sums merged on the host).
+RMS_PLANS = [("one_tile", {}), ("channel_blocks", dict(block_c=4, block_s=16)),
+             ("position_blocks", dict(block_c=16, block_s=8))]
+
+
+@pytest.mark.parametrize("plan_name,plan", RMS_PLANS, ids=[p[0] for p in RMS_PLANS])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_rms_norm_plans_fwd_bwd(poison, plan_name, plan, channels_last, dtype):
+    i = [p[0] for p in RMS_PLANS].index(plan_name)
+    activation = ["silu", "gelu", None][i]
+    shape = (2, 10, 5, 7)
+    x, w, _, s, sh = group_norm_inputs(shape, dtype, True, True, seed=i)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, w, s, sh)]
+    gy = randn(*shape, dtype=dtype, generator=_gen(98))
+    with trms.force_plan(**plan):
+        y = ops.channel_rms_norm_silu(_layout(leaves[0], channels_last), leaves[1], 1e-6,
+                                      leaves[2], leaves[3], activation)
+        assert ops.is_channels_last(y) == channels_last
+        grads = torch.autograd.grad(y, leaves, gy.to(DEVICE))
+    refs = []
+    for dt in (torch.float64, dtype):
+        r_leaves = [t.to(dt).requires_grad_() for t in (x, w, s, sh)]
+        r = reference.channel_rms_norm_silu(r_leaves[0], r_leaves[1], 1e-6, r_leaves[2],
+                                            r_leaves[3], activation)
+        refs.append((r.detach(), torch.autograd.grad(r, r_leaves, gy.to(dt))))
+    (ref, r_grads), (same, l_grads) = refs
+    assert_close_to_reference(y.detach().cpu(), ref, same, what="y")
+    for k, (g, r, t) in enumerate(zip(grads, r_grads, l_grads)):
+        floor = None if k == 0 else 1e-4 * math.sqrt(x.numel()) * r.abs().max().item()
+        assert g.dtype == leaves[k].dtype
+        assert_close_to_reference(g.cpu(), r, t, floor=floor, what=f"grad {k}")
+
+
+def test_rms_norm_plan_shape():
+    """The unit-stride axis gets the long side of the tile."""
+    assert trms.make_plan(512, 4096, channels_last=False) == (16, 256, 32)
+    assert trms.make_plan(512, 4096, channels_last=True) == (256, 16, 2)
+    assert trms.make_plan(3, 5, channels_last=False) == (4, 8, 1)
+
+
 # ----------------------------------------------------------------------- attention
 ATTN_CASES = [  # (B, H, Lq, Lk, D, blocks)
     (2, 2, 20, 77, 40, (16, 16)),      # head dim 40, Lk = 77, Lq != Lk, many blocks
@@ -316,7 +360,7 @@ def test_percentile_is_exact(dtype, kind):
     for m, p in cases:
         big = torch.finfo(dtype).max / 4          # finite data: no inf - inf in the lerp
         x = _data(kind, 3, m, g).clamp(-big, big).to(dtype).to(DEVICE)
-        par = tthr._params(x, [tthr._rank(p, m)[1], 1e-30, 0.0])
+        par = tthr._params(x, [tthr._rank(p, m)[1], 1e-30, 0.0, math.inf])
         with tthr.force_launch(block=16, programs=3):
             s = tthr._percentile_scale(x, x.dtype, 3, m, p, 1e-30, par=par)
         ref = reference.quantile_linear(x.cpu().double().abs(), p).clamp(min=1e-30)

@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "binding.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -922,8 +923,6 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
 }
 
 // ---------------------------------------------------------------------- binding
-template <typename P> inline P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
-
 void check_common(int64_t N, int64_t C, int64_t S, int64_t G, int dtype, int activation) {
   if (N <= 0 || C <= 0 || S <= 0 || G <= 0)
     throw std::invalid_argument("group_norm: N, C, S and G must be positive (got N=" + std::to_string(N) +
@@ -933,15 +932,6 @@ void check_common(int64_t N, int64_t C, int64_t S, int64_t G, int dtype, int act
   if (dtype < 0 || dtype > 3) throw std::invalid_argument("group_norm: unknown dtype code " + std::to_string(dtype));
   if (activation < 0 || activation > 2)
     throw std::invalid_argument("group_norm: unknown activation code " + std::to_string(activation));
-}
-
-// Calls f(tag) with tag = Activation constant for the runtime code.
-template <typename F> void with_activation(int activation, F&& f) {
-  switch (static_cast<Activation>(activation)) {
-    case Activation::SiLU: f(std::integral_constant<Activation, Activation::SiLU>{}); break;
-    case Activation::GELU: f(std::integral_constant<Activation, Activation::GELU>{}); break;
-    default: f(std::integral_constant<Activation, Activation::None>{}); break;
-  }
 }
 
 void group_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t mean, uintptr_t rstd, uintptr_t w, uintptr_t b,
@@ -960,12 +950,7 @@ void group_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t mean, uintptr_t rstd, ui
       gn_forward<act, T>(ptr<const T>(x), ptr<T>(y), ptr<A>(mean), ptr<A>(rstd), pr, N, C, S, G, eps,
                          channels_last, threads);
     };
-    switch (static_cast<DType>(dtype)) {
-      case DType::Float32: run(float{}, float{}); break;
-      case DType::Float64: run(double{}, double{}); break;
-      case DType::Float16: run(Half{}, float{}); break;
-      case DType::BFloat16: run(BFloat16{}, float{}); break;
-    }
+    with_storage(dtype, run);
   });
 }
 
@@ -987,12 +972,7 @@ void group_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t mean, uintptr_t rstd, u
                           ptr<T>(gx), ptr<A>(gw), ptr<A>(gb), ptr<A>(gs), ptr<A>(gsh), N, C, S, G,
                           channels_last, threads);
     };
-    switch (static_cast<DType>(dtype)) {
-      case DType::Float32: run(float{}, float{}); break;
-      case DType::Float64: run(double{}, double{}); break;
-      case DType::Float16: run(Half{}, float{}); break;
-      case DType::BFloat16: run(BFloat16{}, float{}); break;
-    }
+    with_storage(dtype, run);
   });
 }
 

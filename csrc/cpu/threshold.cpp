@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "binding.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -571,7 +572,8 @@ void select_sample(const T* xs, int64_t L, int64_t b, int64_t e, const QuantileR
 }
 
 template <typename T>
-void dynamic_threshold_impl(const T* x, T* y, int64_t N, int64_t L, double p, double min_value, int threads) {
+void dynamic_threshold_impl(const T* x, T* y, int64_t N, int64_t L, double p, double min_value,
+                            double max_value, int threads) {
   using A = AccOf<T>;
   using K = typename KeyOf<A>::K;
   threads = pick_threads(threads, N * L);
@@ -587,6 +589,7 @@ void dynamic_threshold_impl(const T* x, T* y, int64_t N, int64_t L, double p, do
     select_sample(xs, L, b, e, qr, team, tid, nt, st, false, &lo, &hi);
     A s = lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac);
     s = std::max(s, static_cast<A>(min_value));
+    if (max_value < static_cast<double>(s)) s = static_cast<A>(max_value);
     threshold_out(xs, y + n * L, b, e, s);
   });
 }
@@ -747,8 +750,6 @@ void sampler_step_impl(const StepArgs<T>& g, Thresh mode, double p, double min_v
 }
 
 // ---------------------------------------------------------------------- bindings
-template <typename P> inline P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
-
 void check_sizes(const char* fn, int64_t N, int64_t L, int dtype, double p, double min_value) {
   if (N <= 0 || L <= 0)
     throw std::invalid_argument(std::string(fn) + ": N and L must be positive (got N=" + std::to_string(N) +
@@ -769,13 +770,14 @@ template <typename F> void with_dtype(int dtype, F&& f) {
 }
 
 void dynamic_threshold(uintptr_t x, uintptr_t y, int64_t N, int64_t L, int dtype, double percentile,
-                       double min_value, int threads) {
+                       double min_value, double max_value, int threads) {
   check_sizes("dynamic_threshold", N, L, dtype, percentile, min_value);
+  if (!(max_value > 0.0)) throw std::invalid_argument("dynamic_threshold: max_value must be > 0 (inf for none)");
   if (!x || !y) throw std::invalid_argument("dynamic_threshold: x and y are required");
   py::gil_scoped_release nogil;
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dynamic_threshold_impl<T>(ptr<const T>(x), ptr<T>(y), N, L, percentile, min_value, threads);
+    dynamic_threshold_impl<T>(ptr<const T>(x), ptr<T>(y), N, L, percentile, min_value, max_value, threads);
   });
 }
 
@@ -835,10 +837,11 @@ py::tuple quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double perc
 void register_cpu_threshold(py::module_& m) {
   using namespace imagen_fast::cpu;
   m.def("dynamic_threshold", &dynamic_threshold,
-        "Per sample (N samples of L elements, any layout): s = max(quantile(|x|, percentile), min_value) "
-        "with torch.quantile's linear interpolation, exact; y = clamp(x, -s, s) / s.",
+        "Per sample (N samples of L elements, any layout): s = min(max(quantile(|x|, percentile), min_value), "
+        "max_value) with torch.quantile's linear interpolation, exact; y = clamp(x, -s, s) / s.",
         py::arg("x"), py::arg("y"), py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("percentile"),
-        py::arg("min_value"), py::arg("threads") = 0);
+        py::arg("min_value"), py::arg("max_value") = std::numeric_limits<double>::infinity(),
+        py::arg("threads") = 0);
   m.def("sampler_step", &sampler_step,
         "Fused guided reverse-diffusion step: pred = uncond + w (cond - uncond) (cond if no uncond), "
         "x0 = a z + b pred, threshold (0 none, 1 static, 2 dynamic), out = c_x0 x0 + c_z z + c_noise noise. "

@@ -98,6 +98,7 @@ c::ThresholdArgs thr_args(const py::dict& d) {
   r.get("L", a.L);
   r.get("percentile", a.percentile);
   r.get("min_value", a.min_value);
+  r.get("max_value", a.max_value);
   r.ptr("x", a.x);
   r.ptr("z", a.z);
   r.ptr("cond", a.cond);

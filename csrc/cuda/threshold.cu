@@ -33,6 +33,7 @@ void check_args(const ThresholdArgs& a, bool sampler) {
   if (a.L >= (int64_t(1) << 32)) bad("at most 2^32 - 1 elements per sample");
   if (!(a.percentile >= 0.0 && a.percentile <= 1.0)) bad("percentile must be in [0, 1]");
   if (!(a.min_value > 0.0) || !std::isfinite(a.min_value)) bad("min_value must be finite and > 0");
+  if (!(a.max_value > 0.0)) bad("max_value must be > 0 (infinity for none)");
   if (!a.out) bad("out is required");
   if (sampler) {
     if (!a.z || !a.cond || !a.coefs) bad("z_t, pred_cond and coefs are required");
@@ -101,6 +102,7 @@ Params make_params(const ThresholdArgs& a, const Geometry& geo) {
   p.slice = geo.plan.slice;
   p.percentile = a.percentile;
   p.min_value = a.min_value;
+  p.max_value = a.max_value;
   p.x = a.x;
   p.out = a.out;
   p.z = a.z;

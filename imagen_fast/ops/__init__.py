@@ -5,12 +5,12 @@ Models call these functions; each validates its arguments, picks a backend
 with torch.library so torch.compile and torch.export see through it.
 """
 from . import reference
-from .api import (attention, dynamic_threshold, group_norm_silu, is_channels_last,
-                  sampler_step, step_coefficients)
+from .api import (attention, channel_rms_norm_silu, dynamic_threshold, group_norm_silu,
+                  is_channels_last, sampler_step, step_coefficients)
 from .dispatch import BACKENDS, available_backends, requested_backend, use_backend
 
 __all__ = [
-    "BACKENDS", "attention", "available_backends", "dynamic_threshold", "group_norm_silu",
-    "is_channels_last", "reference", "requested_backend", "sampler_step",
-    "step_coefficients", "use_backend",
+    "BACKENDS", "attention", "available_backends", "channel_rms_norm_silu",
+    "dynamic_threshold", "group_norm_silu", "is_channels_last", "reference",
+    "requested_backend", "sampler_step", "step_coefficients", "use_backend",
 ]

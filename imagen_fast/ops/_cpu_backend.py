@@ -11,6 +11,7 @@ zero output and zero gradients (the kernel itself would produce NaN there).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -20,7 +21,7 @@ from . import _torch_backend
 from .dispatch import register
 
 _C = load_extension()
-if _C is None or not hasattr(_C, "group_norm_fwd"):
+if _C is None or not hasattr(_C, "group_norm_fwd") or not hasattr(_C, "channel_rms_norm_fwd"):
     raise ImportError("imagen_fast._C is not built (or was built without the CPU kernels)")
 
 # Must match csrc/include/imagen_fast/common.h (DType, Activation).
@@ -131,6 +132,40 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
                          for gr, p in zip(grads, params))
 
 
+# ------------------------------------------------------------ channel_rms_norm_silu
+@register("channel_rms_norm_fwd", "cpu", supports=_gn_supports)
+def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
+    pdt = _stat_dtype(x)
+    n, c, s, _, cl = _gn_geometry(x, 1)
+    w, sc, sh = (_param(t, pdt) for t in (weight, scale, shift))
+    y = _empty_like_layout(x)
+    rstd = torch.empty((n, s), dtype=pdt)
+    _C.channel_rms_norm_fwd(x.data_ptr(), y.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc), _ptr(sh),
+                            n, c, s, float(eps), cl, _DTYPE_CODES[x.dtype],
+                            _ACTIVATION_CODES[activation], _threads())
+    return y, rstd
+
+
+@register("channel_rms_norm_bwd", "cpu", supports=_gn_supports)
+def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
+    pdt = _stat_dtype(x)
+    n, c, s, _, cl = _gn_geometry(x, 1)
+    grad_y = _same_layout(grad_y, x)
+    rstd = rstd.to(pdt).contiguous()
+    w, sc, sh = (_param(t, pdt) for t in (weight, scale, shift))
+    need_x, need_w, need_s, need_sh = needs
+    gx = _empty_like_layout(x) if need_x else None
+    gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
+    gs = torch.empty((n, c), dtype=pdt) if need_s and sc is not None else None
+    gsh = torch.empty((n, c), dtype=pdt) if need_sh and sh is not None else None
+    _C.channel_rms_norm_bwd(grad_y.data_ptr(), x.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc),
+                            _ptr(sh), _ptr(gx), _ptr(gw), _ptr(gs), _ptr(gsh), n, c, s, float(eps),
+                            cl, _DTYPE_CODES[x.dtype], _ACTIVATION_CODES[activation], _threads())
+    params = (weight, scale, shift)
+    return (gx,) + tuple(None if gr is None else gr.to(p.dtype).reshape(p.shape)
+                         for gr, p in zip((gw, gs, gsh), params))
+
+
 # ------------------------------------------------------------ dynamic thresholding
 def _flat_reason(*tensors) -> Optional[str]:
     """All given tensors on the CPU, same supported dtype and identical dense strides."""
@@ -151,11 +186,11 @@ def _threshold_supports(x0, *rest) -> Optional[str]:
 
 
 @register("dynamic_threshold", "cpu", supports=_threshold_supports)
-def dynamic_threshold(x0, percentile, min_value):
+def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
     n = x0.shape[0]
     y = _empty_like_layout(x0)
     _C.dynamic_threshold(x0.data_ptr(), y.data_ptr(), n, x0.numel() // n, _DTYPE_CODES[x0.dtype],
-                         float(percentile), float(min_value), _threads())
+                         float(percentile), float(min_value), float(max_value), _threads())
     return y
 
 

@@ -16,6 +16,7 @@ Test and tuning switches (read at every call):
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional, Tuple
 
@@ -221,30 +222,30 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
 
 
 # ------------------------------------------------------------ dynamic thresholding
-def _thr_args(x, percentile, min_value) -> dict:
+def _thr_args(x, percentile, min_value, max_value=math.inf) -> dict:
     n = x.shape[0]
     args = _common(x)
     args.update(N=n, L=x.numel() // n, percentile=float(percentile),
-                min_value=float(min_value),
+                min_value=float(min_value), max_value=float(max_value),
                 force_ctas_per_sample=_env_int("IMAGEN_FAST_CUDA_THRESHOLD_CTAS"))
     return args
 
 
-def threshold_values(x0, percentile, min_value=1.0):
+def threshold_values(x0, percentile, min_value=1.0, max_value=math.inf):
     """(y, s): dynamic_threshold's output and the per-sample thresholds s (float64)."""
     _require_cuda(x0, "x0")
     x, _ = _dense(x0)
     out = torch.empty_like(x)
     s = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    args = _thr_args(x, percentile, min_value)
+    args = _thr_args(x, percentile, min_value, max_value)
     args.update(x=x.data_ptr(), out=out.data_ptr(), s_out=s.data_ptr())
     _run(_C.cuda_threshold_plan, _C.cuda_dynamic_threshold, args, x.device, False)
     return out, s
 
 
 @register("dynamic_threshold", "cuda", supports=_supports)
-def dynamic_threshold(x0, percentile, min_value):
-    return threshold_values(x0, percentile, min_value)[0]
+def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
+    return threshold_values(x0, percentile, min_value, max_value)[0]
 
 
 @register("sampler_step", "cuda", supports=_supports)

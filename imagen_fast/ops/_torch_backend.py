@@ -114,6 +114,60 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
                           for g, p, need in zip(grads, params, needs[1:]))
 
 
+def _rms_coefs(x, rstd, weight, scale, shift):
+    """x_hat = x * rstd and the pre-activation h = x_hat * w * (1 + s) + shift."""
+    sdt = rstd.dtype
+    x_hat = x.to(sdt) * rstd.reshape(x.shape[0], 1, *x.shape[2:])
+    return x_hat, _affine_film(x_hat, weight, None, scale, shift)
+
+
+def rms_clamped(rstd: torch.Tensor, eps: float) -> torch.Tensor:
+    """Where the RMS was below eps (rstd = 1 / eps): the norm is a constant scale there."""
+    return rstd >= 1.0 / torch.tensor(eps, dtype=rstd.dtype)
+
+
+@register("channel_rms_norm_fwd", "torch")
+def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
+    sdt = _stat_dtype(x)
+    rms = x.to(sdt).pow(2).mean(dim=1).sqrt()
+    rstd = 1.0 / rms.clamp_min(eps)
+    _, h = _rms_coefs(x, rstd, weight, scale, shift)
+    y = reference._apply_activation(h, activation)
+    return (y.to(x.dtype).contiguous(memory_format=_memory_format(x)),
+            rstd.reshape(x.shape[0], -1).contiguous())
+
+
+@register("channel_rms_norm_bwd", "torch")
+def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
+    sdt = rstd.dtype
+    n, c = x.shape[:2]
+    nd = x.ndim
+    rstd = rstd.reshape(n, 1, *x.shape[2:])
+    x_hat, h = _rms_coefs(x, rstd, weight, scale, shift)
+    dh = grad_y.to(sdt) * activation_grad(h, activation)              # dL/dh
+    spatial = tuple(range(2, nd))
+    per_c = (1, c) + (1,) * (nd - 2)
+    w = weight.to(sdt).reshape(per_c) if weight is not None else None
+    # h = x_hat * w * film + shift
+    g_shift = dh.sum(dim=spatial) if shift is not None else None
+    g_scale = (dh * (x_hat * w if w is not None else x_hat)).sum(dim=spatial) if scale is not None else None
+    da = dh * (1 + scale.to(sdt)).reshape(n, c, *([1] * (nd - 2))) if scale is not None else dh
+    g_weight = (da * x_hat).sum(dim=(0,) + spatial) if weight is not None else None
+    g_x = None
+    if needs[0]:
+        dxh = da * w if w is not None else da
+        # x_hat = x / rms: d/dx = rstd (dxh - x_hat mean_c(dxh x_hat)); a clamped RMS is
+        # a constant, which leaves rstd dxh.
+        proj = (dxh * x_hat).mean(dim=1, keepdim=True)
+        proj = torch.where(rms_clamped(rstd, eps), torch.zeros_like(proj), proj)
+        g_x = rstd * (dxh - x_hat * proj)
+        g_x = g_x.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    grads = (g_weight, g_scale, g_shift)
+    params = (weight, scale, shift)
+    return (g_x,) + tuple(g.to(p.dtype) if g is not None and need else None
+                          for g, p, need in zip(grads, params, needs[1:]))
+
+
 def _scores(q, k, scale, mask):
     s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
     if mask is not None:
@@ -148,9 +202,9 @@ def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
 
 
 @register("dynamic_threshold", "torch")
-def dynamic_threshold(x0, percentile, min_value):
+def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
     cdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    return reference.dynamic_threshold(x0.to(cdt), percentile, min_value).to(x0.dtype)
+    return reference.dynamic_threshold(x0.to(cdt), percentile, min_value, max_value).to(x0.dtype)
 
 
 @register("sampler_step", "torch")

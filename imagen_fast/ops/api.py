@@ -157,6 +157,17 @@ def _channel_param(t, name: str, x: Tensor) -> Optional[Tensor]:
     return t.to(_param_dtype(x)).contiguous()
 
 
+def _check_norm_args(x: Tensor, eps, activation) -> Tuple[float, str]:
+    """The checks the norm ops share: x not empty, eps > 0, a known activation."""
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    eps = _check_float(eps, "eps", low=0.0, low_open=True)
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
+    return eps, act
+
+
 def _param_dtype(x: Tensor) -> torch.dtype:
     """Parameters reach kernels in float32 (float64 for float64 inputs)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -188,17 +199,95 @@ def group_norm_silu(
     c = x.shape[1]
     if num_groups <= 0 or c % num_groups != 0:
         raise ValueError(f"num_groups must be a positive divisor of C={c}, got {num_groups}")
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    eps = _check_float(eps, "eps", low=0.0, low_open=True)
-    act = "none" if activation is None else activation
-    if act not in ACTIVATIONS:
-        raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
+    eps, act = _check_norm_args(x, eps, activation)
     weight = _channel_param(weight, "weight", x)
     bias = _channel_param(bias, "bias", x)
     scale = _film_param(scale, "scale", x)
     shift = _film_param(shift, "shift", x)
     y, _, _ = _gn_fwd(_as_kernel_layout(x), num_groups, weight, bias, eps, scale, shift, act)
+    return y
+
+
+# ------------------------------------------------------------ channel_rms_norm_silu
+@torch.library.custom_op("imagen_fast::channel_rms_norm_fwd", mutates_args=())
+def _rms_fwd(x: Tensor, weight: Optional[Tensor], eps: float, scale: Optional[Tensor],
+             shift: Optional[Tensor], activation: str) -> Tuple[Tensor, Tensor]:
+    fn = dispatch.resolve("channel_rms_norm_fwd", x.device, x)
+    return fn(x, weight, eps, scale, shift, activation)
+
+
+@_rms_fwd.register_fake
+def _(x, weight, eps, scale, shift, activation):
+    n = x.shape[0]
+    rstd = x.new_empty((n, x.numel() // max(1, n * x.shape[1])), dtype=_param_dtype(x))
+    return torch.empty_like(x), rstd
+
+
+@torch.library.custom_op("imagen_fast::channel_rms_norm_bwd", mutates_args=())
+def _rms_bwd(grad_y: Tensor, x: Tensor, rstd: Tensor, weight: Optional[Tensor], eps: float,
+             scale: Optional[Tensor], shift: Optional[Tensor], activation: str,
+             needs: List[bool]) -> List[Tensor]:
+    fn = dispatch.resolve("channel_rms_norm_bwd", x.device, x)
+    grads = fn(grad_y, x, rstd, weight, eps, scale, shift, activation, tuple(needs))
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_rms_bwd.register_fake
+def _(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
+    like = [x, weight, scale, shift]
+    return [torch.empty_like(t) if (t is not None and need) else x.new_empty(0)
+            for t, need in zip(like, needs)]
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, eps, scale, shift, activation = inputs
+    ctx.save_for_backward(x, weight, scale, shift, output[1])
+    ctx.eps = eps
+    ctx.activation = activation
+
+
+def _rms_backward(ctx, grad_y, _grad_rstd):
+    x, weight, scale, shift, rstd = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1] and weight is not None, n[3] and scale is not None,
+             n[4] and shift is not None]
+    grads = _rms_bwd(_like_layout(grad_y, x), x, rstd, weight, ctx.eps, scale, shift,
+                     ctx.activation, needs)
+    gx, gw, gs, gsh = (g if need else None for g, need in zip(grads, needs))
+    return gx, gw, None, gs, gsh, None
+
+
+torch.library.register_autograd("imagen_fast::channel_rms_norm_fwd", _rms_backward,
+                                setup_context=_rms_setup)
+
+
+def channel_rms_norm_silu(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-12,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    activation: Optional[str] = "silu",
+) -> Tensor:
+    """RMS norm over channels + optional FiLM + activation, fused.
+
+    y = act(x / max(rms, eps) * weight * (1 + scale) + shift), where rms is the root
+    mean square of x over the channel dim, for each sample and spatial position.
+
+    x: (N, C, *spatial), contiguous or channels_last (other layouts are made
+    contiguous); the output keeps x's layout and dtype. weight: (C,) or None.
+    scale, shift: (N, C) (trailing size-1 dims allowed) or None. activation: "silu",
+    "gelu" (exact erf form) or None. eps > 0 bounds the RMS from below, the way
+    F.normalize's eps bounds the norm: imagen-pytorch's ChanRMSNorm
+    (F.normalize(x, dim=1) * sqrt(C) * gamma) is eps = 1e-12 / sqrt(C),
+    weight = gamma. The RMS is computed in float32 (float64 for float64 inputs).
+    """
+    _check_tensor(x, "x", min_ndim=2)
+    eps, act = _check_norm_args(x, eps, activation)
+    weight = _channel_param(weight, "weight", x)
+    scale = _film_param(scale, "scale", x)
+    shift = _film_param(shift, "shift", x)
+    y, _ = _rms_fwd(_as_kernel_layout(x), weight, eps, scale, shift, act)
     return y
 
 
@@ -300,30 +389,35 @@ def _check_percentile(percentile) -> float:
 
 
 @torch.library.custom_op("imagen_fast::dynamic_threshold", mutates_args=())
-def _dyn_thr(x0: Tensor, percentile: float, min_value: float) -> Tensor:
+def _dyn_thr(x0: Tensor, percentile: float, min_value: float, max_value: float) -> Tensor:
     fn = dispatch.resolve("dynamic_threshold", x0.device, x0)
-    return fn(x0, percentile, min_value)
+    return fn(x0, percentile, min_value, max_value)
 
 
 @_dyn_thr.register_fake
-def _(x0, percentile, min_value):
+def _(x0, percentile, min_value, max_value):
     return torch.empty_like(x0)
 
 
-def dynamic_threshold(x0: Tensor, percentile: float = 0.995, min_value: float = 1.0) -> Tensor:
+def dynamic_threshold(x0: Tensor, percentile: float = 0.995, min_value: float = 1.0,
+                      max_value: Optional[float] = None) -> Tensor:
     """Imagen's dynamic thresholding of a predicted clean image, per sample.
 
     s = percentile of |x0| over all non-batch dims, exact, with torch.quantile's
     default linear interpolation (also above torch.quantile's 2^24-element limit);
-    s = max(s, min_value); returns clip(x0, -s, s) / s in x0's dtype and layout.
-    percentile is a fraction in [0, 1]; min_value > 0.
+    s = max(s, min_value), then s = min(s, max_value) when max_value is given (the
+    order of torch.clamp(s, min_value, max_value), as diffusers' schedulers use it);
+    returns clip(x0, -s, s) / s in x0's dtype and layout.
+    percentile is a fraction in [0, 1]; min_value > 0; max_value > 0 or None.
     """
     _check_tensor(x0, "x0", min_ndim=2)
     if x0.numel() == 0:
         raise ValueError(f"x0 must not be empty, got shape {tuple(x0.shape)}")
     p = _check_percentile(percentile)
     m = _check_float(min_value, "min_value", low=0.0, low_open=True)
-    return _dyn_thr(_as_kernel_layout(x0), p, m)
+    mx = math.inf if max_value is None else _check_float(max_value, "max_value", low=0.0,
+                                                           low_open=True)
+    return _dyn_thr(_as_kernel_layout(x0), p, m, mx)
 
 
 # --------------------------------------------------------------------- sampler step
@@ -473,5 +567,5 @@ def sampler_step(
     return _sampler_step(x, args[0], args[1], w, coefs.to(z_t.device), args[2], threshold, p, m)
 
 
-__all__ = ["group_norm_silu", "attention", "dynamic_threshold", "sampler_step",
+__all__ = ["group_norm_silu", "channel_rms_norm_silu", "attention", "dynamic_threshold", "sampler_step",
            "step_coefficients", "is_channels_last"]

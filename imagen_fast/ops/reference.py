@@ -75,6 +75,33 @@ def group_norm_stats(x: Tensor, num_groups: int, eps: float = 1e-5):
     return mean, torch.rsqrt(var + eps)
 
 
+def channel_rms_norm_silu(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-12,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    activation: Optional[str] = "silu",
+) -> Tensor:
+    """RMS norm over the channel dim, per sample and position, then FiLM and activation.
+
+    y = act(x / max(rms_c(x), eps) * weight * (1 + scale) + shift),
+    rms_c(x) = sqrt(mean over channels of x^2), taken separately for every sample and
+    spatial position. With eps bounding the RMS from below, imagen-pytorch's
+    ChanRMSNorm (F.normalize(x, dim=1) * sqrt(C) * gamma) is this op with
+    eps = 1e-12 / sqrt(C) (F.normalize bounds the L2 norm by 1e-12).
+    """
+    rms = x.pow(2).mean(dim=1, keepdim=True).sqrt()
+    y = x / rms.clamp_min(eps)
+    if weight is not None:
+        y = y * _per_channel(weight.to(y.dtype), x.ndim)
+    if scale is not None:
+        y = y * (1 + _per_sample_channel(scale.to(y.dtype), x.ndim))
+    if shift is not None:
+        y = y + _per_sample_channel(shift.to(y.dtype), x.ndim)
+    return _apply_activation(y, activation or "none")
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -119,14 +146,16 @@ def quantile_linear(values: Tensor, q: float) -> Tensor:
     return below + (above - below) * frac
 
 
-def dynamic_threshold(x0: Tensor, percentile: float = 0.995, min_value: float = 1.0) -> Tensor:
+def dynamic_threshold(x0: Tensor, percentile: float = 0.995, min_value: float = 1.0,
+                      max_value: float = math.inf) -> Tensor:
     """Imagen's dynamic thresholding, per sample.
 
     s = quantile(|x0|, percentile) over all non-batch dims (linear interpolation, as
-    torch.quantile), s = max(s, min_value), return clamp(x0, -s, s) / s.
+    torch.quantile), s = clamp(s, min_value, max_value) (torch.clamp: max wins),
+    return clamp(x0, -s, s) / s.
     """
     flat = x0.reshape(x0.shape[0], -1).abs()
-    s = quantile_linear(flat, percentile).clamp(min=min_value)
+    s = quantile_linear(flat, percentile).clamp(min=min_value).clamp(max=max_value)
     s = s.reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
 

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace imagen_fast {
@@ -102,6 +103,7 @@ struct ThresholdArgs {
   int64_t N = 0, L = 0;
   double percentile = 0.995;
   double min_value = 1.0;
+  double max_value = std::numeric_limits<double>::infinity();  // s = min(max(quantile, min_value), max_value)
   // dynamic_threshold: out = clip(x, -s, s) / s
   const void* x = nullptr;
   // sampler_step: x0 = a z + b pred, pred = uncond + w (cond - uncond) (or cond),

@@ -79,7 +79,7 @@ template <typename Key> struct SelState {
 struct Params {
   int64_t N, L;      // samples, elements per sample
   int64_t slice;     // vectors per CTA along a sample
-  double percentile, min_value;
+  double percentile, min_value, max_value;
   const void* x;     // dynamic_threshold input
   void* out;
   const void* z;     // sampler inputs
@@ -233,7 +233,8 @@ __device__ __forceinline__ long long block_exclusive_scan(long long v, long long
 }
 
 // After pass `pass`: find the digit bin of each order statistic, narrow the prefixes.
-// After the last pass: s = lerp of the two order statistics, max(s, min_value).
+// After the last pass: s = lerp of the two order statistics, max(s, min_value), then
+// min(s, max_value).
 template <typename KT>
 __global__ void __launch_bounds__(kThreads) select_kernel(Params p, int pass) {
   using Key = typename Radix<KT>::Key;
@@ -293,6 +294,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(Params p, int pass) {
   // Rounded exactly like torch's below + (above - below) * frac (no fused multiply-add).
   double s = __dadd_rn(lo, __dmul_rn(__dsub_rn(hi, lo), r.frac));
   s = s > p.min_value ? s : p.min_value;
+  s = s > p.max_value ? p.max_value : s;
   p.svals[n] = s;
   if (p.s_out) p.s_out[n] = s;
 }

@@ -4,6 +4,7 @@ an ImportError (no triton) marks the backend unavailable.
 
 One op family per module:
     group_norm.py   group_norm_silu_fwd / _bwd   (fused, looped and split plans)
+    rms_norm.py     channel_rms_norm_fwd / _bwd  (per-position RMS over channels)
     attention.py    attention_fwd / _bwd         (flash, key padding mask)
     threshold.py    dynamic_threshold, sampler_step (radix-select percentile)
     _common.py      device facts, the shape-class autotuner, activation maths
@@ -29,6 +30,6 @@ Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU):
 """
 import triton  # noqa: F401  (ImportError -> backend unavailable)
 
-from . import attention, group_norm, threshold  # noqa: F401,E402
+from . import attention, group_norm, rms_norm, threshold  # noqa: F401,E402
 
-__all__ = ["attention", "group_norm", "threshold"]
+__all__ = ["attention", "group_norm", "rms_norm", "threshold"]

@@ -147,11 +147,11 @@ def _hist_kernel(src_ptr, hist_ptr, minab_ptr, M, CHUNK, lo,
 
 
 @triton.jit
-def _finalize_kernel(hist_ptr, minab_ptr, s_ptr, lo, frac, minv, par_ptr,
+def _finalize_kernel(hist_ptr, minab_ptr, s_ptr, lo, frac, minv, maxv, par_ptr,
                      L: tl.constexpr, NB: tl.constexpr, DB: tl.constexpr,
                      LASTBITS: tl.constexpr, LOW: tl.constexpr, F64: tl.constexpr,
                      PAR_F64: tl.constexpr):
-    """s[n] = max(lerp(v_lo, v_lo+1, frac), min_value)."""
+    """s[n] = min(max(lerp(v_lo, v_lo+1, frac), min_value), max_value)."""
     n = tl.program_id(0)
     prefix, k = _replay(hist_ptr, n, lo, L - 1, L, NB, DB, F64)
     idx = tl.arange(0, NB)
@@ -179,8 +179,10 @@ def _finalize_kernel(hist_ptr, minab_ptr, s_ptr, lo, frac, minv, par_ptr,
     if PAR_F64:
         frac = tl.load(par_ptr)
         minv = tl.load(par_ptr + 1)
+        maxv = tl.load(par_ptr + 3)
     s = v_lo + (v_hi - v_lo) * frac
     s = tl.maximum(s, minv)
+    s = tl.where(s > maxv, maxv, s)
     tl.store(s_ptr + n, s.to(s_ptr.dtype.element_ty))
 
 
@@ -283,9 +285,10 @@ def _launch_geometry(n: int, m: int, device):
     return block, chunk, cm.cdiv(m, chunk)
 
 
-def _percentile_scale(src, key_dtype, n, m, percentile, min_value, par=None, fused=None):
+def _percentile_scale(src, key_dtype, n, m, percentile, min_value, par=None, fused=None,
+                      max_value=math.inf):
     """s (N,) for the samples of src (flat (N, m) storage). par: float64 scalars
-    [frac, min_value, guidance] for float64 inputs; fused = (z_t, pred_cond,
+    [frac, min_value, guidance, max_value] for float64 inputs; fused = (z_t, pred_cond,
     pred_uncond, coefs, w): the first level computes x0 from them and writes it to src."""
     dev = src.device
     f64 = key_dtype == torch.float64
@@ -314,7 +317,7 @@ def _percentile_scale(src, key_dtype, n, m, percentile, min_value, par=None, fus
             BLOCK=block, F64=f64, CDT=cdt, FUSED_X0=fx, HAS_UNCOND=fx and pu is not None,
             PAR_F64=par is not None, num_warps=8 if block >= 2048 else 4)
     s = torch.empty((n,), dtype=torch.float64 if f64 else torch.float32, device=dev)
-    _finalize_kernel[(n,)](hist, minab, s, lo, float(frac), float(min_value), par_t,
+    _finalize_kernel[(n,)](hist, minab, s, lo, float(frac), float(min_value), float(max_value), par_t,
                            L=L, NB=nb, DB=db, LASTBITS=levels[-1][1], LOW=low, F64=f64,
                            PAR_F64=par is not None, num_warps=4)
     return s
@@ -351,13 +354,14 @@ def _like(t, x):
 
 
 @register("dynamic_threshold", "triton", supports=_supports_threshold)
-def dynamic_threshold(x0, percentile, min_value):
+def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
     if not _dense_per_sample(x0):
         x0 = x0.contiguous()
     n = x0.shape[0]
     m = x0.numel() // n
-    par = _params(x0, [_rank(percentile, m)[1], float(min_value), 0.0])
-    s = _percentile_scale(x0, x0.dtype, n, m, percentile, min_value, par=par)
+    par = _params(x0, [_rank(percentile, m)[1], float(min_value), 0.0, float(max_value)])
+    s = _percentile_scale(x0, x0.dtype, n, m, percentile, min_value, par=par,
+                          max_value=max_value)
     y = torch.empty_like(x0)
     block = 2048 if not cm.interpreting() else min(1024, cm.next_pow2(m))
     _threshold_apply_kernel[(cm.cdiv(m, block), n)](
@@ -383,7 +387,7 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
     coefs = coefs.to(device=z_t.device, dtype=torch.float64).contiguous()
     out = torch.empty_like(z_t)
     w = float(guidance_scale)
-    par = _params(z_t, [_rank(percentile, m)[1], float(min_value), w])
+    par = _params(z_t, [_rank(percentile, m)[1], float(min_value), w, math.inf])
     thr = {"none": 0, "static": 1, "dynamic": 2}[threshold]
     x0 = s = out
     if thr == 2:
