@@ -464,7 +464,8 @@ def main(argv=None) -> int:
            "imagen_pytorch": ip_status, "e2e_steps": E2E_STEPS, "load_before": load_before,
            "load_after": load_after}
     name = args.out or ("bench_model_cpu" if device.type == "cpu" else
-                        "bench_model_gpu_" + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(0)).strip("_").lower())
+                        "bench_model_gpu_"
+                        + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(0)).strip("_").lower())
     path = harness.write_results(name, machine, [table], raw)
     print(table.markdown())
     print(f"wrote {path}")

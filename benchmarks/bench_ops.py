@@ -511,7 +511,8 @@ def summary_table(records: List[dict]) -> harness.Table:
         for r in rows:
             kind, amount = r["work"]
             rate = amount / (r["timings"]["imagen-fast"]["median_ms"] * 1e-3)
-            peak = (r["roof"]["matmul_gflops"] or float("nan")) * 1e9 if kind == "flops" else r["roof"]["copy_gbs"] * 1e9
+            peak = ((r["roof"]["matmul_gflops"] or float("nan")) * 1e9 if kind == "flops"
+                    else r["roof"]["copy_gbs"] * 1e9)
             frac.append(rate / peak)
         table.add(OP_NAMES[op], mode, len(rows), spread(ratio(r, ["eager"]) for r in rows),
                   spread(ratio(r, ["compile"]) for r in rows),

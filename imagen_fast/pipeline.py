@@ -258,19 +258,10 @@ class ImagenCascade(nn.Module):
         ``dtype`` when given, e.g. torch.float16 to halve the file)."""
         from safetensors.torch import save_file
 
-        os.makedirs(path, exist_ok=True)
-        config = self.config()
-        text = json.dumps(config, indent=2, sort_keys=True)
         tensors = self.state_tensors()
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        tmp_cfg = os.path.join(path, CONFIG_NAME + ".tmp")
-        tmp_w = os.path.join(path, WEIGHTS_NAME + ".tmp")
-        with open(tmp_cfg, "w") as f:
-            f.write(text + "\n")
-        save_file(tensors, tmp_w, metadata={"format": FORMAT, "config": text})
-        os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
-        os.replace(tmp_cfg, os.path.join(path, CONFIG_NAME))
+        write_checkpoint(path, self.config(), lambda file, meta: save_file(tensors, file, metadata=meta))
 
     @staticmethod
     def read_config(path: str) -> Dict[str, Any]:
@@ -350,6 +341,21 @@ class ImagenCascade(nn.Module):
             with torch.no_grad():
                 for k, v in own.items():
                     v.copy_(f.get_tensor(k))
+
+
+def write_checkpoint(path: str, config: Dict[str, Any], save_weights) -> None:
+    """Write a cascade checkpoint directory: ``config.json`` and the safetensors weights
+    (``save_weights(file, metadata)`` writes them; the config goes in the metadata too),
+    each under a temporary name renamed into place, so a reader never sees half a file."""
+    os.makedirs(path, exist_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    tmp_cfg = os.path.join(path, CONFIG_NAME + ".tmp")
+    tmp_w = os.path.join(path, WEIGHTS_NAME + ".tmp")
+    with open(tmp_cfg, "w") as f:
+        f.write(text + "\n")
+    save_weights(tmp_w, {"format": FORMAT, "config": text})
+    os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
+    os.replace(tmp_cfg, os.path.join(path, CONFIG_NAME))
 
 
 def _stage_bar(name: str, total: int):

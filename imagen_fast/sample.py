@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
 
 from .data.transforms import to_pil
 from .pipeline import ImagenCascade, SamplingConfig

@@ -55,7 +55,8 @@ class DiffusionConfig:
     aug_level_max: float = 0.5
 
     def validate(self, s: str) -> None:
-        _need(self.schedule in ("cosine", "linear"), f"{s}.schedule", f"must be 'cosine' or 'linear', got {self.schedule!r}")
+        _need(self.schedule in ("cosine", "linear"), f"{s}.schedule",
+              f"must be 'cosine' or 'linear', got {self.schedule!r}")
         _need(self.prediction in ("eps", "v"), f"{s}.prediction", f"must be 'eps' or 'v', got {self.prediction!r}")
         _need(0 <= self.cond_drop_prob <= 1, f"{s}.cond_drop_prob", "must be in [0, 1]")
         _need(0 <= self.aug_level_max <= 1, f"{s}.aug_level_max", "must be in [0, 1]")

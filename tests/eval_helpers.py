@@ -13,15 +13,16 @@ from PIL import Image
 TEXT = {"encoder": "hash:32", "max_length": 32}
 
 
-def tiny_cascade_dir(path, steps: int = 2, seed: int = 0) -> str:
-    """tiny-base32 -> tiny-sr64 with random weights and the hash text encoder, saved."""
+def tiny_cascade_dir(path, steps: int = 2, seed: int = 0, dtype=None) -> str:
+    """tiny-base32 -> tiny-sr64 with random weights and the hash text encoder, saved
+    (weights cast to ``dtype`` in the file when given)."""
     from imagen_fast.pipeline import ImagenCascade
     torch.manual_seed(seed)
     c = ImagenCascade.from_presets(("tiny-base32", "tiny-sr64"), names=["base", "sr64"])
     c.text = dict(TEXT)
     for st in c.stages:
         st.sampling = st.sampling.replace(steps=steps)
-    c.save(str(path))
+    c.save(str(path), dtype=dtype)
     return str(path)
 
 

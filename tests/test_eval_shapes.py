@@ -8,6 +8,8 @@ import torch
 
 pytest.importorskip("PIL")
 
+from eval_helpers import tiny_cascade_dir  # noqa: E402
+
 from imagen_fast.cli import main  # noqa: E402
 from imagen_fast.data.shapes import COLOURS, SHAPES, combination, make_scene, parse_caption, render  # noqa: E402
 from imagen_fast.eval.shapes import heldout_prompts, run_eval  # noqa: E402
@@ -89,12 +91,8 @@ def test_heldout_prompts_are_split_and_seeded():
 
 @pytest.fixture(scope="module")
 def cascade_dir(tmp_path_factory):
-    from imagen_fast.pipeline import ImagenCascade
-    torch.manual_seed(0)
-    c = ImagenCascade.from_presets(("tiny-base32", "tiny-sr64"))
-    c.text = {"encoder": "hash:32", "max_length": 16}
     d = tmp_path_factory.mktemp("cascade")
-    c.save(str(d))
+    tiny_cascade_dir(d)
     return d
 
 

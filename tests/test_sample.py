@@ -9,18 +9,16 @@ import torch
 pytest.importorskip("PIL")
 pytest.importorskip("safetensors")
 
+from eval_helpers import TEXT, tiny_cascade_dir  # noqa: E402
+
 from imagen_fast import load_pipeline  # noqa: E402
 from imagen_fast.cli import main  # noqa: E402
-from imagen_fast.pipeline import ImagenCascade  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cascade_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    c = ImagenCascade.from_presets(("tiny-base32", "tiny-sr64"))
-    c.text = {"encoder": "hash:32", "max_length": 16}
     d = tmp_path_factory.mktemp("cascade")
-    c.save(str(d), dtype=torch.float16)
+    tiny_cascade_dir(d, steps=4, dtype=torch.float16)
     return d
 
 
@@ -29,7 +27,7 @@ FAST = ["--steps", "2", "--quiet"]
 
 def test_pipeline_images_seeds_and_stage_settings(cascade_dir):
     pipe = load_pipeline(cascade_dir)
-    assert pipe.stage_names == ["stage0_tiny-base32", "stage1_tiny-sr64"]
+    assert pipe.stage_names == ["base", "sr64"]
     ims = pipe(["two red circles", "a blue square on the left"], num_images_per_prompt=2, steps=2)
     assert len(ims) == 4 and all(im.size == (64, 64) for im in ims)
     a = pipe("a red circle", steps=[2, 1], seed=3, return_tensors=True)
@@ -59,7 +57,7 @@ def test_saved_weights_are_fp16_and_load_back(cascade_dir):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     pipe = load_pipeline(cascade_dir)
     assert next(pipe.cascade.parameters()).dtype == torch.float32       # CPU default: fp32 compute
-    assert pipe.cascade.text == {"encoder": "hash:32", "max_length": 16}
+    assert pipe.cascade.text == TEXT
 
 
 def test_cli_writes_files_and_grid(cascade_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("PIL")
 
-from imagen_fast.data import StreamDataset, collate, open_dataset, transform_for_stage  # noqa: E402
+from imagen_fast.data import collate, open_dataset, transform_for_stage  # noqa: E402
 from imagen_fast.train import Trainer  # noqa: E402
 from imagen_fast.train_config import config_from_dict  # noqa: E402
 

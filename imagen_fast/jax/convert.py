@@ -9,7 +9,6 @@ architectures raise ValueError naming the first differing keys.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Mapping, Tuple
 
@@ -133,7 +132,7 @@ def save_cascade(path: str, stages: List[Dict[str, Any]], text: Dict[str, Any] =
     it back into torch."""
     from safetensors.numpy import save_file
 
-    from ..pipeline import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
+    from ..pipeline import FORMAT, FORMAT_VERSION, write_checkpoint
 
     config = dict(format=FORMAT, version=FORMAT_VERSION, stages=[
         dict(name=st["name"], unet=st["model"].config, diffusion=st["diffusion"],
@@ -142,12 +141,4 @@ def save_cascade(path: str, stages: List[Dict[str, Any]], text: Dict[str, Any] =
         config["text"] = text
     tensors = {f"stages.{i}.{k}": v for i, st in enumerate(stages)
                for k, v in state_dict(st["model"]).items()}
-    os.makedirs(path, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True)
-    tmp_cfg = os.path.join(path, CONFIG_NAME + ".tmp")
-    tmp_w = os.path.join(path, WEIGHTS_NAME + ".tmp")
-    with open(tmp_cfg, "w") as f:
-        f.write(text + "\n")
-    save_file(tensors, tmp_w, metadata={"format": FORMAT, "config": text})
-    os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
-    os.replace(tmp_cfg, os.path.join(path, CONFIG_NAME))
+    write_checkpoint(path, config, lambda file, meta: save_file(tensors, file, metadata=meta))
