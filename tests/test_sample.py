@@ -155,3 +155,32 @@ def test_cli_entry_point_prints_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["imagen-fast: error: --steps: must be a positive integer, got '0'"]
+
+
+def test_shipped_cascade_is_complete_and_small():
+    """The cascade in the package: base 32px -> SR 64px on MiniLM, fp16, < 25 MB, with its
+    training configs and log beside it."""
+    from imagen_fast.sample import SHIPPED_CASCADE
+    files = {p.relative_to(SHIPPED_CASCADE).as_posix() for p in SHIPPED_CASCADE.rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "README.md", "training/base32.toml", "training/sr64.toml",
+            "training/sampling.json", "training/retrain.sh", "training/base32-metrics.jsonl",
+            "training/sr64-metrics.jsonl", "eval/report.md"} <= files
+    assert sum(p.stat().st_size for p in SHIPPED_CASCADE.rglob("*") if p.is_file()) < 25 * 2**20
+    pipe = load_pipeline()
+    assert [st.resolution for st in pipe.cascade.stages] == [32, 64]
+    assert pipe.cascade.text["encoder"] == "minilm"
+    import json
+    shipped = json.loads((SHIPPED_CASCADE / "training" / "sampling.json").read_text())
+    assert [{k: getattr(st.sampling, k) for k in s} for st, s in zip(pipe.cascade.stages, shipped)] == shipped
+
+
+def test_shipped_cascade_cli_end_to_end(tmp_path, capsys):
+    """`imagen-fast sample "<prompt>"` with nothing else but a few steps: real 64x64 images."""
+    out = tmp_path / "out.png"
+    assert main(["sample", "two red circles above a blue square", "-o", str(out), "--num-images", "2",
+                 "--steps", "3", "--seed", "1", "--quiet"]) == 0
+    from PIL import Image
+    import numpy as np
+    ims = [np.asarray(Image.open(tmp_path / f"out-{i}.png")) for i in range(2)]
+    assert all(im.shape == (64, 64, 3) for im in ims)
+    assert all(im.std() > 1.0 for im in ims) and not np.array_equal(ims[0], ims[1])
