@@ -85,5 +85,6 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     package_data={"imagen_fast": ["py.typed", "ops/gpu_choice.json", "eval/data/*.csv", "eval/serve/static/*",
                                   "assets/shapes-cascade/*.json", "assets/shapes-cascade/*.safetensors",
-                                  "assets/shapes-cascade/*.md", "assets/shapes-cascade/training/*"]},
+                                  "assets/shapes-cascade/*.md", "assets/shapes-cascade/training/*",
+                                  "assets/shapes-cascade/eval/*"]},
 )
