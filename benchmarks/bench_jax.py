@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import torch
 
-from benchmarks import harness
+from benchmarks import bench_model, harness
 
 TEXT_LEN = 64
 GUIDANCE = 5.0
@@ -38,18 +38,8 @@ PERCENTILE = 0.995
 
 
 def make_inputs(config, batch: int, seed: int = 0):
-    """images in [-1, 1] (B, 3, H, W), text (B, L, D) with 8..L valid tokens, low-res."""
-    g = torch.Generator().manual_seed(seed)
-    res = config["image_size"]
-    images = torch.rand(batch, 3, res, res, generator=g) * 2 - 1
-    text = torch.randn(batch, TEXT_LEN, config["text_dim"], generator=g)
-    lengths = torch.randint(8, TEXT_LEN + 1, (batch,), generator=g)
-    mask = torch.arange(TEXT_LEN)[None, :] < lengths[:, None]
-    lowres = None
-    if config["stage"] == "sr":
-        low = config["lowres_size"]
-        lowres = torch.nn.functional.interpolate(images, size=(low, low), mode="area")
-    return images, text * mask[..., None], mask, lowres
+    """bench_model's inputs on the CPU: images, zero-padded text, mask, low-res or None."""
+    return bench_model.make_inputs(config, batch, "cpu", seed)
 
 
 def nhwc(t):
