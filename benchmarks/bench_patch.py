@@ -1,6 +1,6 @@
 """imagen_fast.accelerate on models built elsewhere: patched vs unpatched, on CPU.
 
-    python -m benchmarks.bench_patch [--quick] [--rounds 9] [--out NAME]
+    python -m benchmarks.bench_patch [--quick] [--rounds 9] [--out NAME] [--quiet yes|no]
 
 Two libraries, two modes each; the unpatched model and an accelerated deep copy of
 it (same weights) run in one process, interleaved round by round
@@ -26,18 +26,16 @@ import argparse
 import copy
 import os
 
+import torch
+
+import imagen_fast
 from benchmarks import harness
-
-harness.set_allocator_env()
-
-import torch  # noqa: E402
-
-import imagen_fast  # noqa: E402
-from benchmarks.bench_model import IP_UNET, PERCENTILE, TEXT_DIM, make_inputs  # noqa: E402
-from imagen_fast.patch._peers import import_imagen_pytorch  # noqa: E402
+from benchmarks.bench_model import IP_UNET, PERCENTILE, make_inputs
+from imagen_fast.patch._peers import import_imagen_pytorch
 
 RES = 64
 GUIDANCE = 5.0
+TEXT_DIM = IP_UNET["text_embed_dim"]
 IF_TEXT_DIM, IF_TEXT_LEN = 256, 32
 IF_UNET = dict(
     sample_size=RES, in_channels=3, out_channels=6, block_out_channels=(32, 64, 128),
@@ -123,6 +121,12 @@ def diffusers_pair(mode, batch):
 
 
 # -------------------------------------------------------------- imagen-pytorch
+def _ip_inputs(batch):
+    """bench_model's images, text embeddings and mask at this benchmark's size."""
+    config = dict(image_size=RES, text_dim=TEXT_DIM, stage="base")
+    return make_inputs(config, batch, torch.device("cpu"))[:3]
+
+
 def _imagen(train):
     ip = import_imagen_pytorch()
     torch.manual_seed(0)
@@ -136,7 +140,7 @@ class IPTrain:
     def __init__(self, imagen, batch):
         self.imagen = imagen
         self.opt = torch.optim.SGD(imagen.unets[0].parameters(), lr=1e-4)
-        self.images, self.text, self.mask = make_inputs(batch)
+        self.images, self.text, self.mask = _ip_inputs(batch)
 
     def __call__(self, i=0):
         torch.manual_seed(i)            # the same noise and times for both variants
@@ -150,7 +154,7 @@ class IPTrain:
 class IPSample:
     def __init__(self, imagen, batch):
         self.imagen = imagen.eval()
-        _, self.text, self.mask = make_inputs(batch)
+        _, self.text, self.mask = _ip_inputs(batch)
         self.z = torch.randn(batch, 3, RES, RES, generator=torch.Generator().manual_seed(2))
         self.t = torch.full((batch,), 0.5)
 
@@ -185,7 +189,10 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="3 rounds")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--out", default="bench_patch_cpu")
+    ap.add_argument("--quiet", default="unknown", choices=["yes", "no", "unknown"],
+                    help="record whether other work was paused on the machine during the run")
     args = ap.parse_args(argv)
+    harness.set_allocator_env()
     torch.set_num_threads(os.cpu_count() or 1)
     rounds = 3 if args.quick else args.rounds
     pairs = {"diffusers": diffusers_pair, "imagen-pytorch": imagen_pytorch_pair}
@@ -225,14 +232,17 @@ def main(argv=None) -> None:
         "max |diff|: the first call of each from identical states (training: after one "
         "optimizer step, so float rounding of two different kernels shows).",
         f"load average before/after: {tuple(round(x, 2) for x in load_before)} / "
-        f"{tuple(round(x, 2) for x in load_after)}: the 2 cores are shared with a training job "
-        "and other work, so absolute times are inflated and noisy; the ratio of interleaved "
-        "medians is the number to read.",
+        f"{tuple(round(x, 2) for x in load_after)}; quiet machine (other work paused): "
+        f"{args.quiet}. The ratio of interleaved medians is the number to read.",
     ]
+    warning = harness.load_warning(load_before + load_after)
+    if warning:
+        table.notes.insert(0, warning)
     raw.update(load_before=load_before, load_after=load_after, if_unet=IF_UNET,
                if_scheduler=IF_SCHEDULER,
                imagen_pytorch_unet={k: list(v) if isinstance(v, tuple) else v for k, v in IP_SMALL.items()})
-    path = harness.write_results(args.out, harness.machine_info(), [table], raw)
+    machine = dict(harness.machine_info(), quiet=args.quiet)
+    path = harness.write_results(args.out, machine, [table], raw)
     print(table.markdown())
     print(f"wrote {path}")
 

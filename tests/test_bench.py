@@ -173,3 +173,21 @@ def test_summary_table_ranges_and_drops_empty_columns():
 def test_load_warning_only_above_the_core_count():
     assert harness.load_warning([1.0, 1.9], cpu_count=2) is None
     assert "LOADED MACHINE" in harness.load_warning([1.0, 15.0], cpu_count=2)
+
+
+@pytest.mark.parametrize("lib", ["diffusers", "imagen-pytorch"])
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_bench_patch_pairs_run_and_agree(lib, mode, monkeypatch):
+    """Each timed pair of bench_patch builds, runs one call, and the accelerated copy
+    agrees with the original (the agreement the benchmark records before timing)."""
+    if lib == "diffusers":
+        pytest.importorskip("diffusers")
+    else:
+        pytest.importorskip("imagen_pytorch")
+    from benchmarks import bench_patch
+    monkeypatch.setattr(bench_patch, "RES", 32)      # the smallest size both U-Nets take
+    make = bench_patch.diffusers_pair if lib == "diffusers" else bench_patch.imagen_pytorch_pair
+    slow, fast, report, model = make(mode, 1)
+    assert report.replaced, report.summary()
+    diff = bench_patch._agreement(slow, fast)
+    assert math.isfinite(diff) and diff < 1e-3, diff

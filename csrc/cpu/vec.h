@@ -335,6 +335,26 @@ inline V8f exp_neg8(V8f h) {
   return p * reinterpret_cast<V8f>((n1 + 127) << 23) *
          reinterpret_cast<V8f>((ni - n1 + 127) << 23);
 }
+// Phi(h) = 0.5 (1 + erf(h / sqrt 2)) and, optionally, its density: the AVX-512
+// gauss_cdf's erfc fit on 8 lanes, sharing exp(-h^2/2).
+inline V8f gauss_cdf8(V8f h, V8f* pdf) {
+  const V8f zero = {}, ten = zero + 10.0f;
+  V8f a = reinterpret_cast<V8f>(reinterpret_cast<V8i>(h) & 0x7fffffff) * 0.70710678118654752f;
+  V8i big = a > ten;
+  a = reinterpret_cast<V8f>((big & reinterpret_cast<V8i>(ten)) | (~big & reinterpret_cast<V8i>(a)));
+  V8f e = exp_neg8(a * a);
+  V8f t = 1.0f / (a * 0.47f + 1.0f);
+  V8f p = zero - 0.01830999f;
+  for (float c : {0.04902491f, 0.05052609f, -0.28739695f, 0.2483227f, -0.01435505f, 0.21160253f,
+                  0.22964843f, 0.26579481f, 0.26514251f})
+    p = p * t + c;
+  V8f tail = p * t * e * 0.5f;  // Phi(-|h|)
+  if (pdf) *pdf = e * 0.39894228040143267794f;
+  V8i neg = h < zero;
+  return reinterpret_cast<V8f>((neg & reinterpret_cast<V8i>(tail)) |
+                               (~neg & reinterpret_cast<V8i>(1.0f - tail)));
+}
+
 // f applied to each 8-lane half of a.
 template <typename F> inline VF by_halves(const VF& a, F f) {
   VF r;
@@ -351,6 +371,8 @@ template <Activation act, bool LO = false> inline VF act_fwd(const VF& h) {
   VF r;
   if constexpr (act == Activation::SiLU) {
     return by_halves(h, [](V8f x) { return x / (1.0f + exp_neg8(x)); });
+  } else if constexpr (act == Activation::GELU) {
+    return by_halves(h, [](V8f x) { return x * gauss_cdf8(x, nullptr); });
   } else {
     for (int i = 0; i < 16; ++i) r.v[i] = activate<float>(h.v[i], act);
   }
@@ -362,6 +384,12 @@ template <Activation act, bool LO = false> inline VF act_grad(const VF& h) {
     return by_halves(h, [](V8f x) {
       V8f s = 1.0f / (1.0f + exp_neg8(x));
       return s * (x * (1.0f - s) + 1.0f);
+    });
+  } else if constexpr (act == Activation::GELU) {
+    return by_halves(h, [](V8f x) {
+      V8f pdf;
+      V8f cdf = gauss_cdf8(x, &pdf);
+      return x * pdf + cdf;
     });
   } else {
     for (int i = 0; i < 16; ++i) r.v[i] = activate_grad<float>(h.v[i], act);
