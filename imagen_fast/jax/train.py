@@ -35,7 +35,6 @@ from flax import nnx
 
 from .. import checkpoint as ck
 from ..data import StreamPosition, make_loader
-from ..models import preset_config
 from ..train import (
     TrainLoop,
     build_dataset,
@@ -44,6 +43,7 @@ from ..train import (
     check_stage,
     image_grid,
     lr_factor,
+    stage_model_config,
 )
 from ..train_config import Config, ConfigError
 from . import convert, sharding
@@ -157,7 +157,7 @@ class JaxTrainer(TrainLoop):
         self.is_main = jax.process_index() == 0
         self.out_dir = Path(cfg.log.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        model_config = preset_config(cfg.model.preset, **cfg.model.overrides)
+        model_config = stage_model_config(cfg)
         self.stage = check_stage(cfg, model_config)
         self.torch_diffusion = build_diffusion(cfg, self.stage)
         self.diffusion = Diffusion(self.torch_diffusion.config())
@@ -217,7 +217,7 @@ class JaxTrainer(TrainLoop):
         batch = {"image": _nhwc(images), "text": text, "mask": text_mask}
         if self.stage == "sr":
             batch["lowres"] = _nhwc(raw["lowres"])
-            self.last_lowres = batch["lowres"]
+            self.last_lowres = raw["lowres"]           # (B, 3, s, s) torch, for the grids
         return batch
 
     def train_step(self) -> Dict[str, float]:
@@ -319,15 +319,13 @@ class JaxTrainer(TrainLoop):
         lc = self.cfg.log
         model = nnx.merge(self.graphdef, weights)
         prompts = list(lc.sample_prompts)
-        emb, mask = self.text_source(prompts)
-        text, text_mask = pad_text(emb, mask, self.cfg.text.max_length)
         res = self.cfg.data.resolution
         lowres = None
         if self.stage == "sr":
-            if self.last_lowres is None:
-                raise RuntimeError("no low-res batch seen yet")
-            lowres = jnp.asarray(self.last_lowres[: len(prompts)])
-            text, text_mask = text[: len(lowres)], text_mask[: len(lowres)]
+            low, prompts = self.grid_conditioning(prompts)
+            lowres = jnp.asarray(_nhwc(low))
+        emb, mask = self.text_source(prompts)
+        text, text_mask = pad_text(emb, mask, self.cfg.text.max_length)
         run = compile_sampler(model, self.diffusion, shape=(len(text), res, res, 3),
                               guidance_scale=lc.sample_guidance, sampler="ddim",
                               steps=lc.sample_steps)
