@@ -16,6 +16,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from imagen_fast.kernels import registry  # noqa: E402
 from imagen_fast.ops import dispatch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +64,7 @@ def poison(monkeypatch):
 
 def require_op(backend: str, op: str) -> None:
     """Skip when a backend has no kernel for this op at all (e.g. attention on "cuda")."""
-    if (op, backend) not in dispatch._registry:
+    if (op, backend) not in registry.implementations:
         pytest.skip(f"backend {backend} has no {op} kernel")
 
 

@@ -26,7 +26,7 @@ if _status != "available":
         raise RuntimeError(f"backend cpu unavailable: {_status}")
     pytest.skip(f"backend cpu unavailable: {_status}", allow_module_level=True)
 
-from imagen_fast.ops import _cpu_backend as cb  # noqa: E402
+from imagen_fast.kernels import cpu as cb  # noqa: E402
 
 _C = load_extension()
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -483,7 +483,7 @@ def _check_rms(x, params, act, eps=1e-6, seed=0):
     """The cpu backend's forward and backward against the float64 reference."""
     dtype = x.dtype
     w, s, sh = params
-    y, rstd = cb.channel_rms_norm_fwd(x, w, eps, s, sh, act)
+    y, rstd = cb.channel_rms_norm_silu_fwd(x, w, eps, s, sh, act)
     assert y.stride() == x.stride() and y.dtype == dtype
     ref = reference.channel_rms_norm_silu(x.double(), _d64(w), eps, _d64(s), _d64(sh), act)
     lp = lambda t: None if t is None else t.to(dtype)  # noqa: E731
@@ -493,7 +493,7 @@ def _check_rms(x, params, act, eps=1e-6, seed=0):
     torch.testing.assert_close(rstd.double(), 1 / rms, rtol=2e-6, atol=0)
     gy = _layout(randn(*x.shape, generator=_gen(seed + 1)).to(dtype), not x.is_contiguous())
     needs = (True, w is not None, s is not None, sh is not None)
-    grads = cb.channel_rms_norm_bwd(gy, x, rstd, w, eps, s, sh, act, needs)
+    grads = cb.channel_rms_norm_silu_bwd(gy, x, rstd, w, eps, s, sh, act, needs)
     r64, rlp = _rms_grads(x, w, s, sh, act, gy, dtype, eps)
     for name, g, r, t, p in zip(["x", "weight", "scale", "shift"], grads, r64, rlp, [x, w, s, sh]):
         if p is None:

@@ -109,7 +109,7 @@ def test_backend_cuda_refuses_cpu_tensors():
             with pytest.raises(ValueError, match=f"{op}: requested backend 'cuda' cannot run "
                                                  f"this call: backend 'cuda' needs CUDA tensors"):
                 call()
-    from imagen_fast.ops import _cuda_backend as cb
+    from imagen_fast.kernels import cuda as cb
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         cb.group_norm_silu_fwd(x, 4, None, None, 1e-5, None, None, "silu")
     with pytest.raises(ValueError, match="x0 must be a CUDA tensor"):
@@ -564,20 +564,20 @@ def build_emulator():
 
 
 def _emulated_backend(emu):
-    """A private copy of imagen_fast.ops._cuda_backend driving the emulated module (never
+    """A private copy of imagen_fast.kernels.cuda driving the emulated module (never
     registered with the dispatcher, so the real backend list is untouched)."""
     import imagen_fast._compiled as compiled
-    from imagen_fast.ops import dispatch as disp
-    src = REPO / "imagen_fast/ops/_cuda_backend.py"
-    spec = importlib.util.spec_from_file_location("imagen_fast.ops._cuda_backend_emulated", src)
+    from imagen_fast.kernels import registry
+    src = REPO / "imagen_fast/kernels/cuda.py"
+    spec = importlib.util.spec_from_file_location("imagen_fast.kernels._cuda_emulated", src)
     mod = importlib.util.module_from_spec(spec)
-    saved = compiled.load_extension, disp.register
+    saved = compiled.load_extension, registry.register
     compiled.load_extension = lambda: emu
-    disp.register = lambda *a, **k: (lambda f: f)
+    registry.register = lambda *a, **k: (lambda f: f)
     try:
         spec.loader.exec_module(mod)
     finally:
-        compiled.load_extension, disp.register = saved
+        compiled.load_extension, registry.register = saved
     mod._EMULATED = True
     return mod
 
@@ -849,7 +849,7 @@ def gn_path(monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("path,chunks", [("onepass", 0), ("split", 0), ("split", 3), ("split", 7)])
 def test_gpu_group_norm_paths_forward(gn_path, dtype, channels_last, path, chunks):
-    from imagen_fast.ops import _cuda_backend as cb
+    from imagen_fast.kernels import cuda as cb
     gn_path(path, chunks)
     for shape, groups in GPU_GN_SHAPES:
         if channels_last and len(shape) < 4:
@@ -943,7 +943,7 @@ def test_gpu_group_norm_torch_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("ctas", [0, 1, 5])
 def test_gpu_threshold_values_are_exact_order_statistics(monkeypatch, dtype, ctas):
-    from imagen_fast.ops import _cuda_backend as cb
+    from imagen_fast.kernels import cuda as cb
     monkeypatch.setenv("IMAGEN_FAST_CUDA_THRESHOLD_CTAS", str(ctas))
     g = _gen(23)
     for shape in ((3, 3, 8, 8), (1, 3, 7, 9), (2, 4, 33), (2, 3, 64, 64)):
@@ -960,7 +960,7 @@ def test_gpu_threshold_values_are_exact_order_statistics(monkeypatch, dtype, cta
 @needs_gpu
 @not_under_sanitizer
 def test_gpu_threshold_8x3x1024x1024():
-    from imagen_fast.ops import _cuda_backend as cb
+    from imagen_fast.kernels import cuda as cb
     x = randn(8, 3, 1024, 1024, generator=_gen(29), scale=2.0)
     y, s = cb.threshold_values(x.cuda(), 0.995, 1.0)
     flat = x.reshape(8, -1).abs().double()

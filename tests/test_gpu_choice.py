@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from imagen_fast.kernels import registry
 from imagen_fast.ops import dispatch, gpu_choice
 
 
@@ -130,7 +131,7 @@ def test_resolve_on_a_cuda_device_follows_the_table(tmp_path, monkeypatch):
             return name
         return fn
     for b in ("triton", "cuda"):
-        monkeypatch.setitem(dispatch._registry, ("dynamic_threshold", b), dispatch.Impl(fake(b), lambda *a: None))
+        monkeypatch.setitem(registry.implementations, ("dynamic_threshold", b), registry.Impl(fake(b), lambda *a: None))
     monkeypatch.setattr(dispatch, "_unavailable", {})
     monkeypatch.setattr(dispatch, "_reason", lambda op, b, dev, args: None)
     monkeypatch.setattr(gpu_choice, "arch_of", lambda device: ("sm_90", "Test GPU"))

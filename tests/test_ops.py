@@ -146,7 +146,7 @@ def _rms_ref(x, w, s, sh, activation, eps=1e-6, dtype=torch.float64):
     (True, True, "silu"), (False, True, "silu"), (True, False, "gelu"), (False, False, None),
 ])
 def test_channel_rms_norm_forward(backend, poison, dtype, channels_last, film, affine, activation):
-    require_op(backend, "channel_rms_norm_fwd")
+    require_op(backend, "channel_rms_norm_silu_fwd")
     for shape in (RMS_SMALL if small(backend) else RMS_SHAPES):
         if channels_last and len(shape) not in (4, 5):
             continue
@@ -164,7 +164,7 @@ def test_channel_rms_norm_forward(backend, poison, dtype, channels_last, film, a
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "gelu", None])
 def test_channel_rms_norm_backward(backend, dtype, channels_last, activation):
-    require_op(backend, "channel_rms_norm_fwd")
+    require_op(backend, "channel_rms_norm_silu_fwd")
     shape = (2, 8, 5, 7) if small(backend) else (2, 96, 7, 9)
     x, w, s, sh = _rms_inputs(shape, dtype, True, True, seed=1)
     leaves = [t.to(DEVICE).requires_grad_() for t in (x, w, s, sh)]
@@ -186,7 +186,7 @@ def test_channel_rms_norm_backward(backend, dtype, channels_last, activation):
 def test_channel_rms_norm_tiny_rms_is_clamped(backend):
     """Positions whose RMS is below eps (here: all zeros, and 1e-9) scale by 1 / eps,
     as F.normalize does; their gradient is the plain rescaled one."""
-    require_op(backend, "channel_rms_norm_fwd")
+    require_op(backend, "channel_rms_norm_silu_fwd")
     x = randn(2, 6, 3, 4, generator=_gen(8))
     x[0, :, 1, 2] = 0.0
     x[1, :, 0, :] *= 1e-9
@@ -205,7 +205,7 @@ def test_channel_rms_norm_tiny_rms_is_clamped(backend):
 
 def test_channel_rms_norm_matches_imagen_pytorch_form(backend):
     """F.normalize(x, dim=1) * sqrt(C) * gamma is the op with eps = 1e-12 / sqrt(C)."""
-    require_op(backend, "channel_rms_norm_fwd")
+    require_op(backend, "channel_rms_norm_silu_fwd")
     x = randn(2, 16, 5, 3, generator=_gen(11))
     gamma = randn(16, generator=_gen(12))
     expected = torch.nn.functional.normalize(x.double(), dim=1) * 4.0 * gamma.double()[:, None, None]
@@ -215,7 +215,7 @@ def test_channel_rms_norm_matches_imagen_pytorch_form(backend):
 
 
 def test_channel_rms_norm_gradcheck(backend):
-    require_op(backend, "channel_rms_norm_fwd")
+    require_op(backend, "channel_rms_norm_silu_fwd")
     if backend in ("triton", "cuda") and DEVICE.type == "cpu":
         pytest.skip("float64 gradcheck runs on backends torch and cpu")
     x, w, s, sh = (t.double().to(DEVICE).requires_grad_() for t in _rms_inputs(

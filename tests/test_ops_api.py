@@ -8,6 +8,7 @@ import torch
 
 from conftest import DEVICE
 from imagen_fast import ops
+from imagen_fast.kernels import registry
 from imagen_fast.ops import dispatch
 
 x4 = torch.randn(2, 8, 4, 4)
@@ -122,7 +123,7 @@ def test_auto_selection_prefers_compiled_kernels_on_cpu():
 
 def test_fallback_is_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(dispatch, "_logged", set())
-    monkeypatch.setitem(dispatch._unavailable, "cpu", "pretend it was not built")
+    monkeypatch.setitem(registry.unavailable, "cpu", "pretend it was not built")
     with caplog.at_level(logging.WARNING, logger="imagen_fast"):
         ops.dynamic_threshold(x4, 0.9)
         ops.dynamic_threshold(x4, 0.9)
@@ -160,7 +161,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.imagen_fast.attention_fwd.default, (q, k, v, mask, 0.35))
     torch.library.opcheck(torch.ops.imagen_fast.dynamic_threshold.default,
                           (x.detach(), 0.9, 1.0, 1.5))
-    torch.library.opcheck(torch.ops.imagen_fast.channel_rms_norm_fwd.default,
+    torch.library.opcheck(torch.ops.imagen_fast.channel_rms_norm_silu_fwd.default,
                           (x, w, 1e-6, s, None, "gelu"))
 
 

@@ -28,6 +28,7 @@ import triton.language as tl  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
 from imagen_fast import ops  # noqa: E402
+from imagen_fast.kernels.layout import ACTIVATION_CODES  # noqa: E402
 from imagen_fast.ops import dispatch, reference  # noqa: E402
 from numerics import assert_close_to_reference, gen, group_norm_inputs, randn  # noqa: E402
 
@@ -430,7 +431,7 @@ def test_activation_maths(act):
     for dt, rtol in ((torch.float32, 6e-7), (torch.float64, 1e-14)):
         x = torch.linspace(-9, 9, 512, dtype=dt, device=DEVICE)
         y, gr = torch.empty_like(x), torch.empty_like(x)
-        _act_kernel[(1,)](x, y, gr, x.numel(), ACT=cm.ACT_CODES[act], BLOCK=512)
+        _act_kernel[(1,)](x, y, gr, x.numel(), ACT=ACTIVATION_CODES[act], BLOCK=512)
         xr = x.cpu().double().requires_grad_()
         ref = f(xr)
         (rg,) = torch.autograd.grad(ref.sum(), [xr])

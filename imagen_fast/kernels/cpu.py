@@ -7,7 +7,9 @@ with torch's thread count (torch.get_num_threads()) and release the GIL.
 Attention on CPU runs torch's flash-attention CPU kernel
 (aten._scaled_dot_product_flash_attention_for_cpu and its backward) with the key
 padding mask as an additive 0 / -inf mask; batches whose keys are all masked get
-zero output and zero gradients (the kernel itself would produce NaN there).
+zero output and zero gradients (the kernel itself would produce NaN there). Dtypes
+that kernel does not take (float64) run the torch backend's maths, looked up in the
+registry (imagen_fast.ops registers it when it loads, before any backend runs).
 """
 from __future__ import annotations
 
@@ -17,16 +19,17 @@ from typing import Optional
 import torch
 
 from .._compiled import load_extension
-from . import _torch_backend
-from .dispatch import register
+from .layout import ACTIVATION_CODES as _ACTIVATION_CODES
+from .layout import DTYPE_CODES as _DTYPE_CODES
+from .layout import THRESHOLD_CODES as _THRESHOLD_CODES
+from .layout import is_channels_last as _channels_last
+from .layout import like_layout as _same_layout
+from .layout import stats_dtype as _stat_dtype
+from .registry import implementation, register
 
 _C = load_extension()
 if _C is None or not hasattr(_C, "group_norm_fwd") or not hasattr(_C, "channel_rms_norm_fwd"):
     raise ImportError("imagen_fast._C is not built (or was built without the CPU kernels)")
-
-# Must match csrc/include/imagen_fast/common.h (DType, Activation).
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_ACTIVATION_CODES = {"none": 0, "silu": 1, "gelu": 2}
 
 
 def _threads() -> int:
@@ -35,14 +38,6 @@ def _threads() -> int:
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """(N, *spatial, C) in memory and not also plain contiguous."""
-    if x.ndim < 3 or x.is_contiguous():
-        return False
-    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
-    return x.permute(perm).is_contiguous()
 
 
 def _layout_reason(t: torch.Tensor, name: str) -> Optional[str]:
@@ -55,28 +50,10 @@ def _layout_reason(t: torch.Tensor, name: str) -> Optional[str]:
     return None
 
 
-def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor with x's shape, dtype and exact strides."""
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-
-
-def _same_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t with x's dtype and strides (a copy only when they differ)."""
-    if t.dtype == x.dtype and t.stride() == x.stride():
-        return t
-    out = _empty_like_layout(x)
-    out.copy_(t)
-    return out
-
-
 def _param(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     if t is None or (t.dtype == dtype and t.is_contiguous()):
         return t
     return t.to(dtype).contiguous()
-
-
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------- group_norm_silu
@@ -98,7 +75,7 @@ def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activati
     pdt = _stat_dtype(x)
     n, c, s, g, cl = _gn_geometry(x, num_groups)
     w, b, sc, sh = (_param(t, pdt) for t in (weight, bias, scale, shift))
-    y = _empty_like_layout(x)
+    y = torch.empty_like(x)
     mean = torch.empty((n, g), dtype=pdt)
     rstd = torch.empty((n, g), dtype=pdt)
     _C.group_norm_fwd(x.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
@@ -117,7 +94,7 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
     rstd = rstd.to(pdt).contiguous()
     w, b, sc, sh = (_param(t, pdt) for t in (weight, bias, scale, shift))
     need_x, need_w, need_b, need_s, need_sh = needs
-    gx = _empty_like_layout(x) if need_x else None
+    gx = torch.empty_like(x) if need_x else None
     gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
     gb = torch.empty(c, dtype=pdt) if need_b and b is not None else None
     gs = torch.empty((n, c), dtype=pdt) if need_s and sc is not None else None
@@ -133,12 +110,12 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
 
 
 # ------------------------------------------------------------ channel_rms_norm_silu
-@register("channel_rms_norm_fwd", "cpu", supports=_gn_supports)
-def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
+@register("channel_rms_norm_silu_fwd", "cpu", supports=_gn_supports)
+def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
     pdt = _stat_dtype(x)
     n, c, s, _, cl = _gn_geometry(x, 1)
     w, sc, sh = (_param(t, pdt) for t in (weight, scale, shift))
-    y = _empty_like_layout(x)
+    y = torch.empty_like(x)
     rstd = torch.empty((n, s), dtype=pdt)
     _C.channel_rms_norm_fwd(x.data_ptr(), y.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc), _ptr(sh),
                             n, c, s, float(eps), cl, _DTYPE_CODES[x.dtype],
@@ -146,15 +123,15 @@ def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
     return y, rstd
 
 
-@register("channel_rms_norm_bwd", "cpu", supports=_gn_supports)
-def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
+@register("channel_rms_norm_silu_bwd", "cpu", supports=_gn_supports)
+def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
     pdt = _stat_dtype(x)
     n, c, s, _, cl = _gn_geometry(x, 1)
     grad_y = _same_layout(grad_y, x)
     rstd = rstd.to(pdt).contiguous()
     w, sc, sh = (_param(t, pdt) for t in (weight, scale, shift))
     need_x, need_w, need_s, need_sh = needs
-    gx = _empty_like_layout(x) if need_x else None
+    gx = torch.empty_like(x) if need_x else None
     gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
     gs = torch.empty((n, c), dtype=pdt) if need_s and sc is not None else None
     gsh = torch.empty((n, c), dtype=pdt) if need_sh and sh is not None else None
@@ -188,13 +165,10 @@ def _threshold_supports(x0, *rest) -> Optional[str]:
 @register("dynamic_threshold", "cpu", supports=_threshold_supports)
 def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
     n = x0.shape[0]
-    y = _empty_like_layout(x0)
+    y = torch.empty_like(x0)
     _C.dynamic_threshold(x0.data_ptr(), y.data_ptr(), n, x0.numel() // n, _DTYPE_CODES[x0.dtype],
                          float(percentile), float(min_value), float(max_value), _threads())
     return y
-
-
-_THRESHOLD_CODES = {"none": 0, "static": 1, "dynamic": 2}
 
 
 def _step_supports(z_t, pred_cond, pred_uncond=None, noise=None, *rest) -> Optional[str]:
@@ -208,7 +182,7 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
     coefs = coefs.detach().to(device="cpu", dtype=torch.float64).contiguous()
     if coefs.shape != (n, 5):
         raise ValueError(f"coefs must have shape ({n}, 5), got {tuple(coefs.shape)}")
-    out = _empty_like_layout(z_t)
+    out = torch.empty_like(z_t)
     _C.sampler_step(z_t.data_ptr(), pred_cond.data_ptr(), _ptr(pred_uncond), _ptr(noise),
                     out.data_ptr(), coefs.data_ptr(), n, z_t.numel() // n, _DTYPE_CODES[z_t.dtype],
                     float(guidance_scale), _THRESHOLD_CODES[threshold], float(percentile),
@@ -253,7 +227,7 @@ def _zero_batches(t, empty, value=0.0):
 @register("attention_fwd", "cpu", supports=_attention_supports)
 def attention_fwd(q, k, v, mask, scale):
     if not _use_flash(q):
-        return _torch_backend.attention_fwd(q, k, v, mask, scale)
+        return implementation("attention_fwd", "torch")(q, k, v, mask, scale)
     add, empty = _additive_mask(mask, q)
     out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=add, scale=scale)
     out, lse = out.contiguous(), lse.float().contiguous()
@@ -266,11 +240,7 @@ def attention_fwd(q, k, v, mask, scale):
 @register("attention_bwd", "cpu", supports=_attention_supports)
 def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
     if not _use_flash(q):
-        if q.dtype == torch.float64:
-            # The saved lse is float32 by contract: recompute it in float64 so the
-            # float64 gradients keep float64 accuracy.
-            lse = torch.logsumexp(_torch_backend._scores(q, k, scale, mask), dim=-1)
-        return _torch_backend.attention_bwd(grad_out, q, k, v, mask, out, lse, scale)
+        return implementation("attention_bwd", "torch")(grad_out, q, k, v, mask, out, lse, scale)
     add, empty = _additive_mask(mask, q)
     if empty is not None:  # finite stand-ins where the forward zeroed the batch
         lse = _zero_batches(lse, empty)

@@ -23,21 +23,20 @@ from typing import Optional, Tuple
 import torch
 
 from .._compiled import load_extension
-from .dispatch import register
+from .layout import ACTIVATION_CODES, DTYPE_CODES, THRESHOLD_CODES, is_channels_last, kernel_layout
+from .layout import like_layout as _like
+from .layout import stats_dtype as _stat_dtype
+from .registry import register
 
 _C = load_extension()
 if _C is None or not _C.HAS_CUDA:
     raise ImportError("imagen_fast._C was built without CUDA (no nvcc at build time, "
                       "or IMAGEN_FAST_CUDA=0)")
 
-# Tests swap in the host-emulated build of the same kernels (tests/test_cuda_kernels.py)
+# Tests swap in the host-emulated build of the same kernels (tests/ops/test_cuda_kernels.py)
 # and set this, so the functions below accept CPU tensors; never set otherwise.
 _EMULATED = False
 
-# Must match csrc/include/imagen_fast/common.h (DType, Activation).
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-ACTIVATION_CODES = {"none": 0, "silu": 1, "gelu": 2}
-THRESHOLD_CODES = {"none": 0, "static": 1, "dynamic": 2}
 GN_PATHS = {"auto": 0, "onepass": 1, "split": 2}
 
 
@@ -97,27 +96,10 @@ def _require_cuda(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"backend 'cuda': {name} must be a CUDA tensor, got {where}")
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    if x.ndim < 3:
-        return False
-    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
-    return x.permute(perm).is_contiguous()
-
-
 def _dense(x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     """x as (N, C, S) contiguous or (N, S, C) channels-last; returns (x, channels_last)."""
-    if x.is_contiguous():
-        return x, False
-    if _channels_last(x):
-        return x, True
-    return x.contiguous(), False
-
-
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t with exactly x's strides (x dense), copying only when needed."""
-    if t.stride() == x.stride() and t.dtype == x.dtype:
-        return t
-    return torch.empty_like(x).copy_(t)
+    x = kernel_layout(x)
+    return x, is_channels_last(x)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -128,10 +110,6 @@ def _param(t: Optional[torch.Tensor], dtype: torch.dtype, device) -> Optional[to
     if t is None:
         return None
     return t.to(device=device, dtype=dtype).contiguous()
-
-
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _common(x: torch.Tensor) -> dict:

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..kernels.layout import is_channels_last, kernel_layout, like_layout, stats_dtype
 from . import dispatch
 from .reference import ACTIVATIONS
 
@@ -49,34 +50,6 @@ def _check_float(value, name: str, *, low=None, high=None, low_open=False) -> fl
     return value
 
 
-def is_channels_last(x: Tensor) -> bool:
-    """True when x is dense with channels innermost: (N, *spatial, C) in memory."""
-    if x.ndim < 3:
-        return False
-    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
-    return x.permute(perm).is_contiguous() and not x.is_contiguous()
-
-
-def _as_kernel_layout(x: Tensor) -> Tensor:
-    """Contiguous or channels-last: the two layouts every kernel reads."""
-    if x.is_contiguous() or is_channels_last(x):
-        return x
-    return x.contiguous()
-
-
-def _like_layout(t: Tensor, x: Tensor) -> Tensor:
-    """t in the same memory layout as x (x already contiguous or channels-last)."""
-    if is_channels_last(x):
-        if is_channels_last(t):
-            return t
-        perm = (0,) + tuple(range(2, x.ndim)) + (1,)
-        inv = [0] * x.ndim
-        for i, p in enumerate(perm):
-            inv[p] = i
-        return t.permute(perm).contiguous().permute(inv)
-    return t.contiguous()
-
-
 # ----------------------------------------------------------------- group_norm_silu
 @torch.library.custom_op("imagen_fast::group_norm_silu_fwd", mutates_args=())
 def _gn_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -88,8 +61,7 @@ def _gn_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional
 
 @_gn_fwd.register_fake
 def _(x, num_groups, weight, bias, eps, scale, shift, activation):
-    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = x.new_empty((x.shape[0], num_groups), dtype=sdt)
+    stats = x.new_empty((x.shape[0], num_groups), dtype=stats_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
@@ -124,7 +96,7 @@ def _gn_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     n = ctx.needs_input_grad
     needs = [n[0], n[2] and weight is not None, n[3] and bias is not None,
              n[5] and scale is not None, n[6] and shift is not None]
-    grads = _gn_bwd(_like_layout(grad_y, x), x, mean, rstd, ctx.num_groups, weight, bias,
+    grads = _gn_bwd(like_layout(grad_y, x), x, mean, rstd, ctx.num_groups, weight, bias,
                     scale, shift, ctx.activation, needs)
     gx, gw, gb, gs, gsh = (g if need else None for g, need in zip(grads, needs))
     return gx, None, gw, gb, None, gs, gsh, None
@@ -144,7 +116,7 @@ def _film_param(t, name: str, x: Tensor) -> Optional[Tensor]:
     if t.ndim < 2 or tuple(t.shape[:2]) != (n, c) or any(s != 1 for s in t.shape[2:]):
         raise ValueError(f"{name} must have shape (N, C) = ({n}, {c}) (or with trailing "
                          f"size-1 dims), got {tuple(t.shape)}")
-    return t.reshape(n, c).to(_param_dtype(x)).contiguous()
+    return t.reshape(n, c).to(stats_dtype(x)).contiguous()
 
 
 def _channel_param(t, name: str, x: Tensor) -> Optional[Tensor]:
@@ -154,7 +126,7 @@ def _channel_param(t, name: str, x: Tensor) -> Optional[Tensor]:
     _check_same_device(x, t, name, "x")
     if t.ndim != 1 or t.shape[0] != x.shape[1]:
         raise ValueError(f"{name} must have shape (C,) = ({x.shape[1]},), got {tuple(t.shape)}")
-    return t.to(_param_dtype(x)).contiguous()
+    return t.to(stats_dtype(x)).contiguous()
 
 
 def _check_norm_args(x: Tensor, eps, activation) -> Tuple[float, str]:
@@ -166,11 +138,6 @@ def _check_norm_args(x: Tensor, eps, activation) -> Tuple[float, str]:
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
     return eps, act
-
-
-def _param_dtype(x: Tensor) -> torch.dtype:
-    """Parameters reach kernels in float32 (float64 for float64 inputs)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def group_norm_silu(
@@ -204,30 +171,30 @@ def group_norm_silu(
     bias = _channel_param(bias, "bias", x)
     scale = _film_param(scale, "scale", x)
     shift = _film_param(shift, "shift", x)
-    y, _, _ = _gn_fwd(_as_kernel_layout(x), num_groups, weight, bias, eps, scale, shift, act)
+    y, _, _ = _gn_fwd(kernel_layout(x), num_groups, weight, bias, eps, scale, shift, act)
     return y
 
 
 # ------------------------------------------------------------ channel_rms_norm_silu
-@torch.library.custom_op("imagen_fast::channel_rms_norm_fwd", mutates_args=())
+@torch.library.custom_op("imagen_fast::channel_rms_norm_silu_fwd", mutates_args=())
 def _rms_fwd(x: Tensor, weight: Optional[Tensor], eps: float, scale: Optional[Tensor],
              shift: Optional[Tensor], activation: str) -> Tuple[Tensor, Tensor]:
-    fn = dispatch.resolve("channel_rms_norm_fwd", x.device, x)
+    fn = dispatch.resolve("channel_rms_norm_silu_fwd", x.device, x)
     return fn(x, weight, eps, scale, shift, activation)
 
 
 @_rms_fwd.register_fake
 def _(x, weight, eps, scale, shift, activation):
     n = x.shape[0]
-    rstd = x.new_empty((n, x.numel() // max(1, n * x.shape[1])), dtype=_param_dtype(x))
+    rstd = x.new_empty((n, x.numel() // max(1, n * x.shape[1])), dtype=stats_dtype(x))
     return torch.empty_like(x), rstd
 
 
-@torch.library.custom_op("imagen_fast::channel_rms_norm_bwd", mutates_args=())
+@torch.library.custom_op("imagen_fast::channel_rms_norm_silu_bwd", mutates_args=())
 def _rms_bwd(grad_y: Tensor, x: Tensor, rstd: Tensor, weight: Optional[Tensor], eps: float,
              scale: Optional[Tensor], shift: Optional[Tensor], activation: str,
              needs: List[bool]) -> List[Tensor]:
-    fn = dispatch.resolve("channel_rms_norm_bwd", x.device, x)
+    fn = dispatch.resolve("channel_rms_norm_silu_bwd", x.device, x)
     grads = fn(grad_y, x, rstd, weight, eps, scale, shift, activation, tuple(needs))
     return [g if g is not None else x.new_empty(0) for g in grads]
 
@@ -251,13 +218,13 @@ def _rms_backward(ctx, grad_y, _grad_rstd):
     n = ctx.needs_input_grad
     needs = [n[0], n[1] and weight is not None, n[3] and scale is not None,
              n[4] and shift is not None]
-    grads = _rms_bwd(_like_layout(grad_y, x), x, rstd, weight, ctx.eps, scale, shift,
+    grads = _rms_bwd(like_layout(grad_y, x), x, rstd, weight, ctx.eps, scale, shift,
                      ctx.activation, needs)
     gx, gw, gs, gsh = (g if need else None for g, need in zip(grads, needs))
     return gx, gw, None, gs, gsh, None
 
 
-torch.library.register_autograd("imagen_fast::channel_rms_norm_fwd", _rms_backward,
+torch.library.register_autograd("imagen_fast::channel_rms_norm_silu_fwd", _rms_backward,
                                 setup_context=_rms_setup)
 
 
@@ -287,7 +254,7 @@ def channel_rms_norm_silu(
     weight = _channel_param(weight, "weight", x)
     scale = _film_param(scale, "scale", x)
     shift = _film_param(shift, "shift", x)
-    y, _ = _rms_fwd(_as_kernel_layout(x), weight, eps, scale, shift, act)
+    y, _ = _rms_fwd(kernel_layout(x), weight, eps, scale, shift, act)
     return y
 
 
@@ -417,7 +384,7 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995, min_value: float = 
     m = _check_float(min_value, "min_value", low=0.0, low_open=True)
     mx = math.inf if max_value is None else _check_float(max_value, "max_value", low=0.0,
                                                            low_open=True)
-    return _dyn_thr(_as_kernel_layout(x0), p, m, mx)
+    return _dyn_thr(kernel_layout(x0), p, m, mx)
 
 
 # --------------------------------------------------------------------- sampler step
@@ -562,8 +529,8 @@ def sampler_step(
         noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
     if noise is not None and bool((coefs[:, 4] == 0).all()):
         noise = None
-    x = _as_kernel_layout(z_t)
-    args = [None if t is None else _like_layout(t, x) for t in (pred_cond, pred_uncond, noise)]
+    x = kernel_layout(z_t)
+    args = [None if t is None else like_layout(t, x) for t in (pred_cond, pred_uncond, noise)]
     return _sampler_step(x, args[0], args[1], w, coefs.to(z_t.device), args[2], threshold, p, m)
 
 

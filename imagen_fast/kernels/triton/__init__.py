@@ -4,7 +4,7 @@ an ImportError (no triton) marks the backend unavailable.
 
 One op family per module:
     group_norm.py   group_norm_silu_fwd / _bwd   (fused, looped and split plans)
-    rms_norm.py     channel_rms_norm_fwd / _bwd  (per-position RMS over channels)
+    rms_norm.py     channel_rms_norm_silu_fwd / _bwd  (per-position RMS over channels)
     attention.py    attention_fwd / _bwd         (flash, key padding mask)
     threshold.py    dynamic_threshold, sampler_step (radix-select percentile)
     _common.py      device facts, the shape-class autotuner, activation maths

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.api import is_channels_last
-from ...ops.dispatch import register
+from ..layout import is_channels_last
+from ..registry import register
 from . import _common as cm
 
 # Test hook: {"block": elements per tile, "programs": programs per sample}.
