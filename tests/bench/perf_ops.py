@@ -1,6 +1,7 @@
-"""pytest-benchmark regression tracking of the op kernels (kept out of the normal test run):
+"""pytest-benchmark regression tracking of the op kernels. Its name does not match
+test_*.py, so `pytest tests` leaves it out; run it by path:
 
-    pytest benchmarks/ --benchmark-only [--benchmark-autosave]
+    pytest tests/bench/perf_ops.py --benchmark-only [--benchmark-autosave]
 """
 import pytest
 import torch

@@ -5,7 +5,7 @@ import os
 import shutil
 
 import pytest
-from eval_helpers import (
+from support.eval_helpers import (
     random_inception_file,
     tiny_cascade_dir,
     tiny_clip_dir,

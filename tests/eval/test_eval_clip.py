@@ -3,7 +3,7 @@ the score against CLIPModel's own forward, the clamp at 0, manifests, bad input.
 import numpy as np
 import pytest
 import torch
-from eval_helpers import random_image, tiny_clip_dir
+from support.eval_helpers import random_image, tiny_clip_dir
 
 from imagen_fast.eval.clip_score import CLIPScorer, score_manifest
 from imagen_fast.eval.manifest import read_manifest, write_manifest

@@ -5,7 +5,7 @@ import os
 import re
 
 import pytest
-from eval_helpers import FakeGenerator
+from support.eval_helpers import FakeGenerator
 
 from imagen_fast.eval.drawbench import CATEGORY_COUNTS, load_prompts, run_drawbench
 from imagen_fast.eval.generator import System

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from eval_helpers import (
+from support.eval_helpers import (
     FakeGenerator,
     random_inception,
     random_inception_file,

@@ -10,7 +10,7 @@ from contextlib import closing
 
 import numpy as np
 import pytest
-from eval_helpers import random_image
+from support.eval_helpers import make_samples, random_image
 from scipy.stats import binomtest
 
 from imagen_fast.eval.manifest import REFERENCE, read_manifest, write_manifest
@@ -18,22 +18,6 @@ from imagen_fast.eval.serve import StudyConfig, build_report, format_report, ope
 from imagen_fast.eval.serve.report import bootstrap_mean_interval, wilson_interval
 from imagen_fast.eval.serve.store import StoreError
 from imagen_fast.eval.serve.study import build_study, degrade
-
-
-def make_samples(folder, num_items, systems=("model", REFERENCE), size=24, seed=0):
-    """A samples folder with a manifest: one image per system and item."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    items = []
-    for i in range(num_items):
-        images = {}
-        for s in systems:
-            name = f"{s}-{i}.png"
-            random_image(rng, size, size).save(os.path.join(folder, name))
-            images[s] = [name]
-        items.append({"id": str(i), "caption": f"caption number {i}", "images": images})
-    write_manifest(str(folder), [{"label": s, "spec": None, "settings": {}} for s in systems], items)
-    return str(folder)
 
 
 def test_study_batches_of_50_with_interleaved_controls(tmp_path):

@@ -12,7 +12,7 @@ import threading
 from contextlib import closing
 
 import pytest
-from test_eval_serve import make_samples
+from support.eval_helpers import make_samples
 
 
 def _find(*names):

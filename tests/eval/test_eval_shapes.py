@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("PIL")
 
-from eval_helpers import tiny_cascade_dir  # noqa: E402
+from support.eval_helpers import tiny_cascade_dir  # noqa: E402
 
 from imagen_fast.cli import main  # noqa: E402
 from imagen_fast.data.shapes import COLOURS, SHAPES, combination, make_scene, parse_caption, render  # noqa: E402

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from eval_helpers import FakeGenerator, small_extractor, tiny_clip_dir, write_coco
+from support.eval_helpers import FakeGenerator, small_extractor, tiny_clip_dir, write_coco
 from PIL import Image
 
 from imagen_fast.eval.clip_score import CLIPScorer

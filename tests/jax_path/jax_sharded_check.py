@@ -13,7 +13,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]          # test_jax_train, and tests/ for support
 from test_jax_train import BATCH, base_raw, fixed_batches
 
 from imagen_fast.jax import sharding

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from jax_util import jax, jnp
-from test_models import make_inputs, randomize_output
+from support.jax_util import jax, jnp
+from support.models import make_inputs, randomize_output
 
 from imagen_fast.diffusion import GaussianDiffusion, sample
 from imagen_fast.jax import convert

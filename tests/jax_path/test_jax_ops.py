@@ -4,8 +4,8 @@ lowering of every kernel (jax.export for platform "tpu" on this CPU host); argum
 checks and implementation selection."""
 import pytest
 import torch
-from jax_util import jax, jnp, nchw, nhwc, to_jax, to_torch
-from numerics import assert_close_to_reference, group_norm_inputs, randn
+from support.jax_util import jax, jnp, nchw, nhwc, to_jax, to_torch
+from support.numerics import assert_close_to_reference, group_norm_inputs, randn
 
 from imagen_fast.jax import ops
 from imagen_fast.jax.kernels import attention as attention_kernel

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from jax_util import jax  # noqa: F401  (skips without JAX)
-from test_train import MODEL, _losses, _write_config
+from support.jax_util import jax  # noqa: F401  (skips without JAX)
+from support.training import TINY_MODEL, losses, write_config
 
 from imagen_fast import checkpoint as ck
 from imagen_fast import cli
@@ -21,12 +21,12 @@ from imagen_fast.train_config import config_from_dict
 
 pytest.importorskip("PIL")
 BATCH = 16
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def base_raw(out_dir, steps=2, **train):
     return {
-        "model": MODEL,
+        "model": TINY_MODEL,
         "data": {"kind": "shapes", "path": "shapes:64:3", "resolution": 16},
         "text": {"encoder": "hash:16", "max_length": 8},
         "train": {"steps": steps, "batch_size": BATCH, "warmup_steps": 2, "lr": 1e-3, "seed": 11,
@@ -47,7 +47,7 @@ def fixed_batches():
 
 def test_sharded_step_equals_single_device_step(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "jax_sharded_check.py"), str(tmp_path)],
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "jax_path" / "jax_sharded_check.py"), str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -62,14 +62,14 @@ def test_sharded_step_equals_single_device_step(tmp_path):
 def test_cli_train_resume_and_torch_shares_the_checkpoints(tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     for out, steps in ((straight, 4), (split, 2)):
-        _write_config(tmp_path / "cfg.toml", base_raw(out, steps=steps))
+        write_config(tmp_path / "cfg.toml", base_raw(out, steps=steps))
         assert cli.main(["train", "--config", str(tmp_path / "cfg.toml"), "--backend", "jax"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["mesh"] == {"data": 1, "fsdp": 1}
-    _write_config(tmp_path / "cfg.toml", base_raw(split, steps=4))
+    write_config(tmp_path / "cfg.toml", base_raw(split, steps=4))
     assert cli.main(["train", "--config", str(tmp_path / "cfg.toml"), "--backend", "jax",
                      "--resume"]) == 0
-    expected, resumed = _losses(straight), _losses(split)
+    expected, resumed = losses(straight), losses(split)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in expected:                    # the same data and draws after the restart
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
@@ -78,7 +78,7 @@ def test_cli_train_resume_and_torch_shares_the_checkpoints(tmp_path, capsys):
     latest = ck.latest_checkpoint(split / "checkpoints")
     data = ck.load_checkpoint(latest)
     assert data["state"]["backend"] == "jax" and data["state"]["step"] == 4
-    model = build_unet(MODEL["preset"], **MODEL["overrides"])
+    model = build_unet(TINY_MODEL["preset"], **TINY_MODEL["overrides"])
     model.load_state_dict(data["model"])
     assert set(data["ema"]) == set(data["model"])
     # ... and the torch trainer resumes it (AdamW state included) and goes on
@@ -88,13 +88,13 @@ def test_cli_train_resume_and_torch_shares_the_checkpoints(tmp_path, capsys):
     assert len(state) == len(list(model.parameters()))
     assert all(float(s["step"]) == 4.0 and s["exp_avg_sq"].abs().sum() > 0 for s in state.values())
     trainer.run()
-    assert max(_losses(split)) == 5 and np.isfinite(_losses(split)[5])
+    assert max(losses(split)) == 5 and np.isfinite(losses(split)[5])
 
 
 @pytest.mark.parametrize("key,value,match", [("precision", "fp16", "bf16"),
                                              ("optimizer", "adafactor", "adamw")])
 def test_cli_unsupported_settings_are_one_line_errors(tmp_path, capsys, key, value, match):
-    _write_config(tmp_path / "cfg.toml", base_raw(tmp_path / "run", **{key: value}))
+    write_config(tmp_path / "cfg.toml", base_raw(tmp_path / "run", **{key: value}))
     assert cli.main(["train", "--config", str(tmp_path / "cfg.toml"), "--backend", "jax"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err and f"train.{key}" in err
@@ -127,7 +127,7 @@ import imagen_fast.diffusion, imagen_fast.text, imagen_fast.data
 assert cli.main(["info"]) == 0 and cli.main(["presets"]) == 0
 assert cli.main(["train", "--config", {str(tmp_path / 'cfg.toml')!r}, "--backend", "jax"]) == 2
 """
-    _write_config(tmp_path / "cfg.toml", base_raw(tmp_path / "run"))
+    write_config(tmp_path / "cfg.toml", base_raw(tmp_path / "run"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pip install 'imagen-fast[jax]'" in r.stderr

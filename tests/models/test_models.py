@@ -6,6 +6,8 @@ import time
 import pytest
 import torch
 
+from support.models import make_inputs, randomize_output
+
 from imagen_fast import ops
 from imagen_fast.models import (
     PRESETS,
@@ -17,33 +19,6 @@ from imagen_fast.models import (
 from imagen_fast.models.unet import SKIP_SCALE, DBlock, UBlock
 
 SMALL = ["tiny-base32", "tiny-sr64", "tiny-sr128"]
-
-
-def make_inputs(model, batch=2, length=6, size=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    res = size or c["image_size"]
-    x = torch.randn(batch, 3, res, res, generator=g)
-    t = torch.rand(batch, generator=g)
-    text = torch.randn(batch, length, c["text_dim"], generator=g)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[0, length // 2:] = False                       # a padded prompt
-    kw = {}
-    if c["stage"] == "sr":
-        low = res * c["lowres_size"] // c["image_size"]
-        kw = dict(lowres=torch.randn(batch, 3, low, low, generator=g), aug_level=torch.rand(batch, generator=g))
-    return x, t, text, mask, kw
-
-
-def randomize_output(model, seed=0):
-    """Fresh U-Nets zero-init the last layer of every residual branch and the output
-    conv (so the output is 0 and most gradients vanish): give those weights values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
-    return model
 
 
 # ------------------------------------------------------------------ presets
@@ -237,7 +212,7 @@ def test_torch_compile_fullgraph(name):
 
 
 def _fast_backends():
-    from conftest import backend_available
+    from support.device import backend_available
     return [b for b in ("cpu",) if backend_available(b) == "available"]
 
 

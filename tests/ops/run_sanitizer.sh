@@ -9,9 +9,9 @@
 # (IMAGEN_FAST_SANITIZER=1). Needs a CUDA build of torch in $PY's environment and
 # imagen_fast built with nvcc (pip install -e . or make build).
 #
-#   tests/gpu/run_sanitizer.sh                  # all four tools
-#   TOOLS="memcheck racecheck" tests/gpu/run_sanitizer.sh
-#   SANITIZER_K=gpu_ tests/gpu/run_sanitizer.sh   # only tests/test_cuda_kernels.py -k gpu_ (quick)
+#   tests/ops/run_sanitizer.sh                  # all four tools
+#   TOOLS="memcheck racecheck" tests/ops/run_sanitizer.sh
+#   SANITIZER_K=gpu_ tests/ops/run_sanitizer.sh   # only tests/ops/test_cuda_kernels.py -k gpu_ (quick)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -37,10 +37,10 @@ export IMAGEN_FAST_SANITIZER=1
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 # The cuda backend's own tests, and the op contract suite restricted to backend cuda
 # (attention has no cuda kernel; the 2x3x1024x1024 contract case is too slow here).
-TESTS=(tests/test_cuda_kernels.py
-       "tests/test_ops.py -k cuda and not attention and not above_quantile_limit")
+TESTS=(tests/ops/test_cuda_kernels.py
+       "tests/ops/test_ops.py -k cuda and not attention and not above_quantile_limit")
 if [ -n "${SANITIZER_K:-}" ]; then
-  TESTS=("tests/test_cuda_kernels.py -k $SANITIZER_K")
+  TESTS=("tests/ops/test_cuda_kernels.py -k $SANITIZER_K")
 fi
 
 status=0

@@ -18,7 +18,7 @@ import torch
 from imagen_fast._compiled import load_extension
 from imagen_fast.ops import dispatch, reference
 from imagen_fast.ops.api import step_coefficients
-from numerics import assert_close_to_reference, randn
+from support.numerics import assert_close_to_reference, randn
 
 _status = dispatch.available_backends()["cpu"]
 if _status != "available":

@@ -16,7 +16,7 @@ Without a GPU (CI, these 2-core machines):
     workspace.
 On a GPU, additionally: one-pass and split paths forced, split chunk counts forced,
 8x3x1024x1024 thresholding, bit-for-bit determinism, non-default streams, and
-torch.compile through the cuda backend. tests/gpu/run_sanitizer.sh runs this file's
+torch.compile through the cuda backend. tests/ops/run_sanitizer.sh runs this file's
 small shapes under compute-sanitizer.
 """
 import functools
@@ -34,11 +34,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE
+from support.device import DEVICE
 from imagen_fast import ops
 from imagen_fast._compiled import load_extension
 from imagen_fast.ops import dispatch, reference
-from numerics import assert_close_to_reference, gen, group_norm_inputs, randn
+from support.numerics import assert_close_to_reference, gen, group_norm_inputs, randn
 
 C = load_extension()
 HAS_CUDA_BUILD = C is not None and C.HAS_CUDA
@@ -46,9 +46,6 @@ ON_GPU = DEVICE.type == "cuda" and HAS_CUDA_BUILD
 SANITIZER = os.environ.get("IMAGEN_FAST_SANITIZER") == "1"
 
 needs_build = pytest.mark.skipif(not HAS_CUDA_BUILD, reason="imagen_fast._C built without CUDA")
-needs_gpu = pytest.mark.skipif(
-    not ON_GPU, reason="no CUDA device: the cuda kernels run only on a GPU "
-                       "(compile and CPU-twin checks above still run)")
 not_under_sanitizer = pytest.mark.skipif(SANITIZER, reason="large shape: skipped under compute-sanitizer")
 
 # Device properties of the GPUs the kernels are built for (planning needs no device).
@@ -508,7 +505,7 @@ def test_twin_radix_select_equals_quantile(dtype):
 # ===================================================== emulated kernels (no GPU)
 # The source tree the emulation compiles (overridable to check that these tests catch
 # deliberately broken copies of the kernels).
-REPO = Path(os.environ.get("IMAGEN_FAST_EMULATION_ROOT", Path(__file__).resolve().parents[1]))
+REPO = Path(os.environ.get("IMAGEN_FAST_EMULATION_ROOT", Path(__file__).resolve().parents[2]))
 EMU_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-DIMAGEN_FAST_CUDA_EMULATION",
              "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
 
@@ -844,7 +841,8 @@ def gn_path(monkeypatch):
     return set_path
 
 
-@needs_gpu
+@pytest.mark.gpu
+@needs_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("path,chunks", [("onepass", 0), ("split", 0), ("split", 3), ("split", 7)])
@@ -867,7 +865,8 @@ def test_gpu_group_norm_paths_forward(gn_path, dtype, channels_last, path, chunk
         assert_close_to_reference(y.cpu(), ref, same, what=f"{path}/{chunks} y {shape}")
 
 
-@needs_gpu
+@pytest.mark.gpu
+@needs_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("path,chunks", [("onepass", 0), ("split", 0), ("split", 5)])
@@ -898,7 +897,8 @@ def test_gpu_group_norm_paths_backward(gn_path, dtype, channels_last, path, chun
                                       floor=floor)
 
 
-@needs_gpu
+@pytest.mark.gpu
+@needs_build
 @pytest.mark.parametrize("path", ["onepass", "split"])
 def test_gpu_group_norm_bit_for_bit_deterministic(gn_path, path):
     gn_path(path, 4 if path == "split" else 0)
@@ -915,7 +915,8 @@ def test_gpu_group_norm_bit_for_bit_deterministic(gn_path, path):
         assert torch.equal(a_, b_)
 
 
-@needs_gpu
+@pytest.mark.gpu
+@needs_build
 def test_gpu_group_norm_on_a_side_stream():
     x, w, b, s, sh = _cuda(*_gn_inputs((4, 32, 16, 16), torch.float32, seed=17))
     stream = torch.cuda.Stream()
@@ -927,7 +928,8 @@ def test_gpu_group_norm_on_a_side_stream():
     assert_close_to_reference(y.cpu(), ref)
 
 
-@needs_gpu
+@pytest.mark.gpu
+@needs_build
 def test_gpu_group_norm_torch_compile_fullgraph():
     x, w, b, s, sh = _cuda(*_gn_inputs((2, 16, 8, 8), torch.float32, seed=19))
     fn = torch.compile(lambda a: ops.dynamic_threshold(ops.group_norm_silu(a, 4, w, b, scale=s,
@@ -939,7 +941,8 @@ def test_gpu_group_norm_torch_compile_fullgraph():
     assert torch.equal(got, want)
 
 
-@needs_gpu
+@pytest.mark.gpu
+@needs_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("ctas", [0, 1, 5])
 def test_gpu_threshold_values_are_exact_order_statistics(monkeypatch, dtype, ctas):
@@ -957,7 +960,8 @@ def test_gpu_threshold_values_are_exact_order_statistics(monkeypatch, dtype, cta
             assert_close_to_reference(y.cpu(), ref, ref.to(dtype), what=f"y {shape} q={q}")
 
 
-@needs_gpu
+@pytest.mark.gpu
+@needs_build
 @not_under_sanitizer
 def test_gpu_threshold_8x3x1024x1024():
     from imagen_fast.kernels import cuda as cb
@@ -972,7 +976,8 @@ def test_gpu_threshold_8x3x1024x1024():
     assert torch.equal(y, y2) and torch.equal(s, s2)
 
 
-@needs_gpu
+@pytest.mark.gpu
+@needs_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("threshold", ["dynamic", "static", "none"])
 def test_gpu_sampler_step(dtype, threshold):

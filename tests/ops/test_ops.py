@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, require_op, small
+from support.device import DEVICE, require_op, small
 from imagen_fast import ops
 from imagen_fast.ops import reference
-from numerics import assert_close_to_reference, gen, group_norm_inputs, randn
+from support.numerics import assert_close_to_reference, gen, group_norm_inputs, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GEN_SEED = 1234

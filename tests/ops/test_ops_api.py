@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import DEVICE
+from support.device import DEVICE
 from imagen_fast import ops
 from imagen_fast.kernels import registry
 from imagen_fast.ops import dispatch
@@ -85,7 +85,7 @@ def test_bad_input_names_the_argument(call, exc, words):
     assert words in str(info.value)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.gpu                       # a second device
 def test_mismatched_devices():
     with pytest.raises(ValueError, match="weight is on"):
         ops.group_norm_silu(x4.cuda(), 2, weight=torch.randn(8))

@@ -26,11 +26,11 @@ if not torch.cuda.is_available():  # before any @triton.jit is defined
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from conftest import DEVICE  # noqa: E402
+from support.device import DEVICE  # noqa: E402
 from imagen_fast import ops  # noqa: E402
 from imagen_fast.kernels.layout import ACTIVATION_CODES  # noqa: E402
 from imagen_fast.ops import dispatch, reference  # noqa: E402
-from numerics import assert_close_to_reference, gen, group_norm_inputs, randn  # noqa: E402
+from support.numerics import assert_close_to_reference, gen, group_norm_inputs, randn  # noqa: E402
 
 _status = dispatch.available_backends()["triton"]
 pytestmark = pytest.mark.skipif(_status != "available", reason=f"backend triton: {_status}")
@@ -43,7 +43,7 @@ if _status == "available":
 
 GPU = DEVICE.type == "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -470,10 +470,9 @@ def test_interpreter_uses_fixed_configs():
 
 
 # ---------------------------------------------------------------------- GPU only
-gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 
-@gpu_only
+@pytest.mark.gpu
 def test_gpu_deterministic_twice():
     """No atomics in the float paths: two runs agree bit for bit."""
     x = torch.randn(2, 256, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -492,7 +491,7 @@ def test_gpu_deterministic_twice():
         assert torch.equal(a, b)
 
 
-@gpu_only
+@pytest.mark.gpu
 def test_gpu_threshold_above_quantile_limit():
     x = torch.randn(8, 3, 1024, 1024, device="cuda") * 2
     y = ops.dynamic_threshold(x, 0.995)
@@ -501,7 +500,7 @@ def test_gpu_threshold_above_quantile_limit():
     torch.testing.assert_close(y.double(), x.double().clamp(-s, s) / s, rtol=0, atol=2e-7)
 
 
-@gpu_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("d", [32, 64, 128, 40])
 def test_gpu_attention_full_shapes(d):
     b, h, lq, lk = 2, 4, 1024, 128 + 1024

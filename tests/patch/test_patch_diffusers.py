@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel  # noqa
 from diffusers.models.attention_processor import AttnAddedKVProcessor2_0  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 from imagen_fast.patch import _diffusers as pd  # noqa: E402
-from patch_helpers import assert_equivalent, assert_same_state, module_types, state  # noqa: E402
+from support.patch_helpers import assert_equivalent, assert_same_state, module_types, state  # noqa: E402
 
 TEXT_DIM, TEXT_LEN = 24, 7
 

@@ -20,7 +20,7 @@ except ImportError as e:  # pragma: no cover - installed by make venv
 
 import imagen_fast  # noqa: E402
 from imagen_fast.patch import _imagen_pytorch as pi  # noqa: E402
-from patch_helpers import assert_equivalent, assert_same_state, module_types, state  # noqa: E402
+from support.patch_helpers import assert_equivalent, assert_same_state, module_types, state  # noqa: E402
 
 TEXT_DIM, TEXT_LEN = 32, 6
 UNET = dict(dim=16, dim_mults=(1, 2), num_resnet_blocks=1, text_embed_dim=TEXT_DIM,

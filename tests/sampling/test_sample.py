@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("PIL")
 pytest.importorskip("safetensors")
 
-from eval_helpers import TEXT, tiny_cascade_dir  # noqa: E402
+from support.eval_helpers import TEXT, tiny_cascade_dir  # noqa: E402
 
 from imagen_fast import load_pipeline  # noqa: E402
 from imagen_fast.cli import main  # noqa: E402

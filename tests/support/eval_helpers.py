@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagen_fast.eval.manifest import REFERENCE, write_manifest
+
 TEXT = {"encoder": "hash:32", "max_length": 32}
 
 
@@ -174,3 +176,19 @@ class FakeGenerator:
             img = base[None, None, :] * min(w, 4.0) / 4.0 + rng.normal(0, 20, (self.size, self.size, 3))
             out.append(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)))
         return out
+
+
+def make_samples(folder, num_items, systems=("model", REFERENCE), size=24, seed=0):
+    """A samples folder with a manifest: one image per system and item."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    items = []
+    for i in range(num_items):
+        images = {}
+        for s in systems:
+            name = f"{s}-{i}.png"
+            random_image(rng, size, size).save(os.path.join(folder, name))
+            images[s] = [name]
+        items.append({"id": str(i), "caption": f"caption number {i}", "images": images})
+    write_manifest(str(folder), [{"label": s, "spec": None, "settings": {}} for s in systems], items)
+    return str(folder)

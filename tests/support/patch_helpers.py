@@ -5,7 +5,7 @@ import copy
 import torch
 
 import imagen_fast
-from numerics import FLOOR, max_err
+from .numerics import FLOOR, max_err
 
 
 def state(model):

@@ -14,20 +14,15 @@ import torch
 
 pytest.importorskip("PIL")
 
+from support.training import TINY_MODEL, losses, write_config  # noqa: E402
+
 from imagen_fast.data import collate, open_dataset, transform_for_stage  # noqa: E402
 from imagen_fast.train import Trainer  # noqa: E402
 from imagen_fast.train_config import config_from_dict  # noqa: E402
 
-# A very small base model so a step takes a fraction of a second on 2 cores.
-MODEL = {"preset": "tiny-base32", "overrides": {"image_size": 16, "model_channels": 16,
-                                                "channel_mult": [1, 2], "attn_resolutions": [8],
-                                                "text_dim": 16, "context_dim": 16, "emb_dim": 32,
-                                                "groups": 4, "head_dim": 8}}
-
-
 def _raw(out_dir, steps=6, **train):
     return {
-        "model": MODEL,
+        "model": TINY_MODEL,
         "data": {"kind": "shapes", "path": "shapes:64:3", "resolution": 16},
         "text": {"encoder": "hash:16", "max_length": 16},
         "train": {"steps": steps, "batch_size": 4, "warmup_steps": 2, "lr": 1e-3, "seed": 11,
@@ -37,31 +32,15 @@ def _raw(out_dir, steps=6, **train):
     }
 
 
-def _losses(run_dir):
-    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
-    return {json.loads(ln)["step"]: json.loads(ln)["loss"] for ln in lines if ln.strip()}
-
-
-def _write_config(path, raw):
-    def val(v):
-        return json.dumps(v) if not isinstance(v, dict) else \
-            "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {val(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     summary = Trainer(config_from_dict(_raw(straight))).run()
     assert summary["step"] == 6
-    expected = _losses(straight)
+    expected = losses(straight)
 
     killed = tmp_path / "killed"
     cfg_path = tmp_path / "cfg.toml"
-    _write_config(cfg_path, _raw(killed, steps=6))
+    write_config(cfg_path, _raw(killed, steps=6))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "imagen_fast.cli", "train", "--config", str(cfg_path)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,11 +54,11 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = max(_losses(killed))
+    done_before = max(losses(killed))
     assert done_before < 6
 
     Trainer(config_from_dict(_raw(killed)), resume=True).run()
-    resumed = _losses(killed)
+    resumed = losses(killed)
     assert sorted(resumed) == list(range(1, 7)), "each step logged exactly once"
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
@@ -109,7 +88,7 @@ def _rank_main(rank, world, port, raw, out):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        torch.save({"summary": summary, "params": sd, "losses": _losses(raw["log"]["out_dir"])}, out)
+        torch.save({"summary": summary, "params": sd, "losses": losses(raw["log"]["out_dir"])}, out)
     torch.distributed.destroy_process_group()
 
 
@@ -141,7 +120,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, strate
     single_raw = _raw(tmp_path / "single", steps=3)
     single = Trainer(config_from_dict(single_raw), batches=_rank_batches(single_raw, 2))
     single.run()
-    single_losses = _losses(tmp_path / "single")
+    single_losses = losses(tmp_path / "single")
     for step, loss in multi["losses"].items():
         assert loss == pytest.approx(single_losses[step], rel=1e-4), step
     for name, p in single.model.state_dict().items():
@@ -173,7 +152,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 def test_checkpoint_for_another_model_is_refused(tmp_path):
     Trainer(config_from_dict(_raw(tmp_path / "run", steps=2))).run()
     raw = _raw(tmp_path / "run", steps=4)
-    raw["model"] = {"preset": "tiny-base32", "overrides": dict(MODEL["overrides"], model_channels=8)}
+    raw["model"] = {"preset": "tiny-base32", "overrides": dict(TINY_MODEL["overrides"], model_channels=8)}
     from imagen_fast.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="another model"):
         Trainer(config_from_dict(raw), resume=True)
