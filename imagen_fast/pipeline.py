@@ -16,7 +16,6 @@ and refuses a checkpoint of another architecture, naming the mismatch.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,46 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .diffusion import SAMPLERS, THRESHOLDS, GaussianDiffusion, sample
+from .core import SamplingConfig
+from .diffusion import GaussianDiffusion, sample
 from .models import build_unet, unet_from_config
 
 FORMAT = "imagen-fast-cascade"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-@dataclass
-class SamplingConfig:
-    """How one stage samples. Defaults follow the paper where it gives numbers
-    (dynamic thresholding at p = 99.5%, aug level 0); it gives no step counts."""
-    sampler: str = "ddpm"
-    steps: int = 64
-    guidance_scale: float = 1.0
-    eta: float = 0.0
-    threshold: str = "dynamic"
-    percentile: float = 0.995
-    aug_level: float = 0.0
-
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.threshold not in THRESHOLDS:
-            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if not 0.0 <= self.percentile <= 1.0:
-            raise ValueError(f"percentile must be a fraction in [0, 1], got {self.percentile}")
-        if not 0.0 <= self.aug_level <= 1.0:
-            raise ValueError(f"aug_level must be in [0, 1], got {self.aug_level}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-
-    def replace(self, **changes) -> "SamplingConfig":
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown sampling settings: {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -89,7 +56,7 @@ class Stage:
 
     def config(self) -> Dict[str, Any]:
         return dict(name=self.name, unet=copy.deepcopy(self.unet.config),
-                    diffusion=self.diffusion.config(), sampling=dataclasses.asdict(self.sampling))
+                    diffusion=self.diffusion.config(), sampling=self.sampling.to_dict())
 
 
 def make_lowres(images: Tensor, size: int) -> Tensor:
@@ -107,7 +74,7 @@ def default_stage(name: str, preset: str, **unet_overrides) -> Stage:
     no_self_attn = sr and not any(unet.config.get("self_attention", [True]))
     schedule = "linear" if no_self_attn else "cosine"
     diffusion = GaussianDiffusion(schedule, prediction="eps", cond_drop_prob=0.1, noise_aug=sr)
-    sampling = SamplingConfig(guidance_scale=8.0 if sr else 1.35)
+    sampling = SamplingConfig(guidance=8.0 if sr else 1.35)
     return Stage(name, unet, diffusion, sampling)
 
 
@@ -189,7 +156,7 @@ class ImagenCascade(nn.Module):
         """Generate images in [-1, 1] for a batch of text embeddings (B, L, text_dim).
 
         sampling: per-stage dicts overriding that stage's SamplingConfig (e.g.
-        ``[{"guidance_scale": 3}, None, {"steps": 16}]``). resolutions: per-stage output
+        ``[{"guidance": 3}, None, {"steps": 16}]``). resolutions: per-stage output
         sizes overriding the U-Net's nominal one (e.g. a 64->256-trained 256->1024
         model run on whole images). Returns the last stage's images, or every
         stage's with ``return_all``. ``progress`` shows a bar per stage (tqdm);
@@ -225,7 +192,7 @@ class ImagenCascade(nn.Module):
                 text_embeds=text_embeds.to(device),
                 text_mask=None if text_mask is None else text_mask.to(device),
                 lowres=None if lowres is None else lowres.to(device),
-                aug_level=cfg.aug_level, guidance_scale=cfg.guidance_scale,
+                aug_level=cfg.aug_level, guidance=cfg.guidance,
                 sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, threshold=cfg.threshold,
                 percentile=cfg.percentile, generator=generator, device=device,
                 dtype=next(st.unet.parameters()).dtype,
@@ -297,7 +264,7 @@ class ImagenCascade(nn.Module):
                 raise ValueError(f"cascade config stage {sc.get('name', '?')!r} lacks {missing}")
             unet = unet_from_config(sc["unet"], device=device)
             stages.append(Stage(sc["name"], unet, GaussianDiffusion.from_config(sc["diffusion"]),
-                                SamplingConfig(**sc["sampling"])))
+                                SamplingConfig.from_dict(sc["sampling"])))
         return cls(stages, text=config.get("text"))
 
     @classmethod

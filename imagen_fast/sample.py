@@ -19,16 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .core import SAMPLING_SETTINGS, SamplingConfig
 from .data.transforms import to_pil
-from .pipeline import ImagenCascade, SamplingConfig
+from .pipeline import ImagenCascade
 from .text.base import check_prompts, parse_dtype
 
 SHIPPED_CASCADE = Path(__file__).resolve().parent / "assets" / "shapes-cascade"
-
-# argument name of __call__ -> SamplingConfig field
-_SETTINGS = {"guidance": "guidance_scale", "steps": "steps", "sampler": "sampler",
-             "threshold": "threshold", "percentile": "percentile", "aug_level": "aug_level",
-             "eta": "eta"}
 
 PerStage = Union[None, Any, Sequence[Any]]
 
@@ -59,22 +55,16 @@ class ImagenPipeline:
         return [st.name for st in self.cascade.stages]
 
     def settings(self, **overrides) -> List[SamplingConfig]:
-        """Each stage's SamplingConfig with the overrides of ``__call__`` applied (and
-        checked: ValueError names the setting)."""
+        """Each stage's SamplingConfig with the overrides of ``__call__`` applied (each a
+        value for every stage or a list of one per stage; checked by SamplingConfig:
+        ValueError names the setting)."""
         n = len(self.cascade.stages)
-        per = {field: _per_stage(arg, overrides.get(arg), n) for arg, field in _SETTINGS.items()}
-        out = []
-        for i, st in enumerate(self.cascade.stages):
-            changes = {f: v[i] for f, v in per.items() if v[i] is not None}
-            if "guidance_scale" in changes and not float(changes["guidance_scale"]) >= 0:
-                raise ValueError(f"guidance: must be >= 0, got {changes['guidance_scale']}")
-            if "percentile" in changes and not 0.0 < float(changes["percentile"]) <= 1.0:
-                raise ValueError(f"percentile: must be a fraction in (0, 1], got {changes['percentile']}")
-            if "steps" in changes and (isinstance(changes["steps"], bool)
-                                       or not isinstance(changes["steps"], int) or changes["steps"] < 1):
-                raise ValueError(f"steps: must be a positive integer, got {changes['steps']!r}")
-            out.append(st.sampling.replace(**changes))
-        return out
+        unknown = set(overrides) - set(SAMPLING_SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown sampling settings: {sorted(unknown)}")
+        per = {name: _per_stage(name, overrides.get(name), n) for name in SAMPLING_SETTINGS}
+        return [st.sampling.replace(**{k: v[i] for k, v in per.items() if v[i] is not None})
+                for i, st in enumerate(self.cascade.stages)]
 
     @torch.no_grad()
     def __call__(self, prompts: Union[str, Sequence[str]], *, num_images_per_prompt: int = 1,
@@ -108,8 +98,7 @@ class ImagenPipeline:
         mask = mask.repeat_interleave(num_images_per_prompt, dim=0).to(self.device)
         images = self.cascade.sample(
             emb, mask, generator=generator, num_stages=num_stages,
-            sampling=[{f.name: getattr(c, f.name) for f in c.__dataclass_fields__.values()}
-                      for c in configs],
+            sampling=[c.to_dict() for c in configs],
             progress=progress, on_stage=on_stage)
         if return_tensors:
             return images

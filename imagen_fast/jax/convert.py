@@ -105,12 +105,27 @@ def to_torch(model, device=None):
     return net
 
 
+def pad_text(emb, mask, length: int):
+    """Text embeddings from a torch encoder, (B, L, D) and (B, L), as numpy (B, length, D)
+    float32 and (B, length) bool: padded or cut to a fixed length, so one compiled
+    program serves every batch of prompts."""
+    b, l, d = emb.shape
+    out_e = np.zeros((b, length, d), np.float32)
+    out_m = np.zeros((b, length), bool)
+    n = min(l, length)
+    out_e[:, :n] = emb[:, :n].float().cpu().numpy()
+    out_m[:, :n] = mask[:, :n].bool().cpu().numpy()
+    return out_e, out_m
+
+
 # --------------------------------------------------------------- cascade checkpoints
 def load_cascade(path: str, **kwargs) -> List[Dict[str, Any]]:
     """The stages of a cascade checkpoint directory as Flax models: a list of
-    {"name", "model", "diffusion" (config dict), "sampling" (dict)}, in cascade order."""
+    {"name", "model", "diffusion" (config dict), "sampling" (SamplingConfig's complete
+    dict, old spellings read)}, in cascade order."""
     from safetensors.numpy import load_file
 
+    from ..core import SamplingConfig
     from ..pipeline import WEIGHTS_NAME, ImagenCascade
 
     config = ImagenCascade.read_config(path)
@@ -122,7 +137,7 @@ def load_cascade(path: str, **kwargs) -> List[Dict[str, Any]]:
         own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         load_state_dict(model, own, what=f"{path} stage {i} ({sc['name']!r})")
         stages.append(dict(name=sc["name"], model=model, diffusion=sc["diffusion"],
-                           sampling=sc["sampling"]))
+                           sampling=SamplingConfig.from_dict(sc["sampling"]).to_dict()))
     return stages
 
 

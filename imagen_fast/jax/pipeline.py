@@ -18,11 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core import SamplingConfig
 from . import convert
 from .diffusion import Diffusion, compile_sampler
-
-SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta", "threshold", "percentile",
-                 "aug_level")
 
 
 class JaxCascade:
@@ -52,7 +50,6 @@ class JaxCascade:
         with a torch text encoder (or cache) on the host; by default the checkpoint's
         encoder (else "minilm") and its max_length (else 64)."""
         from ..text import get_text_encoder
-        from .train import pad_text
 
         saved = self.text or {}
         encoder = encoder or saved.get("encoder", "minilm")
@@ -62,7 +59,7 @@ class JaxCascade:
             raise ValueError(f"encoder: {enc.name!r} gives {enc.dim}-d embeddings, the cascade "
                              f"takes text_dim={self.text_dim}")
         emb, mask = enc.encode(list(prompts))
-        text, text_mask = pad_text(emb, mask, max_length)
+        text, text_mask = convert.pad_text(emb, mask, max_length)
         return jnp.asarray(text), jnp.asarray(text_mask)
 
     def _sampler(self, i: int, batch: int, resolution: int, settings: Dict[str, Any]):
@@ -95,12 +92,10 @@ class JaxCascade:
         b = text_embeds.shape[0]
         outputs, images = [], None
         for i, st in enumerate(self.stages[:n]):
-            settings = {k: st["sampling"][k] for k in SAMPLING_KEYS}
+            cfg = SamplingConfig.from_dict(st["sampling"])
             if i < len(sampling) and sampling[i]:
-                unknown = set(sampling[i]) - set(SAMPLING_KEYS)
-                if unknown:
-                    raise ValueError(f"unknown sampling settings: {sorted(unknown)}")
-                settings.update(sampling[i])
+                cfg = cfg.replace(**sampling[i])
+            settings = cfg.to_dict()
             res = (resolutions[i] if i < len(resolutions) and resolutions[i]
                    else int(st["model"].config["image_size"]))
             run = self._sampler(i, b, res, settings)

@@ -13,9 +13,10 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..core import ACTIVATIONS, THRESHOLDS, check_attention_shapes, check_float, check_percentile
+from ..core import step_coefficients as core_step_coefficients
 from ..kernels.layout import is_channels_last, kernel_layout, like_layout, stats_dtype
 from . import dispatch
-from .reference import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,19 +36,6 @@ def _check_tensor(t, name: str, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES
 def _check_same_device(ref: Tensor, t: Tensor, name: str, ref_name: str) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _check_float(value, name: str, *, low=None, high=None, low_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
-    return value
 
 
 # ----------------------------------------------------------------- group_norm_silu
@@ -133,7 +121,7 @@ def _check_norm_args(x: Tensor, eps, activation) -> Tuple[float, str]:
     """The checks the norm ops share: x not empty, eps > 0, a known activation."""
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    eps = _check_float(eps, "eps", low=0.0, low_open=True)
+    eps = check_float(eps, "eps", low=0.0, low_open=True)
     act = "none" if activation is None else activation
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
@@ -303,19 +291,6 @@ torch.library.register_autograd("imagen_fast::attention_fwd", _attn_backward,
                                 setup_context=_attn_setup)
 
 
-def _check_attention_shapes(q_shape, k_shape, v_shape):
-    """(B, H, Lq, D) of q after checking k and v fit it (shared with the JAX ops)."""
-    q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
-    b, h, lq, d = q_shape
-    if k_shape[:2] != (b, h) or k_shape[3] != d:
-        raise ValueError(f"k must have shape (B, H, Lk, D) = ({b}, {h}, Lk, {d}), got {k_shape}")
-    if v_shape != k_shape:
-        raise ValueError(f"v must have k's shape {k_shape}, got {v_shape}")
-    if min(q_shape) == 0 or k_shape[2] == 0:
-        raise ValueError(f"q and k must not be empty, got {q_shape} and {k_shape}")
-    return b, h, lq, d
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
               scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v with a key padding mask, flash-style where a kernel exists.
@@ -332,7 +307,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         _check_same_device(q, t, name, "q")
-    b, h, lq, d = _check_attention_shapes(q.shape, k.shape, v.shape)
+    b, h, lq, d = check_attention_shapes(q.shape, k.shape, v.shape)
     if key_padding_mask is not None:
         _check_tensor(key_padding_mask, "key_padding_mask", ndim=2, dtypes=(torch.bool,))
         _check_same_device(q, key_padding_mask, "key_padding_mask", "q")
@@ -340,21 +315,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
             raise ValueError(f"key_padding_mask must have shape (B, Lk) = ({b}, {k.shape[2]}), "
                              f"got {tuple(key_padding_mask.shape)}")
         key_padding_mask = key_padding_mask.contiguous()
-    scale = 1.0 / math.sqrt(d) if scale is None else _check_float(scale, "scale", low=0.0, low_open=True)
+    scale = 1.0 / math.sqrt(d) if scale is None else check_float(scale, "scale", low=0.0, low_open=True)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, _ = _attn_fwd(q, k, v, key_padding_mask, scale)
     return out
 
 
 # ------------------------------------------------------------ dynamic thresholding
-def _check_percentile(percentile) -> float:
-    p = _check_float(percentile, "percentile")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"percentile must be a fraction in [0, 1] (0.995 is the paper's "
-                         f"99.5th percentile), got {p}")
-    return p
-
-
 @torch.library.custom_op("imagen_fast::dynamic_threshold", mutates_args=())
 def _dyn_thr(x0: Tensor, percentile: float, min_value: float, max_value: float) -> Tensor:
     fn = dispatch.resolve("dynamic_threshold", x0.device, x0)
@@ -380,19 +347,14 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995, min_value: float = 
     _check_tensor(x0, "x0", min_ndim=2)
     if x0.numel() == 0:
         raise ValueError(f"x0 must not be empty, got shape {tuple(x0.shape)}")
-    p = _check_percentile(percentile)
-    m = _check_float(min_value, "min_value", low=0.0, low_open=True)
-    mx = math.inf if max_value is None else _check_float(max_value, "max_value", low=0.0,
+    p = check_percentile(percentile)
+    m = check_float(min_value, "min_value", low=0.0, low_open=True)
+    mx = math.inf if max_value is None else check_float(max_value, "max_value", low=0.0,
                                                            low_open=True)
     return _dyn_thr(kernel_layout(x0), p, m, mx)
 
 
 # --------------------------------------------------------------------- sampler step
-THRESHOLDS = ("dynamic", "static", "none")
-SAMPLERS = ("ddpm", "ddim")
-PREDICTIONS = ("eps", "v")
-
-
 @torch.library.custom_op("imagen_fast::sampler_step", mutates_args=())
 def _sampler_step(z_t: Tensor, pred_cond: Tensor, pred_uncond: Optional[Tensor],
                   guidance_scale: float, coefs: Tensor, noise: Optional[Tensor],
@@ -421,7 +383,7 @@ def _per_sample(value, name: str, n: int, device) -> Tensor:
                              f"got shape {tuple(value.shape)}")
         t = value.detach().to(device=device, dtype=torch.float64).expand(n)
     else:
-        t = torch.full((n,), _check_float(value, name), dtype=torch.float64, device=device)
+        t = torch.full((n,), check_float(value, name), dtype=torch.float64, device=device)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite")
     return t
@@ -429,44 +391,11 @@ def _per_sample(value, name: str, n: int, device) -> Tensor:
 
 def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddpm",
                       eta: float = 0.0, prediction: str = "eps") -> Tensor:
-    """Per-sample coefficients (N, 5) = [a, b, c_x0, c_z, c_noise] of one step t -> s.
-
-    Variance-preserving diffusion z_t = alpha_t x + sigma_t eps (alpha^2 + sigma^2 = 1).
-      x0 = a z_t + b pred: eps-prediction a = 1/alpha_t, b = -sigma_t/alpha_t;
-                           v-prediction   a = alpha_t,   b = -sigma_t.
-      Posterior q(z_s | z_t, x0): alpha_ts = alpha_t/alpha_s,
-        sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2,
-        var = sigma_ts^2 sigma_s^2 / sigma_t^2.
-      ddpm (ancestral): z_s = alpha_s sigma_ts^2/sigma_t^2 x0 + alpha_ts sigma_s^2/sigma_t^2 z_t
-                              + sqrt(var) noise.
-      ddim(eta): c = eta sqrt(var), eps' = (z_t - alpha_t x0)/sigma_t,
-                 z_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps' + c noise
-      (ddim with eta = 1 equals ddpm). The eps' of DDIM is re-derived from the
-      thresholded x0, so thresholding keeps z_s consistent.
-    All inputs are tensors of shape (N,) in float64.
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if bool((alpha_t <= 0).any()) or bool((sigma_t <= 0).any()):
-        raise ValueError("alpha_t and sigma_t must be > 0")
-    if bool((alpha_s <= 0).any()) or bool((sigma_s < 0).any()):
-        raise ValueError("alpha_s must be > 0 and sigma_s >= 0")
-    if prediction == "eps":
-        a, b = 1.0 / alpha_t, -sigma_t / alpha_t
-    else:
-        a, b = alpha_t, -sigma_t
-    alpha_ts = alpha_t / alpha_s
-    sigma_ts2 = (sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2).clamp(min=0.0)
-    var = sigma_ts2 * sigma_s ** 2 / sigma_t ** 2
-    if sampler == "ddpm":
-        eta = 1.0
-    c = eta * var.sqrt()
-    direction = (sigma_s ** 2 - c ** 2).clamp(min=0.0).sqrt()        # multiplies eps'
-    c_z = direction / sigma_t
-    c_x0 = alpha_s - direction * alpha_t / sigma_t
-    return torch.stack([a, b, c_x0, c_z, c], dim=1)
+    """Per-sample coefficients (N, 5) = [a, b, c_x0, c_z, c_noise] of one step t -> s, from
+    float64 tensors of shape (N,); the formulas: ``imagen_fast.core.step_coefficients``
+    (one definition for the torch and JAX paths)."""
+    return torch.stack(core_step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, sampler=sampler,
+                                              eta=eta, prediction=prediction, xp=torch), dim=1)
 
 
 def sampler_step(
@@ -515,12 +444,12 @@ def sampler_step(
             raise ValueError(f"{name} must have z_t's shape {tuple(z_t.shape)}, got {tuple(t.shape)}")
         if t.dtype != z_t.dtype:
             raise TypeError(f"{name} must have z_t's dtype {z_t.dtype}, got {t.dtype}")
-    w = _check_float(guidance_scale, "guidance_scale")
+    w = check_float(guidance_scale, "guidance_scale")
     if threshold not in THRESHOLDS:
         raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-    p = _check_percentile(percentile)
-    m = _check_float(min_value, "min_value", low=0.0, low_open=True)
-    eta = _check_float(eta, "eta", low=0.0, high=1.0)
+    p = check_percentile(percentile)
+    m = check_float(min_value, "min_value", low=0.0, low_open=True)
+    eta = check_float(eta, "eta", low=0.0, high=1.0)
     n = z_t.shape[0]
     per = [_per_sample(v, name, n, torch.device("cpu")) for v, name in
            ((alpha_t, "alpha_t"), (sigma_t, "sigma_t"), (alpha_s, "alpha_s"), (sigma_s, "sigma_s"))]

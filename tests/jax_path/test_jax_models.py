@@ -98,7 +98,7 @@ def test_cascade_checkpoints_are_shared(tmp_path):
     cascade.save(str(tmp_path / "torch"))
     stages = convert.load_cascade(str(tmp_path / "torch"))
     assert [st["name"] for st in stages] == [st.name for st in cascade.stages]
-    assert stages[1]["sampling"]["guidance_scale"] == 8.0
+    assert stages[1]["sampling"]["guidance"] == 8.0
     for st, torch_stage in zip(stages, cascade.stages):
         for key, value in convert.state_dict(st["model"]).items():
             assert np.array_equal(value, torch_stage.unet.state_dict()[key].numpy()), key
@@ -178,7 +178,7 @@ def test_samples_equal_torch_for_the_same_noise(name, sampler):
     mask = torch.ones(b, 5, dtype=torch.bool)
     mask[1, 2:] = False
     lowres = (torch.rand(b, 3, res // 2, res // 2, generator=g) * 2 - 1) if sr else None
-    settings = dict(aug_level=0.2, guidance_scale=4.0, sampler=sampler, steps=steps)
+    settings = dict(aug_level=0.2, guidance=4.0, sampler=sampler, steps=steps)
     with torch.no_grad():
         ref = sample(model, gd, (b, 3, res, res), text_embeds=text, text_mask=mask, lowres=lowres,
                      generator=torch.Generator().manual_seed(5), **settings)
@@ -211,12 +211,12 @@ def test_sampler_loop_is_traced_once():
     text, mask = jnp.ones((2, 4, 8)), jnp.ones((2, 4), bool)
     jaxpr = jax.make_jaxpr(lambda key: jdiff.sample(model_fn, jd, (2, 8, 8, 3), key=key,
                                                     text_embeds=text, text_mask=mask,
-                                                    guidance_scale=3.0, steps=50))(jax.random.key(0))
+                                                    guidance=3.0, steps=50))(jax.random.key(0))
     assert calls == [(4, 8, 8, 3)]               # one traced model call, batch 2B
     assert "scan" in str(jaxpr)
     # exported for TPU, the loop's dynamic thresholding is the sort-free Pallas kernel
     loop = jax.jit(lambda seed: jdiff.sample(model_fn, jd, (2, 8, 8, 3), key=jax.random.key(seed),
-                                             text_embeds=text, text_mask=mask, guidance_scale=3.0,
+                                             text_embeds=text, text_mask=mask, guidance=3.0,
                                              steps=50))
     tpu = jax.export.export(loop, platforms=["tpu"])(jax.ShapeDtypeStruct((), jnp.uint32)).mlir_module()
     assert tpu.count("tpu_custom_call") == 1 and "sort" not in tpu.replace("tpu_custom_call", "")

@@ -2,11 +2,13 @@
 definitions against the torch float64 references, forward and gradients; the TPU
 lowering of every kernel (jax.export for platform "tpu" on this CPU host); argument
 checks and implementation selection."""
+import numpy as np
 import pytest
 import torch
 from support.jax_util import jax, jnp, nchw, nhwc, to_jax, to_torch
 from support.numerics import assert_close_to_reference, group_norm_inputs, randn
 
+from imagen_fast.core import MASKED_ROW_LSE
 from imagen_fast.jax import ops
 from imagen_fast.jax.kernels import attention as attention_kernel
 from imagen_fast.jax.kernels import group_norm as group_norm_kernel
@@ -105,6 +107,29 @@ def test_attention_kernel_matches_reference(case):
     if masked:   # the fully masked batch: zeros and zero gradients, exactly
         assert not jnp.any(out[1]) and not jnp.any(grads[0][1])
         assert not jnp.any(grads[1][1]) and not jnp.any(grads[2][1])
+
+
+def test_attention_kernel_fully_masked_row_lse_convention():
+    """The log-sum-exp the Pallas kernel saves for its backward: log of the sum over the
+    attended keys, and imagen_fast.core.MASKED_ROW_LSE (-inf) for a query with no key, as
+    every torch backend (tests/ops/test_ops.py); the backward stays finite and zero there."""
+    b, h, lq, lk, d, scale = 2, 2, 8, 128, 16, 0.4       # whole blocks: nothing padded
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (randn(b, h, n, d, generator=g) for n in (lq, lk, lk))
+    mask = torch.rand(b, lk, generator=g) > 0.3
+    mask[1] = False
+    jq, jk, jv = (to_jax(t) for t in (q, k, v))
+    jmask = to_jax(mask).astype(jnp.int32)[:, None, :]
+    out, lse = attention_kernel._forward(jq, jk, jv, jmask, scale, lq, lk, True, True)
+    lse = np.asarray(lse)[..., 0]                         # lanes hold copies
+    assert (lse[1] == MASKED_ROW_LSE).all() and (np.asarray(out)[1] == 0).all()
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    expected = torch.logsumexp(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
+    np.testing.assert_allclose(lse[0], expected[0].numpy(), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda a, b_, c: ops.attention(a, b_, c, to_jax(mask), scale, impl="interpret").sum(),
+                     argnums=(0, 1, 2))(jq, jk, jv)
+    assert all(np.isfinite(np.asarray(gr)).all() for gr in grads)
+    assert (np.asarray(grads[0])[1] == 0).all()
 
 
 def test_attention_block_sizes_are_validated():

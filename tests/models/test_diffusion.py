@@ -236,7 +236,7 @@ def test_ddim_eta0_deterministic_with_unet_and_guidance():
     d = GaussianDiffusion()
     text = torch.randn(2, 5, 32)
     z1 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    kw = dict(text_embeds=text, guidance_scale=3.0, sampler="ddim", eta=0.0, steps=4, noise=z1)
+    kw = dict(text_embeds=text, guidance=3.0, sampler="ddim", eta=0.0, steps=4, noise=z1)
     a = sample(model, d, z1.shape, generator=torch.Generator().manual_seed(5), **kw)
     b = sample(model, d, z1.shape, generator=torch.Generator().manual_seed(6), **kw)
     assert torch.equal(a, b)
@@ -279,14 +279,14 @@ def test_guidance_is_one_batched_forward_per_step(sampler):
     d = GaussianDiffusion()
     counting = CountingModel(Spy())
     text = torch.randn(3, 4, 8)
-    sample(counting, d, (3, 3, 8, 8), text_embeds=text, guidance_scale=5.0, steps=5, sampler=sampler)
+    sample(counting, d, (3, 3, 8, 8), text_embeds=text, guidance=5.0, steps=5, sampler=sampler)
     assert counting.batches == [6] * 5
     spy = counting.model
     call = spy.calls[-1]
     assert torch.equal(call["text"][:3], text) and not call["text"][3:].any()
     assert call["mask"][:3].all() and not call["mask"][3:].any()
     counting.batches.clear()
-    sample(counting, d, (3, 3, 8, 8), text_embeds=text, guidance_scale=1.0, steps=5, sampler=sampler)
+    sample(counting, d, (3, 3, 8, 8), text_embeds=text, guidance=1.0, steps=5, sampler=sampler)
     assert counting.batches == [3] * 5                       # no unconditional branch at w = 1
 
 
@@ -315,13 +315,13 @@ def test_high_guidance_with_dynamic_thresholding_stays_in_range(sampler):
     text = torch.randn(2, 5, 32) * 3
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 2:] = False
-    x = sample(model, d, (2, 3, 16, 16), text_embeds=text, text_mask=mask, guidance_scale=20.0,
+    x = sample(model, d, (2, 3, 16, 16), text_embeds=text, text_mask=mask, guidance=20.0,
                steps=4, sampler=sampler, threshold="dynamic", percentile=0.995,
                generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
     assert x.abs().max() <= 1.0 + 1e-6
     # without thresholding the same run leaves the range (guidance 20 on an untrained net)
-    y = sample(model, d, (2, 3, 16, 16), text_embeds=text, text_mask=mask, guidance_scale=20.0,
+    y = sample(model, d, (2, 3, 16, 16), text_embeds=text, text_mask=mask, guidance=20.0,
                steps=4, sampler=sampler, threshold="none", generator=torch.Generator().manual_seed(0))
     assert y.abs().max() > 1.0
 
@@ -332,7 +332,7 @@ def test_sampling_with_fully_dropped_text_is_finite():
     text = torch.zeros(2, 5, 32)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     for w in (1.0, 7.0):
-        x = sample(model, d, (2, 3, 16, 16), text_embeds=text, text_mask=mask, guidance_scale=w,
+        x = sample(model, d, (2, 3, 16, 16), text_embeds=text, text_mask=mask, guidance=w,
                    steps=3, sampler="ddpm", generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(x).all()
 

@@ -6,7 +6,7 @@ badly centred data, percentile edge cases and exactness of the radix selection
 (also above torch.quantile's 2^24-element limit), the fused sampler step in every
 mode, attention's fully masked batches, poisoned outputs, and the C++ argument
 checks. Everything is compared with imagen_fast.ops.reference in float64, with the
-tolerance rule of tests/numerics.py (relative to PyTorch's own same-dtype error).
+tolerance rule of tests/support/numerics.py (relative to PyTorch's own same-dtype error).
 """
 import itertools
 import math

@@ -1,7 +1,7 @@
 """The op contract, run against every backend (torch, cpu, triton; cuda on a GPU).
 
 Each op is compared with imagen_fast.ops.reference evaluated in float64 on the same
-inputs, with the tolerance rule of tests/numerics.py. Gradients of the training ops
+inputs, with the tolerance rule of tests/support/numerics.py. Gradients of the training ops
 are compared with autograd through the reference.
 """
 import math
@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from support.device import DEVICE, require_op, small
-from imagen_fast import ops
-from imagen_fast.ops import reference
 from support.numerics import assert_close_to_reference, gen, group_norm_inputs, randn
+
+from imagen_fast import ops
+from imagen_fast.core import MASKED_ROW_LSE
+from imagen_fast.ops import dispatch, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GEN_SEED = 1234
@@ -293,6 +295,23 @@ def test_attention_gradcheck(backend):
     q, k, v = (t.to(DEVICE).requires_grad_() for t in _attn_inputs((2, 2, 3, 5, 4), torch.float64, 31))
     mask = _mask(2, 5, seed=32).to(DEVICE)
     assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, mask), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_fully_masked_row_lse_convention(backend, dtype):
+    """The log-sum-exp saved for the backward: log of the sum over the attended keys, and
+    imagen_fast.core.MASKED_ROW_LSE (-inf) for a query with no key at all, as the JAX
+    kernel (tests/jax_path/test_jax_ops.py)."""
+    require_op(backend, "attention_fwd")
+    q, k, v = _attn_inputs((2, 2, 5, 7, 8), dtype, seed=41)
+    mask = _mask(2, 7, seed=42)
+    fwd = dispatch.resolve("attention_fwd", DEVICE, *_dev(q, k, v, mask))
+    out, lse = fwd(*_dev(q, k, v, mask), 0.4)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 5)
+    assert (lse[-1].cpu() == MASKED_ROW_LSE).all() and (out[-1] == 0).all()
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.4
+    expected = torch.logsumexp(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
+    torch.testing.assert_close(lse[0].cpu().double(), expected[0], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------- dynamic thresholding

@@ -5,9 +5,9 @@ Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, CPU tensors
 forced through the kernels' test hooks). On a GPU the same tests run on CUDA, plus
 what the interpreter cannot show (real bf16 dots, determinism run to run, sizes above
 torch.quantile's limit). The op-contract suite for backend triton is
-tests/test_ops.py -k triton.
+tests/ops/test_ops.py -k triton.
 
-Tolerance: tests/numerics.py (error vs the float64 reference at most a small multiple
+Tolerance: tests/support/numerics.py (error vs the float64 reference at most a small multiple
 of PyTorch's own same-dtype error, plus a dtype floor).
 """
 import importlib.util

@@ -4,7 +4,7 @@ DDPM/DDIM schedulers' thresholding.
 
 Equivalence: the accelerated float32 model's outputs and gradients are compared with
 the original model evaluated in float64, within a small multiple of the original
-float32 model's own error (the op contract's rule, tests/numerics.py).
+float32 model's own error (the op contract's rule, tests/support/numerics.py).
 """
 import copy
 

@@ -36,7 +36,7 @@ FAST = [dict(steps=2), dict(steps=2, sampler="ddim"), dict(steps=2, sampler="dpm
 def test_default_stages_follow_the_paper():
     c = tiny_cascade()
     base, sr64, sr128 = c.stages
-    assert base.sampling.guidance_scale == 1.35 and sr64.sampling.guidance_scale == 8.0
+    assert base.sampling.guidance == 1.35 and sr64.sampling.guidance == 8.0
     assert all(st.sampling.percentile == 0.995 and st.sampling.threshold == "dynamic" for st in c.stages)
     assert base.diffusion.schedule.name == "cosine" and sr64.diffusion.schedule.name == "cosine"
     assert sr128.diffusion.schedule.name == "linear"          # the 256->1024 architecture
@@ -54,8 +54,8 @@ def test_cascade_samples_every_stage_with_its_own_settings():
                                                                 kwargs.get("aug_level"))),
             with_kwargs=True)
     text, mask = text_batch()
-    settings = [dict(steps=3, guidance_scale=1.0), dict(steps=2, sampler="ddim", aug_level=0.2),
-                dict(steps=1, sampler="dpmpp2m", guidance_scale=5.0)]
+    settings = [dict(steps=3, guidance=1.0), dict(steps=2, sampler="ddim", aug_level=0.2),
+                dict(steps=1, sampler="dpmpp2m", guidance=5.0)]
     outs = c.sample(text, mask, generator=torch.Generator().manual_seed(0), sampling=settings,
                     return_all=True)
     assert [tuple(o.shape) for o in outs] == [(2, 3, 32, 32), (2, 3, 64, 64), (2, 3, 128, 128)]
@@ -144,8 +144,8 @@ def test_cascade_validation():
         ImagenCascade([base, default_stage("sr", "tiny-sr64", text_dim=16)])
     with pytest.raises(ValueError, match="sampler"):
         SamplingConfig(sampler="heun")
-    with pytest.raises(ValueError, match="unknown sampling"):
-        SamplingConfig().replace(guidance=3)
+    with pytest.raises(ValueError, match="unknown sampling.*now 'guidance'"):
+        SamplingConfig().replace(guidance_scale=3)
     c = ImagenCascade([base, sr])
     with pytest.raises(ValueError, match="text_dim"):
         c.sample(torch.randn(1, 4, 8))

@@ -38,7 +38,7 @@ def test_pipeline_images_seeds_and_stage_settings(cascade_dir):
     base_only = pipe("a red circle", steps=2, num_stages=1, return_tensors=True)
     assert base_only.shape == (1, 3, 32, 32)
     cfg = pipe.settings(guidance=[5.0, None], sampler="ddim", aug_level=0.2)
-    assert [c.guidance_scale for c in cfg] == [5.0, pipe.cascade.stages[1].sampling.guidance_scale]
+    assert [c.guidance for c in cfg] == [5.0, pipe.cascade.stages[1].sampling.guidance]
     assert {c.sampler for c in cfg} == {"ddim"} and {c.aug_level for c in cfg} == {0.2}
     for bad, match in [(dict(guidance=[1.0, 2.0, 3.0]), "one per stage"), (dict(guidance=-1.0), "guidance"),
                        (dict(percentile=0.0), "percentile"), (dict(steps=0), "steps"),
@@ -170,8 +170,12 @@ def test_shipped_cascade_is_complete_and_small():
     assert [st.resolution for st in pipe.cascade.stages] == [32, 64]
     assert pipe.cascade.text["encoder"] == "minilm"
     import json
-    shipped = json.loads((SHIPPED_CASCADE / "training" / "sampling.json").read_text())
+
+    from imagen_fast.core import normalize_names
+    # written with the old spelling guidance_scale, read as guidance
+    shipped = [normalize_names(s) for s in json.loads((SHIPPED_CASCADE / "training" / "sampling.json").read_text())]
     assert [{k: getattr(st.sampling, k) for k in s} for st, s in zip(pipe.cascade.stages, shipped)] == shipped
+    assert [st.sampling.guidance for st in pipe.cascade.stages] == [7.0, 1.0]
 
 
 def test_shipped_cascade_cli_end_to_end(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Shared pieces of the JAX tests: torch <-> JAX conversion for comparing against
-the torch float64 references (tests/numerics.py's tolerance rule applies as is)."""
+the torch float64 references (tests/support/numerics.py's tolerance rule applies as is)."""
 import numpy as np
 import pytest
 import torch
