@@ -25,7 +25,7 @@ def stage_from_run(run_dir, *, name: Optional[str] = None, ema: bool = True,
     from . import checkpoint as ck
     from .diffusion import GaussianDiffusion
     from .models import unet_from_config
-    from .pipeline import SamplingConfig, Stage
+    from .cascade import SamplingConfig, Stage
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     if step is None:
@@ -56,7 +56,7 @@ def cascade_from_runs(run_dirs: Sequence, *, names: Optional[Sequence[str]] = No
                       steps: Optional[Sequence[Optional[int]]] = None) -> tuple:
     """(ImagenCascade, [checkpoint step per stage]) from one run directory per stage."""
     from .core import normalize_names
-    from .pipeline import ImagenCascade
+    from .cascade import ImagenCascade
     if not run_dirs:
         raise ValueError("run_dirs: need one training run per stage")
     stages, texts, got = [], [], []

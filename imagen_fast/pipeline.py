@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .cascade import ImagenCascade
 from .core import SAMPLING_SETTINGS, SamplingConfig
 from .data.transforms import to_pil
-from .pipeline import ImagenCascade
 from .text.base import check_prompts, parse_dtype
 
 SHIPPED_CASCADE = Path(__file__).resolve().parent / "assets" / "shapes-cascade"

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .core import check_setting
+from .core import SettingError, check_setting
 
 # The per-stage options: (setting, how a value is read). The values are checked by
 # SamplingConfig's rules (imagen_fast.core.check_setting), as everywhere else.
@@ -45,9 +45,9 @@ def _per_stage(text: Optional[str], name: str, parse):
         except ValueError:
             raise SampleError(f"{flag}: cannot read {part!r}") from None
         try:
-            values.append(check_setting(name, value, label=flag))
-        except (TypeError, ValueError) as e:
-            raise SampleError(str(e)) from None
+            values.append(check_setting(name, value))
+        except SettingError as e:
+            raise SampleError(f"{flag}: {e.rule}, got {part!r}") from None
     return values[0] if len(values) == 1 else values
 
 
@@ -122,7 +122,7 @@ def _run(args) -> int:
     import torch
 
     from .data.transforms import image_grid
-    from .sample import load_pipeline
+    from .pipeline import load_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ from .names import (
 from .sampling import (
     SAMPLING_SETTINGS,
     SamplingConfig,
+    SettingError,
     alpha_sigma_at,
     check_sampling_overrides,
     check_setting,
@@ -31,7 +32,8 @@ from .schedules import SCHEDULES, alpha_sigma, diffusion_config, logsnr, schedul
 
 __all__ = [
     "ACTIVATIONS", "MASKED_ROW_LSE", "PREDICTIONS", "SAMPLERS", "SAMPLER_ALIASES", "SAMPLING_SETTINGS",
-    "SCHEDULES", "STEP_SAMPLERS", "THRESHOLDS", "SamplingConfig", "alpha_sigma", "alpha_sigma_at",
+    "SCHEDULES", "STEP_SAMPLERS", "THRESHOLDS", "SamplingConfig", "SettingError", "alpha_sigma",
+    "alpha_sigma_at",
     "check_attention_shapes", "check_choice", "check_float", "check_percentile", "check_positive_int",
     "check_sampling_overrides", "check_setting", "diffusion_config", "logsnr", "normalize_names",
     "schedule_config",

@@ -11,12 +11,13 @@ pipelines, ``guidance_scale``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .checks import check_choice, check_float, check_positive_int
+from .checks import check_choice
 from .names import PREDICTIONS, SAMPLER_ALIASES, SAMPLERS, STEP_SAMPLERS, THRESHOLDS
 from .schedules import alpha_sigma
 
@@ -78,27 +79,55 @@ def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddp
 
 
 # ------------------------------------------------------------------ sampling settings
-def check_setting(name: str, value, label: str = None):
-    """One sampling setting checked, in its canonical form (sampler aliases resolved,
-    numbers as float / int). ``label`` names it in the error (default ``name``)."""
-    label = label or name
-    if name == "sampler":
-        return check_choice(SAMPLER_ALIASES.get(value, value), label, SAMPLERS)
-    if name == "threshold":
-        return check_choice(value, label, THRESHOLDS)
-    if name == "steps":
-        return check_positive_int(value, label)
-    if name == "guidance":
-        return check_float(value, label, low=0.0)
-    if name in ("eta", "aug_level"):
-        return check_float(value, label, low=0.0, high=1.0)
-    if name == "percentile":
-        p = check_float(value, label)
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"{label} must be a fraction in (0, 1] (the paper's 99.5% is 0.995), got {p}")
-        return p
-    hint = f" (now spelled {_LEGACY_NAMES[name]!r})" if name in _LEGACY_NAMES else ""
-    raise ValueError(f"unknown sampling setting {name!r}{hint}; known: {list(SAMPLING_SETTINGS)}")
+class SettingError(ValueError):
+    """A sampling setting that breaks its rule; ``rule`` says the rule alone."""
+
+    def __init__(self, label: str, rule: str, value):
+        self.rule = rule
+        super().__init__(f"{label}: {rule}, got {value!r}")
+
+
+def _real(value, low: float, high: float = math.inf, low_open: bool = False):
+    """value as a float when it is a real number in [low, high] ((low, high] with
+    low_open), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    value = float(value)
+    return value if (low < value if low_open else low <= value) and value <= high else None
+
+
+def _sampler(value):
+    name = SAMPLER_ALIASES.get(value, value) if isinstance(value, str) else None
+    return name if name in SAMPLERS else None
+
+
+# setting -> (its rule, the canonical value or None when the value breaks the rule)
+_RULES = {
+    "sampler": (f"must be one of {', '.join(SAMPLERS)} (or {', '.join(SAMPLER_ALIASES)})", _sampler),
+    "steps": ("must be a positive integer",
+              lambda v: v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None),
+    "guidance": ("must be a number >= 0 (1 = no guidance)", lambda v: _real(v, 0.0)),
+    "eta": ("must be in [0, 1]", lambda v: _real(v, 0.0, 1.0)),
+    "threshold": (f"must be one of {', '.join(THRESHOLDS)}",
+                  lambda v: v if isinstance(v, str) and v in THRESHOLDS else None),
+    "percentile": ("must be a fraction in (0, 1] (the paper's 99.5% is 0.995)",
+                   lambda v: _real(v, 0.0, 1.0, low_open=True)),
+    "aug_level": ("must be in [0, 1]", lambda v: _real(v, 0.0, 1.0)),
+}
+
+
+def check_setting(name: str, value, label: Optional[str] = None):
+    """One sampling setting checked against its rule, in its canonical form (sampler
+    aliases resolved, numbers as float, steps as int); SettingError (a ValueError)
+    otherwise. ``label`` names it in the error (default ``name``, the CLI its flag)."""
+    if name not in _RULES:
+        hint = f" (now spelled {_LEGACY_NAMES[name]!r})" if name in _LEGACY_NAMES else ""
+        raise ValueError(f"unknown sampling setting {name!r}{hint}; known: {list(_RULES)}")
+    rule, canonical = _RULES[name]
+    out = canonical(value)
+    if out is None:
+        raise SettingError(label or name, rule, value)
+    return out
 
 
 @dataclass(frozen=True)

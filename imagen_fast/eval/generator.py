@@ -115,5 +115,5 @@ def load_generator(path: Optional[str], device=None, dtype=None) -> Generator:
             f = os.path.join(path, name)
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"cascade checkpoint file not found: {f}")
-    from imagen_fast.sample import load_pipeline
+    from imagen_fast.pipeline import load_pipeline
     return load_pipeline(path, device=device, dtype=dtype)

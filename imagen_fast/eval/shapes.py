@@ -152,7 +152,7 @@ def contact_sheet(images: Dict[str, List[Any]], prompts: Sequence[str], images_p
 
 
 def cmd_eval_shapes(args) -> int:
-    from ..sample import load_pipeline
+    from ..pipeline import load_pipeline
 
     def fail(msg):
         print(f"imagen-fast: error: {msg}", file=sys.stderr)

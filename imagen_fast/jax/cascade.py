@@ -36,7 +36,7 @@ class JaxCascade:
 
     @classmethod
     def load(cls, path: str) -> "JaxCascade":
-        from ..pipeline import ImagenCascade
+        from ..cascade import ImagenCascade
 
         return cls(convert.load_cascade(path), ImagenCascade.read_config(path).get("text"))
 

@@ -1,5 +1,5 @@
 """Weights between the torch models and the Flax ones, both ways, and the cascade
-checkpoint (``imagen_fast.pipeline``: config.json + model.safetensors) read and
+checkpoint (``imagen_fast.cascade``: config.json + model.safetensors) read and
 written from JAX.
 
 The Flax modules carry torch's parameter names, so a torch state-dict key is the
@@ -126,7 +126,7 @@ def load_cascade(path: str, **kwargs) -> List[Dict[str, Any]]:
     from safetensors.numpy import load_file
 
     from ..core import SamplingConfig
-    from ..pipeline import WEIGHTS_NAME, ImagenCascade
+    from ..cascade import WEIGHTS_NAME, ImagenCascade
 
     config = ImagenCascade.read_config(path)
     weights = load_file(os.path.join(path, WEIGHTS_NAME))
@@ -147,7 +147,7 @@ def save_cascade(path: str, stages: List[Dict[str, Any]], text: Dict[str, Any] =
     it back into torch."""
     from safetensors.numpy import save_file
 
-    from ..pipeline import FORMAT, FORMAT_VERSION, write_checkpoint
+    from ..cascade import FORMAT, FORMAT_VERSION, write_checkpoint
 
     config = dict(format=FORMAT, version=FORMAT_VERSION, stages=[
         dict(name=st["name"], unet=st["model"].config, diffusion=st["diffusion"],

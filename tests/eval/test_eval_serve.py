@@ -13,7 +13,7 @@ import pytest
 from support.eval_helpers import make_samples, random_image
 from scipy.stats import binomtest
 
-from imagen_fast.eval.manifest import REFERENCE, read_manifest, write_manifest
+from imagen_fast.eval.manifest import REFERENCE, read_manifest
 from imagen_fast.eval.serve import StudyConfig, build_report, format_report, open_study
 from imagen_fast.eval.serve.report import bootstrap_mean_interval, wilson_interval
 from imagen_fast.eval.serve.store import StoreError

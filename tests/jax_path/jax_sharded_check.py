@@ -13,8 +13,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]          # test_jax_train, and tests/ for support
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # test_jax_train
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: support
 from test_jax_train import BATCH, base_raw, fixed_batches
 
 from imagen_fast.jax import sharding

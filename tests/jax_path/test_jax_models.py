@@ -17,7 +17,7 @@ from imagen_fast.jax.models import AttentionBlock, GroupNormAct
 from imagen_fast.jax.models import build_unet as jax_unet
 from imagen_fast.models import build_unet
 from imagen_fast.ops import step_coefficients
-from imagen_fast.pipeline import ImagenCascade
+from imagen_fast.cascade import ImagenCascade
 
 # base64-small is the ADM architecture of tiny-base32 at 22M parameters: its compile
 # dominates the suite, so it runs with IMAGEN_FAST_SLOW=1 (passes, rel. error 3e-6).
@@ -248,7 +248,7 @@ def test_the_whole_model_lowers_to_mosaic_kernels_for_tpu():
 def test_jax_cascade_samples_a_torch_checkpoint(tmp_path):
     """Text from the host encoder, the base stage's images condition the SR stage,
     each stage with its own stored sampling settings (overridable)."""
-    from imagen_fast.jax.pipeline import JaxCascade, to_uint8
+    from imagen_fast.jax.cascade import JaxCascade, to_uint8
 
     torch.manual_seed(0)
     ImagenCascade.from_presets(["tiny-base32", "tiny-sr64"]).save(str(tmp_path))

@@ -122,7 +122,7 @@ def test_torch_only_runs_never_import_jax(tmp_path):
 import sys
 sys.modules["jax"] = None          # `import jax` now raises ImportError
 from imagen_fast import cli
-import imagen_fast.ops, imagen_fast.models, imagen_fast.pipeline, imagen_fast.train
+import imagen_fast.ops, imagen_fast.models, imagen_fast.cascade, imagen_fast.pipeline, imagen_fast.train
 import imagen_fast.diffusion, imagen_fast.text, imagen_fast.data
 assert cli.main(["info"]) == 0 and cli.main(["presets"]) == 0
 assert cli.main(["train", "--config", {str(tmp_path / 'cfg.toml')!r}, "--backend", "jax"]) == 2
@@ -131,7 +131,7 @@ assert cli.main(["train", "--config", {str(tmp_path / 'cfg.toml')!r}, "--backend
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pip install 'imagen-fast[jax]'" in r.stderr
-    code = ("import sys, imagen_fast.cli, imagen_fast.pipeline, imagen_fast.train\n"
+    code = ("import sys, imagen_fast.cli, imagen_fast.cascade, imagen_fast.pipeline, imagen_fast.train\n"
             "imagen_fast.cli.main(['info'])\n"
             "assert 'jax' not in sys.modules and 'flax' not in sys.modules, 'jax was imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -70,3 +70,22 @@ def test_kernels_import_nothing_above_them(path):
 @pytest.mark.parametrize("leaf", LEAVES)
 def test_leaf_modules_import_nothing_of_the_package(leaf):
     assert package_imports(PACKAGE / leaf) == []
+
+
+@pytest.mark.parametrize("path", sources("core"), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_core_is_framework_neutral(path):
+    """The core is shared by the torch and JAX paths: plain Python and numpy only, and
+    nothing of the package outside itself."""
+    mods = set(imports_of(path))
+    assert not [m for m in mods if within(m, ("torch", "jax", "flax", "triton"))]
+    assert all(within(m, ("imagen_fast.core",)) for m in package_imports(path))
+
+
+def test_the_jax_path_shares_rules_through_the_core():
+    """imagen_fast.jax takes validators, names, schedules and coefficients from the core,
+    never from the torch op API's internals; its sampling does not import its training."""
+    for path in sources("jax"):
+        assert not [m for m in package_imports(path) if within(m, ("imagen_fast.ops",))], path
+    assert not [m for m in package_imports(PACKAGE / "jax" / "cascade.py")
+                if within(m, ("imagen_fast.jax.train",))]
+

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from imagen_fast.pipeline import (
+from imagen_fast.cascade import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     ImagenCascade,

@@ -160,7 +160,7 @@ def test_cli_entry_point_prints_no_traceback(tmp_path):
 def test_shipped_cascade_is_complete_and_small():
     """The cascade in the package: base 32px -> SR 64px on MiniLM, fp16, < 25 MB, with its
     training configs and log beside it."""
-    from imagen_fast.sample import SHIPPED_CASCADE
+    from imagen_fast.pipeline import SHIPPED_CASCADE
     files = {p.relative_to(SHIPPED_CASCADE).as_posix() for p in SHIPPED_CASCADE.rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "README.md", "training/base32.toml", "training/sr64.toml",
             "training/sampling.json", "training/retrain.sh", "training/base32-metrics.jsonl",

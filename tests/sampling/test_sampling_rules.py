@@ -9,9 +9,9 @@ import torch
 from imagen_fast import core
 from imagen_fast.core import SamplingConfig
 from imagen_fast.eval.generator import System
-from imagen_fast.pipeline import ImagenCascade
-from imagen_fast.sample import ImagenPipeline
-from imagen_fast.sample_cli import SampleError, _per_stage
+from imagen_fast.cascade import ImagenCascade
+from imagen_fast.pipeline import ImagenPipeline
+from imagen_fast.sample_cli import _per_stage
 from imagen_fast.text import get_text_encoder
 
 BAD = [("guidance", -1.0), ("steps", 0), ("steps", 2.5), ("sampler", "euler"), ("threshold", "soft"),

@@ -18,7 +18,7 @@ TEXT = {"encoder": "hash:32", "max_length": 32}
 def tiny_cascade_dir(path, steps: int = 2, seed: int = 0, dtype=None) -> str:
     """tiny-base32 -> tiny-sr64 with random weights and the hash text encoder, saved
     (weights cast to ``dtype`` in the file when given)."""
-    from imagen_fast.pipeline import ImagenCascade
+    from imagen_fast.cascade import ImagenCascade
     torch.manual_seed(seed)
     c = ImagenCascade.from_presets(("tiny-base32", "tiny-sr64"), names=["base", "sr64"])
     c.text = dict(TEXT)

@@ -1,5 +1,4 @@
 """The trainer: exact resume after SIGKILL, rank equivalence (DDP, FSDP2 on gloo), bad input."""
-import json
 import math
 import os
 import signal
@@ -7,7 +6,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -163,9 +163,6 @@ def pick_config(name: str, key: Hashable, device: torch.device, candidates: Sequ
 # ------------------------------------------------------------------- device maths
 # Written with tl.exp only: libdevice calls do not run under the interpreter.
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-INV_SQRT2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
 
 @triton.jit
 def sigmoid(h):
