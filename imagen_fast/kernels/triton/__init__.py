@@ -9,7 +9,8 @@ One op family per module:
     threshold.py    dynamic_threshold, sampler_step (radix-select percentile)
     _common.py      device facts, the shape-class autotuner, activation maths
 
-Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU):
+Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU). This is the
+one list of them (DEVELOPERS.md points here); add a trap here when one bites:
 * tl.dot on bfloat16 (and float16) operands returns garbage: operands are upcast to
   float32 under the interpreter only (attention._dot, UPCAST).
 * libdevice (triton.language.extra.libdevice) does not exist there: erf/sigmoid are
@@ -27,6 +28,8 @@ Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU):
   (_common.pick_config returns the default).
 * It is ~4000x slower than a GPU: tests force the multi-block / split paths with the
   modules' force_plan / force_blocks / force_launch hooks at tiny shapes.
+* tl.make_block_ptr is gone in triton 3.9 (the interpreter and the GPU compiler alike):
+  use tensor descriptors.
 """
 import triton  # noqa: F401  (ImportError -> backend unavailable)
 
