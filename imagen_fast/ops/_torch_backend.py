@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from ..kernels.layout import like_layout
-from ..kernels.layout import stats_dtype as _stat_dtype
+from ..kernels.layout import like_layout, stats_dtype
 from ..kernels.registry import register
 from . import reference
 
@@ -45,7 +44,7 @@ def _affine_film(x_hat, weight, bias, scale, shift):
 
 @register("group_norm_silu_fwd", "torch")
 def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activation):
-    sdt = _stat_dtype(x)
+    sdt = stats_dtype(x)
     mean, rstd = reference.group_norm_stats(x.to(sdt), num_groups, eps)
     h = _affine_film(_normalized(x, num_groups, mean, rstd), weight, bias, scale, shift)
     y = reference._apply_activation(h, activation)
@@ -114,7 +113,7 @@ def rms_clamped(rstd: torch.Tensor, eps: float) -> torch.Tensor:
 
 @register("channel_rms_norm_silu_fwd", "torch")
 def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
-    sdt = _stat_dtype(x)
+    sdt = stats_dtype(x)
     rms = x.to(sdt).pow(2).mean(dim=1).sqrt()
     rstd = 1.0 / rms.clamp_min(eps)
     _, h = _rms_coefs(x, rstd, weight, scale, shift)
@@ -162,7 +161,7 @@ def _scores(q, k, scale, mask):
 
 @register("attention_fwd", "torch")
 def attention_fwd(q, k, v, mask, scale):
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = stats_dtype(q)
     s = _scores(q.to(cdt), k.to(cdt), scale, mask)
     lse = torch.logsumexp(s, dim=-1)                                   # -inf on empty rows
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
@@ -172,7 +171,7 @@ def attention_fwd(q, k, v, mask, scale):
 
 @register("attention_bwd", "torch")
 def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = stats_dtype(q)
     q32, k32, v32, do = q.to(cdt), k.to(cdt), v.to(cdt), grad_out.to(cdt)
     s = _scores(q32, k32, scale, mask)
     # The saved lse is float32 by contract: float64 gradients recompute it in float64.
@@ -189,14 +188,14 @@ def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
 
 @register("dynamic_threshold", "torch")
 def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
-    cdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    cdt = stats_dtype(x0)
     return reference.dynamic_threshold(x0.to(cdt), percentile, min_value, max_value).to(x0.dtype)
 
 
 @register("sampler_step", "torch")
 def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold,
                  percentile, min_value):
-    cdt = torch.float64 if z_t.dtype == torch.float64 else torch.float32
+    cdt = stats_dtype(z_t)
     up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
     out = reference.sampler_step(up(z_t), up(pred_cond), up(pred_uncond), guidance_scale,
                                  coefs, up(noise), threshold, percentile, min_value)
