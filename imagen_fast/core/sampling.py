@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -116,17 +116,17 @@ _RULES = {
 }
 
 
-def check_setting(name: str, value, label: Optional[str] = None):
+def check_setting(name: str, value):
     """One sampling setting checked against its rule, in its canonical form (sampler
     aliases resolved, numbers as float, steps as int); SettingError (a ValueError)
-    otherwise. ``label`` names it in the error (default ``name``, the CLI its flag)."""
+    otherwise, whose ``rule`` callers may word in their own terms (the CLI's flags)."""
     if name not in _RULES:
         hint = f" (now spelled {_LEGACY_NAMES[name]!r})" if name in _LEGACY_NAMES else ""
         raise ValueError(f"unknown sampling setting {name!r}{hint}; known: {list(_RULES)}")
     rule, canonical = _RULES[name]
     out = canonical(value)
     if out is None:
-        raise SettingError(label or name, rule, value)
+        raise SettingError(name, rule, value)
     return out
 
 

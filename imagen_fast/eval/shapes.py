@@ -107,7 +107,7 @@ def run_eval(pipe, *, num_prompts: int = 64, images_per_prompt: int = 2, seed: i
         results[name] = result
         images_out[name] = images
     return {"prompts": prompts, "images_per_prompt": images_per_prompt, "seed": seed,
-            "stages": [dict(name=st.name, sampling=vars(st.sampling).copy())
+            "stages": [dict(name=st.name, sampling=st.sampling.to_dict())
                        for st in pipe.cascade.stages],
             "results": results}, images_out
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .._compiled import load_extension
+# The shared layout rules, under the names this module's kernel calls have always used.
 from .layout import ACTIVATION_CODES as _ACTIVATION_CODES
 from .layout import DTYPE_CODES as _DTYPE_CODES
 from .layout import THRESHOLD_CODES as _THRESHOLD_CODES
