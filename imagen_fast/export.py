@@ -25,7 +25,7 @@ def stage_from_run(run_dir, *, name: Optional[str] = None, ema: bool = True,
     from . import checkpoint as ck
     from .diffusion import GaussianDiffusion
     from .models import unet_from_config
-    from .pipeline import SamplingConfig, Stage
+    from .cascade import SamplingConfig, Stage
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     if step is None:
@@ -55,7 +55,8 @@ def cascade_from_runs(run_dirs: Sequence, *, names: Optional[Sequence[str]] = No
                       sampling: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
                       steps: Optional[Sequence[Optional[int]]] = None) -> tuple:
     """(ImagenCascade, [checkpoint step per stage]) from one run directory per stage."""
-    from .pipeline import ImagenCascade
+    from .core import normalize_names
+    from .cascade import ImagenCascade
     if not run_dirs:
         raise ValueError("run_dirs: need one training run per stage")
     stages, texts, got = [], [], []
@@ -64,7 +65,7 @@ def cascade_from_runs(run_dirs: Sequence, *, names: Optional[Sequence[str]] = No
             run, name=names[i] if names else None, ema=ema,
             step=steps[i] if steps and i < len(steps) else None)
         if sampling and i < len(sampling) and sampling[i]:
-            stage.sampling = stage.sampling.replace(**sampling[i])
+            stage.sampling = stage.sampling.replace(**normalize_names(sampling[i]))
         stages.append(stage)
         texts.append(text)
         got.append(step)
@@ -105,7 +106,7 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=_DTYPES, default="fp16", help="weights in the file")
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     s.add_argument("--sampling", help='default sampling per stage as JSON, e.g. '
-                                      '\'[{"guidance_scale": 4, "steps": 32}, {"steps": 16}]\'')
+                                      '\'[{"guidance": 4, "steps": 32}, {"steps": 16}]\'')
     s.set_defaults(func=cmd_export)
     return s
 

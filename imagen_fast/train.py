@@ -511,7 +511,7 @@ def save_sample_grid(trainer: "Trainer", weights: Dict[str, torch.Tensor]) -> Pa
     emb, mask = trainer.text_source(prompts)
     g = torch.Generator(device=trainer.device).manual_seed(trainer.cfg.train.seed)
     images = sample(model, trainer.diffusion, (len(prompts), 3, res, res), text_embeds=emb.to(trainer.device),
-                    text_mask=mask.to(trainer.device), lowres=lowres, guidance_scale=lc.sample_guidance,
+                    text_mask=mask.to(trainer.device), lowres=lowres, guidance=lc.sample_guidance,
                     sampler="ddim", steps=lc.sample_steps, generator=g, device=trainer.device)
     out = trainer.out_dir / "samples" / f"step_{trainer.step:08d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)

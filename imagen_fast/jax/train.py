@@ -73,17 +73,6 @@ def _host(tree):
     return jax.device_get(tree)
 
 
-def pad_text(emb: torch.Tensor, mask: torch.Tensor, length: int):
-    """(B, L, D), (B, L) -> numpy (B, length, D), (B, length): padded or cut."""
-    b, l, d = emb.shape
-    out_e = np.zeros((b, length, d), np.float32)
-    out_m = np.zeros((b, length), bool)
-    n = min(l, length)
-    out_e[:, :n] = emb[:, :n].float().cpu().numpy()
-    out_m[:, :n] = mask[:, :n].bool().cpu().numpy()
-    return out_e, out_m
-
-
 def _nhwc(t: torch.Tensor) -> np.ndarray:
     return t.float().movedim(1, -1).contiguous().numpy()
 
@@ -213,7 +202,7 @@ class JaxTrainer(TrainLoop):
         if images.shape[0] != self.local_batch:
             raise RuntimeError(f"data gave a batch of {images.shape[0]}, expected {self.local_batch}")
         emb, mask = self.text_source(raw["caption"])
-        text, text_mask = pad_text(emb, mask, self.cfg.text.max_length)
+        text, text_mask = convert.pad_text(emb, mask, self.cfg.text.max_length)
         batch = {"image": _nhwc(images), "text": text, "mask": text_mask}
         if self.stage == "sr":
             batch["lowres"] = _nhwc(raw["lowres"])
@@ -325,9 +314,9 @@ class JaxTrainer(TrainLoop):
             low, prompts = self.grid_conditioning(prompts)
             lowres = jnp.asarray(_nhwc(low))
         emb, mask = self.text_source(prompts)
-        text, text_mask = pad_text(emb, mask, self.cfg.text.max_length)
+        text, text_mask = convert.pad_text(emb, mask, self.cfg.text.max_length)
         run = compile_sampler(model, self.diffusion, shape=(len(text), res, res, 3),
-                              guidance_scale=lc.sample_guidance, sampler="ddim",
+                              guidance=lc.sample_guidance, sampler="ddim",
                               steps=lc.sample_steps)
         images = run(jax.random.key(self.cfg.train.seed), jnp.asarray(text),
                      jnp.asarray(text_mask), lowres)

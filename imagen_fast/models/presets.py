@@ -108,7 +108,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 _META_KEYS = ("arch", "stage", "lowres_size", "train_size")
 
 
-def _model_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
+def model_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The constructor arguments of a U-Net (torch or Flax) from its config dict."""
     kwargs = {k: v for k, v in config.items() if k not in _META_KEYS + ("name",)}
     if config["arch"] == "efficient":
         kwargs["lowres_size"] = config.get("lowres_size")
@@ -137,7 +138,7 @@ def unet_from_config(config: Dict[str, Any], device=None, dtype=None) -> torch.n
     arch = config.get("arch")
     if arch not in ARCHS:
         raise ValueError(f"config 'arch' must be one of {sorted(ARCHS)}, got {arch!r}")
-    kwargs = _model_kwargs(config)
+    kwargs = model_kwargs(config)
     try:
         if device is not None and torch.device(device).type == "meta":
             with torch.device("meta"):
