@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from .checks import check_choice
+from .checks import check_choice, check_float
 from .names import PREDICTIONS, SAMPLER_ALIASES, SAMPLERS, STEP_SAMPLERS, THRESHOLDS
 from .schedules import alpha_sigma
 
@@ -76,6 +76,48 @@ def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddp
     c = (1.0 if sampler == "ddpm" else eta) * xp.sqrt(var)
     direction = xp.sqrt(xp.clip(sigma_s ** 2 - c ** 2, 0.0, None))        # multiplies eps'
     return a, b, alpha_s - direction * alpha_t / sigma_t, direction / sigma_t, c
+
+
+def coefficient_table(schedule: Mapping[str, Any], steps: int, sampler: str = "ddpm",
+                      eta: float = 0.0, prediction: str = "eps") -> np.ndarray:
+    """Every step's coefficients of a sampling run on ``time_grid(steps)``, float64, made
+    and checked on the host once, before the run (the torch and JAX loops read rows of it
+    on the device, so a step needs no host maths and no host checks).
+
+    ddpm / ddim: (steps, 5) rows [a, b, c_x0, c_z, c_noise] (``step_coefficients``); a row
+    with c_noise != 0 is a step that takes fresh noise.
+    dpmpp2m (DPM-Solver++(2M), multistep in lambda = log(alpha / sigma)): (steps, 9) rows,
+    the 5 of the DDIM step to t = 0 (it gives the guided, thresholded x0), then
+    [c_z, c_d, d_x0, d_prev] of z_s = c_z z - c_d d, d = d_x0 x0 - d_prev x0_prev
+    (first step d = x0); the last row (to t = 0) has c_z = c_d = 0: that step returns x0
+    (first order).
+    """
+    check_choice(sampler, "sampler", SAMPLERS)
+    check_choice(prediction, "prediction", PREDICTIONS)
+    eta = check_float(eta, "eta", low=0.0, high=1.0)
+    grid = time_grid(steps)
+    rows = []
+    h_prev = None
+    for t, s in zip(grid[:-1], grid[1:]):
+        a_t, s_t = alpha_sigma_at(schedule, t)
+        a_s, s_s = alpha_sigma_at(schedule, s)
+        if sampler != "dpmpp2m":
+            rows.append(step_coefficients(*(np.float64(v) for v in (a_t, s_t, a_s, s_s)),
+                                          sampler=sampler, eta=eta, prediction=prediction))
+            continue
+        x0_step = step_coefficients(*(np.float64(v) for v in (a_t, s_t, 1.0, 0.0)),
+                                    sampler="ddim", eta=0.0, prediction=prediction)
+        if s_s == 0.0:
+            rows.append(list(x0_step) + [0.0, 0.0, 1.0, 0.0])
+            continue
+        h = math.log(a_s / s_s) - math.log(a_t / s_t)
+        d = [1.0, 0.0] if h_prev is None else [1.0 + 0.5 / (h_prev / h), 0.5 / (h_prev / h)]
+        rows.append(list(x0_step) + [s_s / s_t, a_s * math.expm1(-h)] + d)
+        h_prev = h
+    table = np.array(rows, dtype=np.float64)
+    if not np.isfinite(table).all():
+        raise ValueError(f"the coefficients of {sampler} over {steps} steps are not finite")
+    return table
 
 
 # ------------------------------------------------------------------ sampling settings

@@ -14,7 +14,6 @@ a checkpoint stores them).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict
 
@@ -126,30 +125,9 @@ def _bcast(v, like):
 
 # --------------------------------------------------------------------- sampling
 def coefficient_table(diffusion: Diffusion, steps: int, sampler: str, eta: float) -> np.ndarray:
-    """Per-step coefficients, float64. ddpm/ddim: (steps, 5) [a, b, c_x0, c_z, c_noise].
-    dpmpp2m: (steps, 9) = the x0 step's 5, then [c_z, c_d, d_x0, d_prev] of
-    z_s = c_z z - c_d d with d = d_x0 x0 - d_prev x0_prev; the last row's c_z = c_d = 0
-    (the final step returns x0)."""
-    grid = core.time_grid(steps)
-    rows = []
-    h_prev = None
-    for t, s in zip(grid[:-1], grid[1:]):
-        a_t, s_t = core.alpha_sigma_at(diffusion.schedule, t)
-        a_s, s_s = core.alpha_sigma_at(diffusion.schedule, s)
-        if sampler != "dpmpp2m":
-            rows.append(step_coefficients(a_t, s_t, a_s, s_s, sampler=sampler, eta=eta,
-                                          prediction=diffusion.prediction))
-            continue
-        x0_step = step_coefficients(a_t, s_t, 1.0, 0.0, sampler="ddim", eta=0.0,
-                                    prediction=diffusion.prediction)
-        if s_s == 0.0:
-            rows.append(np.concatenate([x0_step, [0.0, 0.0, 1.0, 0.0]]))
-            continue
-        h = math.log(a_s / s_s) - math.log(a_t / s_t)
-        d = [1.0, 0.0] if h_prev is None else [1.0 + 0.5 / (h_prev / h), 0.5 / (h_prev / h)]
-        rows.append(np.concatenate([x0_step, [s_s / s_t, a_s * math.expm1(-h)], d]))
-        h_prev = h
-    return np.stack(rows)
+    """Per-step coefficients, float64 (``imagen_fast.core.coefficient_table``, shared with
+    the torch sampler): ddpm/ddim (steps, 5), dpmpp2m (steps, 9)."""
+    return core.coefficient_table(diffusion.schedule, steps, sampler, eta, diffusion.prediction)
 
 
 def guided_inputs(text_embeds, text_mask, lowres, aug_level, guidance):
