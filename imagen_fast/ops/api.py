@@ -398,24 +398,35 @@ def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddp
                                               eta=eta, prediction=prediction, xp=torch), dim=1)
 
 
+def _step_coefs(coefs, n: int, z_t: Tensor) -> Tensor:
+    """The tensor path's coefficients: (5,) or (N, 5), float, on z_t's device -> (N, 5).
+    Metadata checks only (no host read of the values: capture-safe)."""
+    _check_tensor(coefs, "coefs", dtypes=(torch.float32, torch.float64))
+    _check_same_device(z_t, coefs, "coefs", "z_t")
+    if tuple(coefs.shape) not in ((5,), (n, 5)):
+        raise ValueError(f"coefs must have shape (5,) or (N, 5) = ({n}, 5), got {tuple(coefs.shape)}")
+    return coefs.expand(n, 5)
+
+
 def sampler_step(
     z_t: Tensor,
     pred_cond: Tensor,
     pred_uncond: Optional[Tensor] = None,
     *,
     guidance_scale: float = 1.0,
-    alpha_t: Number,
-    sigma_t: Number,
-    alpha_s: Number,
-    sigma_s: Number,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
+    alpha_t: Optional[Number] = None,
+    sigma_t: Optional[Number] = None,
+    alpha_s: Optional[Number] = None,
+    sigma_s: Optional[Number] = None,
+    sampler: Optional[str] = None,
+    eta: Optional[float] = None,
     noise: Optional[Tensor] = None,
     threshold: str = "dynamic",
     percentile: float = 0.995,
     min_value: float = 1.0,
-    prediction: str = "eps",
+    prediction: Optional[str] = None,
     generator: Optional[torch.Generator] = None,
+    coefs: Optional[Tensor] = None,
 ) -> Tensor:
     """One fused reverse-diffusion step t -> s with classifier-free guidance.
 
@@ -426,9 +437,20 @@ def sampler_step(
            "dynamic" | "static" | "none"
     z_s  = c_x0 * x0 + c_z * z_t + c_noise * noise
 
-    alpha_*/sigma_* are floats or (N,) tensors (per-sample times). sampler "ddpm" is
-    ancestral sampling; "ddim" uses eta (0 = deterministic). noise defaults to fresh
-    standard normal noise (from ``generator``) when the step needs any.
+    The step is given one of two ways:
+
+    * times: alpha_t, sigma_t, alpha_s, sigma_s as floats or (N,) tensors (per-sample
+      times), with ``sampler`` ("ddpm", ancestral, the default; "ddim" with ``eta``,
+      0 = deterministic) and ``prediction`` ("eps" or "v"). The times are checked and the
+      coefficients computed in float64 on the host; noise defaults to fresh standard
+      normal noise (from ``generator``) when the step needs any.
+    * ``coefs``: the step's [a, b, c_x0, c_z, c_noise] as a (5,) or (N, 5) float tensor on
+      z_t's device, e.g. a row of ``imagen_fast.core.coefficient_table`` (which checks a
+      whole run's grid once, on the host). Only the tensors' metadata is checked and no
+      value is read on the host, so the call can run inside a CUDA graph or a
+      torch.compile(fullgraph=True) region. ``noise`` is used as given; None means no
+      noise term.
+
     The kernels make one pass to compute x0 and select the percentile and one pass
     to write z_s.
     """
@@ -449,18 +471,32 @@ def sampler_step(
         raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
     p = check_percentile(percentile)
     m = check_float(min_value, "min_value", low=0.0, low_open=True)
-    eta = check_float(eta, "eta", low=0.0, high=1.0)
     n = z_t.shape[0]
-    per = [_per_sample(v, name, n, torch.device("cpu")) for v, name in
-           ((alpha_t, "alpha_t"), (sigma_t, "sigma_t"), (alpha_s, "alpha_s"), (sigma_s, "sigma_s"))]
-    coefs = step_coefficients(*per, sampler=sampler, eta=eta, prediction=prediction)
-    if noise is None and bool((coefs[:, 4] != 0).any()):
-        noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
-    if noise is not None and bool((coefs[:, 4] == 0).all()):
-        noise = None
+    times = (("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s))
+    if coefs is not None:
+        given = [name for name, v in times + (("sampler", sampler), ("eta", eta),
+                                              ("prediction", prediction), ("generator", generator))
+                 if v is not None]
+        if given:
+            raise ValueError(f"coefs holds the whole step: do not also give {', '.join(given)}")
+        coefs = _step_coefs(coefs, n, z_t)
+    else:
+        missing = [name for name, v in times if v is None]
+        if missing:
+            raise TypeError(f"sampler_step needs alpha_t, sigma_t, alpha_s and sigma_s (or coefs); "
+                            f"missing {', '.join(missing)}")
+        eta = check_float(0.0 if eta is None else eta, "eta", low=0.0, high=1.0)
+        per = [_per_sample(v, name, n, torch.device("cpu")) for name, v in times]
+        coefs = step_coefficients(*per, sampler=sampler or "ddpm", eta=eta,
+                                  prediction=prediction or "eps")
+        if noise is None and bool((coefs[:, 4] != 0).any()):
+            noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
+        if noise is not None and bool((coefs[:, 4] == 0).all()):
+            noise = None
+        coefs = coefs.to(z_t.device)
     x = kernel_layout(z_t)
     args = [None if t is None else like_layout(t, x) for t in (pred_cond, pred_uncond, noise)]
-    return _sampler_step(x, args[0], args[1], w, coefs.to(z_t.device), args[2], threshold, p, m)
+    return _sampler_step(x, args[0], args[1], w, coefs, args[2], threshold, p, m)
 
 
 __all__ = ["group_norm_silu", "channel_rms_norm_silu", "attention", "dynamic_threshold", "sampler_step",
