@@ -8,7 +8,15 @@ and caches the winner for the process; candidates that do not compile on this ca
 (shared memory or register limits differ between sm_80 and sm_90) are skipped, and
 the first candidate of every list is chosen to be valid on sm_80. Under
 TRITON_INTERPRET=1, during CUDA graph capture, or with IMAGEN_FAST_TRITON_AUTOTUNE=0
-no timing happens and the given default is used.
+no timing happens and the given default is used (a choice tuned earlier in the process
+is still used while capturing: torch.compile's cudagraph trees run a step once before
+they capture it, so the graph gets the tuned configuration).
+
+Capture safety. Everything a launch needs is computed on the host from shapes, dtypes
+and Python scalars, or made on the device by torch (``device_scalars``): no value is
+read back from the GPU, nothing is copied from host memory, every kernel goes on torch's
+current stream (Triton's launcher asks torch for it) and scratch memory comes from
+torch's allocator. tests/ops/test_capture_safety.py checks this.
 """
 from __future__ import annotations
 
@@ -136,11 +144,11 @@ def pick_config(name: str, key: Hashable, device: torch.device, candidates: Sequ
     ``run(cfg)`` launches the op with ``cfg`` (it must only overwrite its outputs,
     so timing it repeatedly is harmless).
     """
+    full = (name, key, device_key(device))
+    if full in _tuned:             # also while capturing: the graph replays what was tuned
+        return _tuned[full]
     if not autotune_enabled(device):
         return default
-    full = (name, key, device_key(device))
-    if full in _tuned:
-        return _tuned[full]
     best, best_ms = None, math.inf
     for cfg in candidates:
         try:
@@ -158,6 +166,17 @@ def pick_config(name: str, key: Hashable, device: torch.device, candidates: Sequ
     _tuned[full] = best
     log.debug("imagen_fast triton %s %s: picked %s (%.4f ms)", name, key, best, best_ms)
     return best
+
+
+def device_scalars(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host scalars, written on the device by fill kernels (the values
+    are kernel arguments): no host-to-device copy, so it can be captured in a CUDA graph
+    (torch.tensor(values, device=...) copies from pageable host memory, which a capture
+    refuses)."""
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i].fill_(float(v))
+    return out
 
 
 # ------------------------------------------------------------------- device maths

@@ -330,8 +330,7 @@ def _consts(q, scale):
     """float64 inputs: [scale * log2(e), scale] as a float64 tensor; else None."""
     if q.dtype != torch.float64:
         return None
-    return torch.tensor([float(scale) * cm.LOG2E, float(scale)], dtype=torch.float64,
-                        device=q.device)
+    return cm.device_scalars([float(scale) * cm.LOG2E, float(scale)], torch.float64, q.device)
 
 
 def _mask_u8(mask):

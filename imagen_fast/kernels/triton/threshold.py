@@ -328,7 +328,7 @@ def _params(x, values):
     float32); None otherwise."""
     if x.dtype != torch.float64:
         return None
-    return torch.tensor(values, dtype=torch.float64, device=x.device)
+    return cm.device_scalars(values, torch.float64, x.device)
 
 
 def _dense_per_sample(x) -> bool:
