@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .core import SamplingConfig
 from .diffusion import GaussianDiffusion, sample
+from .diffusion.step import CompileSpec, compile_options
 from .models import build_unet, unet_from_config
 
 FORMAT = "imagen-fast-cascade"
@@ -152,7 +153,7 @@ class ImagenCascade(nn.Module):
                sampling: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
                resolutions: Optional[Sequence[Optional[int]]] = None,
                return_all: bool = False, progress: bool = False,
-               on_stage=None) -> Union[Tensor, List[Tensor]]:
+               on_stage=None, compile: CompileSpec = "none") -> Union[Tensor, List[Tensor]]:
         """Generate images in [-1, 1] for a batch of text embeddings (B, L, text_dim).
 
         sampling: per-stage dicts overriding that stage's SamplingConfig (e.g.
@@ -160,7 +161,9 @@ class ImagenCascade(nn.Module):
         sizes overriding the U-Net's nominal one (e.g. a 64->256-trained 256->1024
         model run on whole images). Returns the last stage's images, or every
         stage's with ``return_all``. ``progress`` shows a bar per stage (tqdm);
-        ``on_stage(stage, seconds)`` is called as each stage finishes.
+        ``on_stage(stage, seconds)`` is called as each stage finishes. ``compile``: each
+        stage's guided step as one torch.compile graph (``imagen_fast.diffusion.sample``),
+        compiled at the stage's first step and kept for later calls with the same settings.
         """
         import time
         if text_embeds.ndim != 3:
@@ -171,6 +174,7 @@ class ImagenCascade(nn.Module):
         n = len(self.stages) if num_stages is None else int(num_stages)
         if not 1 <= n <= len(self.stages):
             raise ValueError(f"num_stages must be in [1, {len(self.stages)}], got {num_stages}")
+        compile_options(compile)                         # a bad mode fails before any stage runs
         sampling = list(sampling or [])
         resolutions = list(resolutions or [])
         b = text_embeds.shape[0]
@@ -197,6 +201,7 @@ class ImagenCascade(nn.Module):
                 percentile=cfg.percentile, generator=generator, device=device,
                 dtype=next(st.unet.parameters()).dtype,
                 on_step=None if bar is None else (lambda done, total, bar=bar: bar.update(1)),
+                compile=compile,
             ).clamp(-1.0, 1.0)
             if bar is not None:
                 bar.close()

@@ -22,6 +22,7 @@ import torch
 from .cascade import ImagenCascade
 from .core import SAMPLING_SETTINGS, SamplingConfig
 from .data.transforms import to_pil
+from .diffusion.step import CompileSpec, compile_options
 from .text.base import check_prompts, parse_dtype
 
 SHIPPED_CASCADE = Path(__file__).resolve().parent / "assets" / "shapes-cascade"
@@ -42,13 +43,16 @@ def _per_stage(name: str, value: PerStage, n: int) -> List[Any]:
 class ImagenPipeline:
     """A cascade plus its frozen text encoder: prompts in, PIL images (or tensors) out."""
 
-    def __init__(self, cascade: ImagenCascade, text_encoder, device: torch.device):
+    def __init__(self, cascade: ImagenCascade, text_encoder, device: torch.device,
+                 compile: CompileSpec = "none"):
         if text_encoder.dim != cascade.text_dim:
             raise ValueError(f"text encoder {text_encoder.name!r} gives {text_encoder.dim}-d "
                              f"embeddings but the cascade expects text_dim={cascade.text_dim}")
+        compile_options(compile)                  # ValueError naming "compile" when unknown
         self.cascade = cascade.eval()
         self.text_encoder = text_encoder
         self.device = device
+        self.compile = compile
 
     @property
     def stage_names(self) -> List[str]:
@@ -99,19 +103,26 @@ class ImagenPipeline:
         images = self.cascade.sample(
             emb, mask, generator=generator, num_stages=num_stages,
             sampling=[c.to_dict() for c in configs],
-            progress=progress, on_stage=on_stage)
+            progress=progress, on_stage=on_stage, compile=self.compile)
         if return_tensors:
             return images
         return [to_pil(img.float().cpu()) for img in images]
 
 
 def load_pipeline(path: Optional[Union[str, os.PathLike]] = None, device=None, dtype=None,
-                  text_encoder=None) -> ImagenPipeline:
+                  text_encoder=None, compile: CompileSpec = "none") -> ImagenPipeline:
     """Open the cascade at ``path`` (default: the one shipped in the package) on
     ``device`` (default: CUDA if available, else CPU) in ``dtype`` (default float32 on
     the CPU, bfloat16 on CUDA). ``text_encoder`` overrides the encoder named in the
-    checkpoint (an object with ``encode``/``dim``, or a name for get_text_encoder)."""
+    checkpoint (an object with ``encode``/``dim``, or a name for get_text_encoder).
+    ``compile``: "none" (eager), "default", "reduce-overhead" (CUDA graphs on a GPU) or
+    "max-autotune" (or a dict of torch.compile's mode/backend/options): every stage's
+    whole guided denoising step becomes one compiled graph, compiled on the stage's
+    first step (that call pays the compile time) and reused by every later step and
+    call with the same batch size and settings."""
     from .text import get_text_encoder
+
+    compile_options(compile)
 
     path = SHIPPED_CASCADE if path is None else Path(path)
     if path == SHIPPED_CASCADE and not (path / "model.safetensors").exists():
@@ -131,4 +142,4 @@ def load_pipeline(path: Optional[Union[str, os.PathLike]] = None, device=None, d
                              f"pass text_encoder=")
         kw = {"max_length": text["max_length"]} if "max_length" in text else {}
         text_encoder = get_text_encoder(name, **kw)
-    return ImagenPipeline(cascade, text_encoder, device)
+    return ImagenPipeline(cascade, text_encoder, device, compile=compile)

@@ -4,6 +4,9 @@
     imagen-fast sample --prompts-file prompts.txt --num-images 2 --grid -o grid.png
     imagen-fast sample "a blue square on the left" --guidance 5,3 --steps 32 --sampler ddim
 
+``--compile default|reduce-overhead|max-autotune`` runs each stage's whole denoising step
+as one torch.compile graph (the call pays the compile time).
+
 Per-stage options (--guidance, --steps, --sampler, --threshold, --percentile, --aug-level)
 take one value for every stage or a comma-separated list, one per stage. Output: with
 one image, ``-o`` is its file; with several, ``<stem>-<n><suffix>`` files, or one grid
@@ -20,7 +23,11 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .core import SettingError, check_setting
+from .core import COMPILE_MODES, SettingError, check_setting
+
+# --compile's default: eager unless benchmarks/bench_compile.py shows that compiling pays
+# back its compile time within one call of 4 images on a CPU (README, "Compiled steps").
+DEFAULT_COMPILE = "none"
 
 # The per-stage options: (setting, how a value is read). The values are checked by
 # SamplingConfig's rules (imagen_fast.core.check_setting), as everywhere else.
@@ -127,7 +134,7 @@ def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        pipe = load_pipeline(args.checkpoint, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile)
         pipe.settings(**settings)                     # per-stage counts and values, before sampling
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         where = f"--checkpoint {args.checkpoint}: " if args.checkpoint else ""
@@ -147,8 +154,9 @@ def _run(args) -> int:
             img.save(f)
     if not args.quiet:
         stages = ", ".join(f"{st.name} {st.resolution}px {sec:.1f}s" for st, sec in times)
+        compiled = "" if args.compile == "none" else f" (compile {args.compile}: stage times include compiling)"
         print(f"sampled {len(images)} image(s): load {t_loaded - t_start:.1f}s, {stages}; "
-              f"total {time.perf_counter() - t_start:.1f}s", file=sys.stderr)
+              f"total {time.perf_counter() - t_start:.1f}s{compiled}", file=sys.stderr)
     for f in files:
         print(f)
     return 0
@@ -175,6 +183,9 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    s.add_argument("--compile", default=DEFAULT_COMPILE, choices=COMPILE_MODES,
+                   help="torch.compile each stage's whole denoising step as one graph "
+                        f"(reduce-overhead: CUDA graphs on a GPU; default {DEFAULT_COMPILE})")
     s.add_argument("--quiet", action="store_true", help="no progress bars or timing line")
     s.set_defaults(func=cmd_sample)
     return s

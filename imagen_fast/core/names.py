@@ -17,3 +17,7 @@ ACTIVATIONS = ("silu", "gelu", "none")
 # and the log-sum-exp saved for its backward is the log of an empty sum, -inf. Every
 # backend of imagen_fast.ops and the Pallas kernel of imagen_fast.jax keep this.
 MASKED_ROW_LSE = float("-inf")
+
+# torch.compile modes of a sampling or training step (torch path only: the JAX path
+# always compiles): "none" runs eagerly.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")

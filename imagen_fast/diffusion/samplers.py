@@ -14,19 +14,22 @@ x0 -> thresholding -> posterior runs in one fused ``ops.sampler_step`` call
 
 The time grid is uniform in t, from 1 to 0 in ``steps`` steps; the final point t = 0 is
 treated as clean data (alpha = 1, sigma = 0), so the result is the last (thresholded)
-x0 prediction.
+x0 prediction. Every step's coefficients are computed and checked on the host before
+the run (``core.coefficient_table``); a step is ``step.guided_step``, a function of
+device tensors only, which ``compile=`` turns into one compiled graph for the whole run.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, List, Optional, Tuple
+import dataclasses
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..core import SAMPLERS, THRESHOLDS, alpha_sigma_at, check_choice, time_grid
+from ..core import SAMPLERS, THRESHOLDS, alpha_sigma_at, check_choice, check_float, check_percentile
+from ..core import coefficient_table, time_grid
 from .gaussian import GaussianDiffusion, _draw, null_text
+from .step import CompileSpec, StepSpec, step_function
 
 
 class GuidedDenoiser:
@@ -54,6 +57,7 @@ class GuidedDenoiser:
                 lowres = torch.cat([lowres, lowres])
                 aug_level = torch.cat([aug_level, aug_level])
         self.text_embeds, self.text_mask = text_embeds, text_mask
+        self.lowres, self.aug_level = lowres, aug_level
         self.kwargs = {} if lowres is None else dict(lowres=lowres, aug_level=aug_level)
 
     def __call__(self, z: Tensor, t: float) -> Tuple[Tensor, Optional[Tensor]]:
@@ -89,7 +93,8 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
            generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
            device=None, dtype: torch.dtype = torch.float32,
            denoiser: Optional[GuidedDenoiser] = None,
-           on_step: Optional[Callable[[int, int], None]] = None) -> Tensor:
+           on_step: Optional[Callable[[int, int], None]] = None,
+           compile: CompileSpec = "none") -> Tensor:
     """Draw samples of ``shape`` (B, C, H, W) from ``model`` (called as
     ``model(z, t, text_embeds, text_mask[, lowres=, aug_level=])``).
 
@@ -99,10 +104,18 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
     the fixed ``aug_level`` before sampling and the level is given to the model.
     ``noise`` is the starting z_1 (default: standard normal from ``generator``).
     ``on_step(done, total)`` is called after every denoising step (progress bars).
+    ``compile``: "none" (eager), "default", "reduce-overhead" (CUDA graphs on a GPU),
+    "max-autotune", or a dict of torch.compile's mode/backend/options: the whole guided
+    step becomes one graph (``step.guided_step``), compiled on the first step and
+    reused for every later step of this and later runs of the same model and settings.
+    The same seed gives the same images either way (up to the compiler's rounding).
     """
     check_choice(sampler, "sampler", SAMPLERS)
     check_choice(threshold, "threshold", THRESHOLDS)
-    grid = time_grid(steps)
+    table = coefficient_table(diffusion.schedule.config(), steps, sampler,
+                              eta if sampler == "ddim" else 0.0, diffusion.prediction)
+    spec = StepSpec(guided=False, guidance=check_float(guidance, "guidance"), threshold=threshold,
+                    percentile=check_percentile(percentile), multistep=sampler == "dpmpp2m")
     if device is None:
         device = noise.device if noise is not None else (
             text_embeds.device if text_embeds is not None else torch.device("cpu"))
@@ -112,46 +125,26 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
     if denoiser is None:
         lowres_aug, level = _prepare_lowres(diffusion, lowres, aug_level, b, generator, device)
         denoiser = GuidedDenoiser(model, b, text_embeds, text_mask, guidance, lowres_aug, level)
-    step_kw = dict(guidance_scale=float(guidance), threshold=threshold,
-                   percentile=percentile, prediction=diffusion.prediction, generator=generator)
-    if sampler == "dpmpp2m":
-        return _dpmpp2m(denoiser, diffusion, z, grid, step_kw, on_step)
-    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
-        a_t, s_t = _alpha_sigma(diffusion, t)
-        a_s, s_s = _alpha_sigma(diffusion, s)
-        cond, uncond = denoiser(z, t)
-        z = ops.sampler_step(z, cond, uncond, alpha_t=a_t, sigma_t=s_t, alpha_s=a_s, sigma_s=s_s,
-                             sampler=sampler, eta=eta if sampler == "ddim" else 0.0, **step_kw)
+    spec = dataclasses.replace(spec, guided=denoiser.guided)
+    # the whole run's inputs on the device before the first step: one row per step
+    rows = [r.clone() for r in torch.as_tensor(table, device=z.device).unbind(0)]
+    times = [t.clone() for t in torch.tensor(time_grid(steps)[:-1], dtype=torch.float32,
+                                             device=z.device).unbind(0)]
+    noisy = [bool(c) for c in table[:, 4] != 0] if not spec.multistep else [False] * steps
+    zeros = torch.zeros_like(z) if any(noisy) or spec.multistep else None
+    x0_prev = zeros if spec.multistep else None
+    cond = (denoiser.text_embeds, denoiser.text_mask, denoiser.lowres, denoiser.aug_level)
+    step = step_function(denoiser.model, spec, compile,
+                         (z, times[0], rows[0], zeros if any(noisy) else None, x0_prev) + cond)
+    for i in range(steps):
+        step_noise = None
+        if any(noisy):
+            step_noise = (torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                          if noisy[i] else zeros)
+        z, x0 = step(spec, denoiser.model, z, times[i], rows[i], step_noise, x0_prev, *cond)
+        x0_prev = x0
         if on_step is not None:
             on_step(i + 1, steps)
-    return z
-
-
-def _dpmpp2m(denoiser: GuidedDenoiser, diffusion: GaussianDiffusion, z: Tensor,
-             grid: List[float], step_kw, on_step=None) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), multistep in lambda = log(alpha / sigma)."""
-    x0_prev: Optional[Tensor] = None
-    h_prev = 0.0
-    steps = len(grid) - 1
-    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
-        a_t, s_t = _alpha_sigma(diffusion, t)
-        a_s, s_s = _alpha_sigma(diffusion, s)
-        cond, uncond = denoiser(z, t)
-        # guided, thresholded data prediction: a DDIM step to t = 0 returns x0 itself
-        x0 = ops.sampler_step(z, cond, uncond, alpha_t=a_t, sigma_t=s_t, alpha_s=1.0,
-                              sigma_s=0.0, sampler="ddim", eta=0.0, **step_kw)
-        if on_step is not None:
-            on_step(i + 1, steps)
-        if s_s == 0.0:
-            return x0                                          # first-order final step
-        h = math.log(a_s / s_s) - math.log(a_t / s_t)
-        if x0_prev is None:
-            d = x0
-        else:
-            r = h_prev / h
-            d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        z = (s_s / s_t) * z - (a_s * math.expm1(-h)) * d
-        x0_prev, h_prev = x0, h
     return z
 
 
