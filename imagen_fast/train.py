@@ -203,6 +203,29 @@ def build_diffusion(cfg: Config, stage: str) -> GaussianDiffusion:
                              aug_level_max=dc.aug_level_max)
 
 
+def training_loss(diffusion: GaussianDiffusion, model, images, text, mask, lowres, t, noise, drop,
+                  aug_level, aug_noise) -> torch.Tensor:
+    """One micro-batch's loss with every random draw given as a tensor (t, noise, the
+    text-dropout coins, augmentation levels and their noise): a function of tensors only,
+    so a compiled one serves every step."""
+    return diffusion.loss(model, images, text, mask, lowres, t=t, noise=noise, drop=drop,
+                          aug_level=aug_level, aug_noise=aug_noise)
+
+
+def compiled_loss(compile, fullgraph: bool = True):
+    """``training_loss``, or with ``train.compile`` set, torch.compile of it: forward and
+    loss as one graph (fullgraph; a single process: DDP splits its graph at gradient
+    buckets on purpose), whose backward AOTAutograd derives and compiles with it. Its
+    own code object (diffusion.step.own_code): no other compile's guards meet it, so the
+    steps of a run compile once and never recompile."""
+    from .diffusion.step import own_code, compile_options
+
+    options = compile_options(compile, "train.compile")
+    if options is None:
+        return training_loss
+    return torch.compile(own_code(training_loss), fullgraph=fullgraph, dynamic=False, **options)
+
+
 # ------------------------------------------------------------------ the trainer
 class TrainLoop:
     """The loop both trainers share (torch here, JAX in imagen_fast.jax.train):
@@ -303,6 +326,7 @@ class Trainer(TrainLoop):
         self.stage = check_stage(cfg, self.model.config)
         self.diffusion = build_diffusion(cfg, self.stage)
         self.train_model = self._wrap(self.model)
+        self.loss_fn = compiled_loss(tc.compile, fullgraph=self.dist.world == 1)
         # After wrapping: under FSDP2 each rank keeps the EMA of its own shards.
         self.ema = EMA(dict(self.model.named_parameters()), tc.ema_decay) if tc.ema_decay > 0 else None
         self.optimizer = self._optimizer()
@@ -335,8 +359,6 @@ class Trainer(TrainLoop):
 
                 model = DistributedDataParallel(
                     model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.cfg.train.compile:
-            model = torch.compile(model)
         return model
 
     def _optimizer(self):
@@ -448,11 +470,10 @@ class Trainer(TrainLoop):
                 sync = self.train_model.no_sync()
             with sync:
                 with autocast:
-                    loss = self.diffusion.loss(self.train_model, images, emb, mask, lowres,
-                                               t=sub["t"], noise=sub["noise"].to(images.dtype),
-                                               drop=sub["drop"] < self.diffusion.cond_drop_prob,
-                                               aug_level=sub.get("aug_level"),
-                                               aug_noise=sub.get("aug_noise"))
+                    loss = self.loss_fn(self.diffusion, self.train_model, images, emb, mask, lowres,
+                                        sub["t"], sub["noise"].to(images.dtype),
+                                        sub["drop"] < self.diffusion.cond_drop_prob,
+                                        sub.get("aug_level"), sub.get("aug_noise"))
                 self.scaler.scale(loss / tc.grad_accum).backward()
             total_loss += loss.item()
         self.scaler.unscale_(self.optimizer)

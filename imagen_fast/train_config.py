@@ -126,7 +126,10 @@ class TrainConfig:
     precision: str = "fp32"         # fp32 | bf16 | fp16
     grad_clip: float = 1.0          # 0 disables clipping
     channels_last: bool = True
-    compile: bool = False
+    # torch.compile of the training step (forward + loss, and the backward AOTAutograd
+    # derives from it) as one graph: false | true (= "default") | "default" |
+    # "reduce-overhead" | "max-autotune" | a table of torch.compile's mode/backend/options
+    compile: Any = False
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
 
@@ -148,6 +151,11 @@ class TrainConfig:
         _need(self.precision in ("fp32", "bf16", "fp16"), f"{s}.precision",
               f"must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         _need(self.grad_clip >= 0, f"{s}.grad_clip", "must be >= 0")
+        from .diffusion.step import compile_options
+        try:
+            compile_options(self.compile, f"{s}.compile")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
