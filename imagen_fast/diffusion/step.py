@@ -87,10 +87,11 @@ def compile_options(compile: CompileSpec, name: str = "compile") -> Optional[Dic
         return None
     if compile is True:
         compile = "default"
+    rule = (f"{name} must be one of {', '.join(COMPILE_MODES)} (true = default, false = none) "
+            f"or a dict of torch.compile's mode/backend/options, got {compile!r}")
     if isinstance(compile, str):
         if compile not in COMPILE_MODES:
-            raise ValueError(f"{name} must be one of {', '.join(COMPILE_MODES)} (or a dict of "
-                             f"torch.compile arguments), got {compile!r}")
+            raise ValueError(rule)
         return {} if compile == "default" else {"mode": compile}
     if isinstance(compile, Mapping):
         unknown = set(compile) - {"mode", "backend", "options"}
@@ -98,7 +99,7 @@ def compile_options(compile: CompileSpec, name: str = "compile") -> Optional[Dic
             raise ValueError(f"{name}: unknown torch.compile arguments {sorted(unknown)} "
                              f"(mode, backend and options are taken)")
         return dict(compile)
-    raise ValueError(f"{name} must be one of {', '.join(COMPILE_MODES)} or a dict, got {compile!r}")
+    raise ValueError(rule)
 
 
 def uses_cudagraphs(options: Optional[Dict[str, Any]], device: torch.device) -> bool:

@@ -189,6 +189,23 @@ def test_training_options_run_and_learn(tmp_path, train):
     assert changed, "no parameter moved"
 
 
+def test_compiled_training_step_is_one_graph_without_recompiles(tmp_path):
+    """train.compile: forward + loss one fullgraph graph (its backward derived by
+    AOTAutograd), every draw a tensor: two micro-batches x 3 steps compile once and give
+    the eager run's losses."""
+    from torch._dynamo.utils import counters
+    Trainer(config_from_dict(_raw(tmp_path / "eager", steps=3, grad_accum=2))).run()
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        Trainer(config_from_dict(_raw(tmp_path / "compiled", steps=3, grad_accum=2,
+                                      compile={"backend": "aot_eager"}))).run()
+    assert counters["stats"]["unique_graphs"] == before + 1
+    want, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert list(got) == [1, 2, 3]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5)
+
+
 def test_disk_full_during_training_keeps_going_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     from imagen_fast import checkpoint as ck
     raw = _raw(tmp_path / "run", steps=4)

@@ -21,7 +21,9 @@ def test_defaults_and_overrides(tmp_path):
     ({"data": {"path": "d", "kind": "lmdb"}}, "data.kind must be"),
     ({"data": {}}, "data.path must name the dataset directory"),
     ({"data": {"path": "d"}, "model": {"preset": "huge"}}, "model.preset must be one of"),
-    ({"data": {"path": "d"}, "train": {"compile": "yes"}}, "train.compile must be true or false"),
+    ({"data": {"path": "d"}, "train": {"compile": "yes"}}, "train.compile must be one of none, default"),
+    ({"data": {"path": "d"}, "train": {"compile": 1}}, "train.compile must be one of"),
+    ({"data": {"path": "d"}, "train": {"compile": {"fullgraph": False}}}, "train.compile: unknown torch.compile"),
     ({"data": {"path": "d"}, "distributed": {"strategy": "zero3"}}, "distributed.strategy must be"),
 ])
 def test_bad_config_names_the_key(raw, words):
