@@ -167,3 +167,13 @@ def step_function(model: Callable, spec: StepSpec, compile: CompileSpec, inputs)
 def compiled_steps(model: Callable) -> Dict[tuple, CompiledStep]:
     """The compiled steps kept for ``model`` (for tests and benchmarks)."""
     return dict(_compiled.get(model, {}))
+
+
+def graphs_compiled(fn: Callable) -> int:
+    """How many graphs dynamo holds for a compiled step or a torch.compile'd function
+    (its cache entries on the function's own code object): 1 when every call since the
+    first reused the first graph, more after recompiles."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    fn = fn.fn if isinstance(fn, CompiledStep) else fn
+    return len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
