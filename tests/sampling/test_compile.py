@@ -13,7 +13,7 @@ from imagen_fast import ImagenCascade
 from imagen_fast.cascade import Stage
 from imagen_fast.core import SamplingConfig
 from imagen_fast.diffusion import GaussianDiffusion, sample
-from imagen_fast.diffusion.step import compile_options, compiled_steps, uses_cudagraphs
+from imagen_fast.diffusion.step import compile_options, compiled_steps, graphs_compiled, uses_cudagraphs
 from imagen_fast.models import build_unet
 from imagen_fast.pipeline import ImagenPipeline, load_pipeline
 from imagen_fast.text import get_text_encoder
@@ -69,6 +69,7 @@ def test_a_run_is_one_graph_never_recompiled_with_the_eager_images(stage, sample
         assert new in (0, 1) and _graphs() == before + new
         second = _run(stage, sampler, eta, CAPTURE)
         assert _graphs() == before + new                  # a second run compiles nothing
+    assert all(graphs_compiled(step) == 1 for step in compiled_steps(MODELS[stage]).values())
     for x, draw, seen in (first, second):
         torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(draw, want_next)               # the same noise was drawn, no more
