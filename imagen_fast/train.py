@@ -515,12 +515,16 @@ def image_grid(images: torch.Tensor, columns: int = 4):
 def save_sample_grid(trainer: "Trainer", weights: Dict[str, torch.Tensor]) -> Path:
     """Sample the log's prompts with the EMA weights (or the live ones) into
     <out_dir>/samples/step_XXXXXXXX.png, at data.resolution. SR stages upsample the
-    low-res images of ``grid_conditioning`` (whole ones when training on crops)."""
+    low-res images of ``grid_conditioning`` (whole ones when training on crops). With
+    ``train.compile`` the sampling step is compiled too, once for the whole run (the
+    weights are loaded into one grid model)."""
     from .diffusion import sample
     from .models import unet_from_config
 
     lc = trainer.cfg.log
-    model = unet_from_config(trainer.model.config, device=trainer.device)
+    model = getattr(trainer, "grid_model", None)
+    if model is None:                 # one model for every grid: a compiled step is kept for it
+        model = trainer.grid_model = unet_from_config(trainer.model.config, device=trainer.device)
     model.load_state_dict(weights)
     model.eval()
     prompts = list(lc.sample_prompts)
@@ -533,7 +537,8 @@ def save_sample_grid(trainer: "Trainer", weights: Dict[str, torch.Tensor]) -> Pa
     g = torch.Generator(device=trainer.device).manual_seed(trainer.cfg.train.seed)
     images = sample(model, trainer.diffusion, (len(prompts), 3, res, res), text_embeds=emb.to(trainer.device),
                     text_mask=mask.to(trainer.device), lowres=lowres, guidance=lc.sample_guidance,
-                    sampler="ddim", steps=lc.sample_steps, generator=g, device=trainer.device)
+                    sampler="ddim", steps=lc.sample_steps, generator=g, device=trainer.device,
+                    compile=trainer.cfg.train.compile)
     out = trainer.out_dir / "samples" / f"step_{trainer.step:08d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, columns=min(4, len(prompts))).save(out)

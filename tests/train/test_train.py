@@ -206,6 +206,18 @@ def test_compiled_training_step_is_one_graph_without_recompiles(tmp_path):
         assert got[step] == pytest.approx(want[step], rel=1e-5)
 
 
+def test_compiled_sample_grids_compile_their_step_once(tmp_path):
+    from imagen_fast.diffusion.step import compiled_steps, graphs_compiled
+    raw = _raw(tmp_path / "run", steps=2, compile={"backend": "eager"})
+    raw["log"].update(sample_every=1, sample_steps=2, sample_prompts=["a red circle"])
+    trainer = Trainer(config_from_dict(raw))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        trainer.run()
+    assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
+    steps = list(compiled_steps(trainer.grid_model).values())
+    assert len(steps) == 1 and graphs_compiled(steps[0]) == 1       # two grids, one graph
+
+
 def test_disk_full_during_training_keeps_going_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     from imagen_fast import checkpoint as ck
     raw = _raw(tmp_path / "run", steps=4)
