@@ -106,7 +106,7 @@ def uses_cudagraphs(options: Optional[Dict[str, Any]], device: torch.device) -> 
     """Whether a step compiled with ``options`` is captured as a CUDA graph on ``device``."""
     if options is None or device.type != "cuda" or options.get("backend", "inductor") != "inductor":
         return False
-    settings = dict(torch._inductor.list_mode_options(options.get("mode")))
+    settings = dict(torch._inductor.list_mode_options(options.get("mode") or "default"))
     settings.update(options.get("options") or {})
     return bool(settings.get("triton.cudagraphs"))
 

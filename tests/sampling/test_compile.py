@@ -137,3 +137,5 @@ def test_compile_settings_are_checked():
     assert uses_cudagraphs({"mode": "reduce-overhead"}, torch.device("cuda"))
     assert uses_cudagraphs({"mode": "max-autotune"}, torch.device("cuda"))
     assert not uses_cudagraphs({}, torch.device("cuda"))
+    assert uses_cudagraphs({"options": {"triton.cudagraphs": True}}, torch.device("cuda"))
+    assert not uses_cudagraphs({"mode": "reduce-overhead", "backend": "aot_eager"}, torch.device("cuda"))
