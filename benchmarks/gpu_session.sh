@@ -4,9 +4,12 @@
 #   2 build       imagen_fast._C with the CUDA kernels for this card's architecture only
 #   3 tests       tests/ops/test_ops.py tests/ops/test_triton.py tests/ops/test_cuda_kernels.py at full shapes
 #   4 sanitizer   compute-sanitizer memcheck + racecheck on the small-shape cuda tests
-#   5 ops         python -m benchmarks.bench_ops --device cuda (every op; triton vs cuda;
+#   5 ops         python -m imagen_fast.bench.bench_ops --device cuda (every op; triton vs cuda;
 #                 writes imagen_fast/ops/gpu_choice.json)
-#   6 model       python -m benchmarks.bench_model --device cuda (paper-size presets)
+#   6 model       python -m imagen_fast.bench.bench_model --device cuda (paper-size presets)
+# Both write into this checkout: results to benchmarks/results/, the choice table to
+# imagen_fast/ops/ (named explicitly below; an installed package's benchmarks default to
+# ./bench-results).
 # Each part runs under its own hard time limit (`timeout`), inside what is left of the
 # total; a part that fails or times out is recorded and the next one runs. Nothing here
 # stops on an error.
@@ -122,12 +125,14 @@ sanitizer() {
 
 # the benchmarks stop starting new cases in time to write their results
 ops_bench() {
-  "$PY" -m benchmarks.bench_ops --device cuda --compile-limit 2 --budget-s "$(( PART_LIMIT - 40 ))"
+  "$PY" -m imagen_fast.bench.bench_ops --device cuda --compile-limit 2 --budget-s "$(( PART_LIMIT - 40 ))" \
+    --results-dir "$ROOT/benchmarks/results" --choice-table "$ROOT/imagen_fast/ops/gpu_choice.json"
 }
 
 model_bench() {
   if [ -d /tmp/ipsite ]; then export PYTHONPATH=$PYTHONPATH:/tmp/ipsite; fi
-  "$PY" -m benchmarks.bench_model --device cuda --budget-s "$(( PART_LIMIT - 25 ))"
+  "$PY" -m imagen_fast.bench.bench_model --device cuda --budget-s "$(( PART_LIMIT - 25 ))" \
+    --results-dir "$ROOT/benchmarks/results"
 }
 
 export PY ROOT LOGS PYTHONPATH IMAGEN_FAST_WHEELS
