@@ -16,6 +16,7 @@ What it costs (CI runs it in `make test`; a few minutes on a 2-core machine):
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -96,7 +97,8 @@ def installed(tmp_path_factory):
     _run(pip + ["-c", constraints, wheel], tmp, _clean_env(), what="pip install wheel")
     work = tmp / "work"
     work.mkdir()
-    return py, bindir, work, wheel, sdist
+    yield py, bindir, work, wheel, sdist
+    shutil.rmtree(venv, ignore_errors=True)         # 1 GB, mostly torch
 
 
 def _names(archive: Path):
