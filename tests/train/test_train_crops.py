@@ -213,3 +213,32 @@ def test_jax_trainer_trains_on_crops(tmp_path):
     assert trainer.model.config["train_size"] == 16
     assert tuple(trainer.last_lowres.shape) == (4, 3, 4, 4)
     assert Image.open(tmp_path / "jax" / "samples" / "step_00000001.png").size == (64, 64)
+
+
+def test_export_extends_a_cascade_with_a_crop_trained_stage(tmp_path):
+    """`imagen-fast export --extend CASCADE --run RUN`: the saved cascade's stages first,
+    the run's after; the result samples through load_pipeline at the full resolution."""
+    from imagen_fast.cascade import ImagenCascade, default_stage
+    from imagen_fast.cli import main
+    from imagen_fast.pipeline import load_pipeline
+
+    run = tmp_path / "sr"
+    Trainer(config_from_dict(_sr_raw(run, steps=2))).run()
+    torch.manual_seed(0)
+    base = default_stage("base16", "tiny-base32", image_size=16, text_dim=16, context_dim=16)
+    base.sampling = base.sampling.replace(steps=2, guidance=3.0)
+    ImagenCascade([base], text={"encoder": "hash:16", "max_length": 8}).save(str(tmp_path / "one"))
+    out = tmp_path / "two"
+    assert main(["export", "--extend", str(tmp_path / "one"), "--run", str(run), "--name", "sr64",
+                 "--sampling", '[{"steps": 2, "aug_level": 0.1}]', "--out", str(out)]) == 0
+    cascade = ImagenCascade.load(str(out))
+    assert [st.name for st in cascade.stages] == ["base16", "sr64"]
+    assert cascade.stages[0].sampling.guidance == 3.0                 # kept as saved
+    assert (cascade.stages[1].sampling.steps, cascade.stages[1].sampling.aug_level) == (2, 0.1)
+    assert cascade.stages[1].unet.config["train_size"] == 16
+    images = load_pipeline(str(out))(["a red circle"], num_images_per_prompt=2, seed=1)
+    assert [im.size for im in images] == [(64, 64)] * 2
+    # another text encoder than the extended cascade's is refused
+    ImagenCascade([base], text={"encoder": "hash:32", "max_length": 8}).save(str(tmp_path / "other"))
+    assert main(["export", "--extend", str(tmp_path / "other"), "--run", str(run),
+                 "--out", str(tmp_path / "bad")]) == 2
