@@ -15,7 +15,7 @@ PEERS ?= diffusers==0.42.1 imagen-pytorch==2.1.0
 .PHONY: venv build sample test bench bench-model lint clean
 
 # PEERS: the libraries imagen_fast.accelerate patches (tests/patch/,
-# benchmarks/bench_patch.py), installed under constraints so they cannot swap this torch.
+# imagen_fast/bench/bench_patch.py), installed under constraints so they cannot swap this torch.
 # PyPI's torchvision is a CUDA build whose compiled ops cannot load beside the CPU torch;
 # its import then fails registering meta kernels for them (also when transformers imports
 # it): tools/torchvision_meta_shim.pth skips those registrations at interpreter start.
@@ -57,13 +57,14 @@ sample: venv
 test: venv
 	JAX_PLATFORMS=cpu $(VPY) -m pytest -q tests
 
+# The committed results: benchmarks/results/ (named; the default is ./bench-results).
 bench: venv
 	$(PIP) install -q matplotlib
-	$(VPY) -m benchmarks.bench_ops
+	$(VENV)/bin/imagen-fast bench ops --out benchmarks/results
 
 bench-model: venv
 	$(PIP) install -q matplotlib
-	$(VPY) -m benchmarks.bench_model
+	$(VENV)/bin/imagen-fast bench model --out benchmarks/results
 
 lint: venv
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check imagen_fast tests benchmarks

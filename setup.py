@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -45,17 +44,39 @@ def _cmake_args(out_dir: Path) -> list:
     nvcc = Path(cuda_home) / "bin" / "nvcc"
     if not os.environ.get("CUDACXX") and nvcc.exists():
         args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-    if shutil.which("ninja") or _pip_ninja():
-        args += ["-G", "Ninja"]
+    ninja = _ninja()
+    if ninja:
+        # named every time: a build directory configured by an earlier pip build keeps
+        # that build environment's ninja (deleted since) in its cache
+        args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
     return args
 
 
-def _pip_ninja():
+def _ninja():
+    """The ninja executable: on PATH, else the one the ninja package brings (its bin
+    directory is not on PATH in a virtualenv that was not activated)."""
+    found = shutil.which("ninja")
+    if found:
+        return found
     try:
-        import ninja  # noqa: F401
-        return True
+        import ninja
     except ImportError:
-        return False
+        return None
+    exe = Path(ninja.BIN_DIR) / "ninja"
+    return str(exe) if exe.exists() else None
+
+
+def _generator(args: list) -> str:
+    return args[args.index("-G") + 1] if "-G" in args else "Unix Makefiles"
+
+
+def _forget_other_generator(build_dir: Path, generator: str) -> None:
+    """CMake refuses to reconfigure a build directory for another generator (an earlier
+    build had ninja, this one has not): start that directory afresh."""
+    cache = build_dir / "CMakeCache.txt"
+    if cache.exists() and f"CMAKE_GENERATOR:INTERNAL={generator}\n" not in cache.read_text():
+        cache.unlink()
+        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
 
 
 class CMakeBuild(build_ext):
@@ -75,7 +96,9 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["cmake", str(ROOT), *_cmake_args(out_dir)], cwd=build_dir, check=True)
+        args = _cmake_args(out_dir)
+        _forget_other_generator(build_dir, _generator(args))
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)],
                        cwd=build_dir, check=True)
 

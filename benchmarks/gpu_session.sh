@@ -5,13 +5,16 @@
 #   3 tests       tests/ops/test_ops.py tests/ops/test_triton.py tests/ops/test_cuda_kernels.py at full shapes
 #   4 compile     the GPU capture-safety tests (tests/ops/test_capture_safety.py -m gpu: no host
 #                 sync, each op captured in a CUDA graph, the reduce-overhead step), then
-#                 python -m benchmarks.bench_compile --device cuda: base64 sampling at batch 1,
+#                 python -m imagen_fast.bench.bench_compile --device cuda: base64 sampling at batch 1,
 #                 4, 16, eager vs compiled vs graph-captured (reduce-overhead), steps/s, end
 #                 to end with compile, outputs vs eager (a batch is written as soon as it is done)
-#   5 ops         python -m benchmarks.bench_ops --device cuda (every op; triton vs cuda;
+#   5 ops         python -m imagen_fast.bench.bench_ops --device cuda (every op; triton vs cuda;
 #                 writes imagen_fast/ops/gpu_choice.json)
-#   6 model       python -m benchmarks.bench_model --device cuda (paper-size presets)
+#   6 model       python -m imagen_fast.bench.bench_model --device cuda (paper-size presets)
 #   7 sanitizer   compute-sanitizer memcheck + racecheck on the small-shape cuda tests
+# Both write into this checkout: results to benchmarks/results/, the choice table to
+# imagen_fast/ops/ (named explicitly below; an installed package's benchmarks default to
+# ./bench-results).
 # Each part runs under its own hard time limit (`timeout`), inside what is left of the
 # total; a part that fails or times out is recorded and the next one runs. Nothing here
 # stops on an error.
@@ -127,7 +130,8 @@ sanitizer() {
 
 # the benchmarks stop starting new cases in time to write their results
 ops_bench() {
-  "$PY" -m benchmarks.bench_ops --device cuda --compile-limit 2 --budget-s "$(( PART_LIMIT - 40 ))"
+  "$PY" -m imagen_fast.bench.bench_ops --device cuda --compile-limit 2 --budget-s "$(( PART_LIMIT - 40 ))" \
+    --results-dir "$ROOT/benchmarks/results" --choice-table "$ROOT/imagen_fast/ops/gpu_choice.json"
 }
 
 compile_bench() {
@@ -138,7 +142,8 @@ compile_bench() {
 
 model_bench() {
   if [ -d /tmp/ipsite ]; then export PYTHONPATH=$PYTHONPATH:/tmp/ipsite; fi
-  "$PY" -m benchmarks.bench_model --device cuda --budget-s "$(( PART_LIMIT - 25 ))"
+  "$PY" -m imagen_fast.bench.bench_model --device cuda --budget-s "$(( PART_LIMIT - 25 ))" \
+    --results-dir "$ROOT/benchmarks/results"
 }
 
 export PY ROOT LOGS PYTHONPATH IMAGEN_FAST_WHEELS

@@ -81,34 +81,33 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def cmd_bench(args) -> int:
-    root = _repo_root()
-    if not (root / "benchmarks" / "bench_ops.py").exists():
-        raise UsageError("the benchmarks live in the source tree (benchmarks/): run this from a "
-                         "checkout installed with `pip install -e .`")
+    """The benchmarks ship in imagen_fast.bench; results go to --out (default
+    ./bench-results), never into the installed package."""
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-    sys.path.insert(0, str(root))
     if args.what == "shapes":
-        from benchmarks import shapes
+        from .bench import shapes
         shapes.main([])
         return 0
-    from benchmarks import harness
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {args.out!r} is not a directory")
+    from .bench import harness
     harness.set_allocator_env()        # re-executes this command with fixed allocator settings
-    extra = ["--device", args.device] + (["--quick"] if args.quick else [])
+    extra = ["--device", args.device, "--results-dir", str(out)] + (["--quick"] if args.quick else [])
     status = 0
     if args.what in ("ops", "all"):
-        from benchmarks import bench_ops
+        from .bench import bench_ops
         status |= bench_ops.main(extra)
     if args.what in ("model", "all"):
-        from benchmarks import bench_model
+        from .bench import bench_model
         status |= bench_model.main(extra)
+    if args.what in ("compile", "all"):
+        from .bench import bench_compile
+        status |= bench_compile.main(extra)
     return status
 
 
@@ -164,12 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, compiled features, backends, devices")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
-    s = sub.add_parser("bench", help="benchmarks (results under benchmarks/results/)")
-    s.add_argument("what", choices=["ops", "model", "all", "shapes"], nargs="?", default="ops",
+    s = sub.add_parser("bench", help="benchmarks of the ops and models (results under --out, default ./bench-results)",
+                       description="Benchmarks of the ops and models. Results (JSON, markdown, PNG with "
+                                   "matplotlib) go to --out; the repository's committed results are "
+                                   "written with --out benchmarks/results from a checkout.")
+    s.add_argument("what", choices=["ops", "model", "compile", "all", "shapes"], nargs="?", default="ops",
                    help="ops: every op over the shape table; model: every preset's training and "
-                        "sampling vs imagen-pytorch; shapes: print the shape table")
+                        "sampling vs imagen-pytorch; compile: eager vs torch.compile'd sampling "
+                        "and training steps; shapes: print the shape table")
     s.add_argument("--quick", action="store_true", help="a short smoke run (under 2 minutes on CPU)")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    from .bench import DEFAULT_RESULTS          # the package's __init__: no torch import
+    s.add_argument("--out", default=str(DEFAULT_RESULTS), metavar="DIR",
+                   help=f"results directory (default ./{DEFAULT_RESULTS}; created if missing)")
     s.set_defaults(func=cmd_bench)
     s = sub.add_parser("train", help="train one stage of the cascade from a TOML config")
     s.add_argument("--config", required=True, help="TOML file (see imagen_fast/train_config.py)")

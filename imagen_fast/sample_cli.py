@@ -1,17 +1,18 @@
 """`imagen-fast sample`: prompts in, image files out, with the shipped cascade or any other.
 
     imagen-fast sample "two red circles above a blue square" -o out.png
-    imagen-fast sample --prompts-file prompts.txt --num-images 2 --grid -o grid.png
+    imagen-fast sample --prompts-file prompts.txt --num-images 2 -o grid.png --each
     imagen-fast sample "a blue square on the left" --guidance 5,3 --steps 32 --sampler ddim
 
 ``--compile default|reduce-overhead|max-autotune`` runs each stage's whole denoising step
 as one torch.compile graph (the call pays the compile time).
 
 Per-stage options (--guidance, --steps, --sampler, --threshold, --percentile, --aug-level)
-take one value for every stage or a comma-separated list, one per stage. Output: with
-one image, ``-o`` is its file; with several, ``<stem>-<n><suffix>`` files, or one grid
-(a row per prompt) with ``--grid``. Every mistake a user can make ends in one line on
-stderr and exit status 2, and is caught before any sampling starts.
+take one value for every stage or a comma-separated list, one per stage. Output: ``-o``
+is one file, the image itself when there is one, else a grid of them all (a row per
+prompt, a column per image); ``--each`` also writes every image as
+``<stem>-p<prompt>-i<image><suffix>`` (numbered from 0). Every mistake a user can make
+ends in one line on stderr and exit status 2, and is caught before any sampling starts.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import List, Optional
 
 from .core import COMPILE_MODES, SettingError, check_setting
 
-# --compile's default: eager unless benchmarks/bench_compile.py shows that compiling pays
+# --compile's default: eager unless imagen_fast/bench/bench_compile.py shows that compiling pays
 # back its compile time within one call of 4 images on a CPU (README, "Compiled steps").
 DEFAULT_COMPILE = "none"
 
@@ -82,14 +83,17 @@ def read_prompts_file(path: str) -> List[str]:
     return prompts
 
 
-def _outputs(out: str, prompts: List[str], num_images: int, grid: bool) -> List[Path]:
-    """The files this run will write, checked to be writable before sampling."""
+def _outputs(out: str, prompts: List[str], num_images: int, each: bool) -> List[Path]:
+    """The files this run will write, checked to be writable before sampling: ``out``
+    (the image, or the grid of all), then with ``each`` one file per image, prompt-major
+    (the order the pipeline returns them in)."""
     path = Path(out)
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise SampleError(f"-o: {out!r} needs an image suffix (.png, .jpg, .webp)")
-    total = len(prompts) * num_images
-    files = [path] if grid or total == 1 else [
-        path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(total)]
+    files = [path]
+    if each:
+        files += [path.with_name(f"{path.stem}-p{p}-i{i}{path.suffix}")
+                  for p in range(len(prompts)) for i in range(num_images)]
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise SampleError(f"-o: directory {str(parent)!r} does not exist")
@@ -124,7 +128,7 @@ def _run(args) -> int:
     if args.num_images < 1:
         raise SampleError(f"--num-images: must be a positive integer, got {args.num_images}")
     settings = {name: _per_stage(getattr(args, name), name, parse) for name, parse in _OPTIONS.items()}
-    files = _outputs(args.output, prompts, args.num_images, args.grid)
+    files = _outputs(args.output, prompts, args.num_images, args.each)
 
     import torch
 
@@ -147,11 +151,9 @@ def _run(args) -> int:
                       **settings)
     except ValueError as e:
         raise SampleError(str(e)) from None
-    if args.grid:
-        image_grid(images, args.num_images).save(files[0])
-    else:
-        for img, f in zip(images, files):
-            img.save(f)
+    (images[0] if len(images) == 1 else image_grid(images, args.num_images)).save(files[0])
+    for img, f in zip(images, files[1:]):
+        img.save(f)
     if not args.quiet:
         stages = ", ".join(f"{st.name} {st.resolution}px {sec:.1f}s" for st, sec in times)
         compiled = "" if args.compile == "none" else f" (compile {args.compile}: stage times include compiling)"
@@ -168,11 +170,15 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
                                    "value or a comma-separated list (one per stage).")
     s.add_argument("prompts", nargs="*", help="text prompt(s)")
     s.add_argument("-o", "--output", default="out.png",
-                   help="image file (several images: <stem>-<n>.png, or one file with --grid)")
+                   help="the image file (default out.png): the image, or with several images one grid "
+                        "of them all, a row per prompt and a column per image")
     s.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--prompts-file", help="one prompt a line, or a CSV with a Prompt column")
-    s.add_argument("--grid", action="store_true", help="write one grid image, a row per prompt")
+    s.add_argument("--each", action="store_true",
+                   help="also write every image apart, as <stem>-p<prompt>-i<image>.png (from 0)")
+    # --grid was needed for a grid before the grid became what -o writes: still accepted
+    s.add_argument("--grid", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--guidance", help="classifier-free guidance weight w (>= 0; 1 = off)")
     s.add_argument("--steps", help="denoising steps")
     s.add_argument("--sampler", help="ddpm, ddim or dpmpp (DPM-Solver++ 2M)")

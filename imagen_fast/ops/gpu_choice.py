@@ -3,7 +3,7 @@
 Both backends serve group_norm_silu (forward and backward), dynamic_threshold and
 sampler_step on CUDA GPUs. Which one is faster depends on the op, the shape and the
 card, so the automatic choice reads ``gpu_choice.json`` beside this file: the GPU op
-benchmark (``python -m benchmarks.bench_ops --device cuda``) times both backends forced
+benchmark (``imagen-fast bench ops --device cuda``) times both backends forced
 at every shape of the Imagen shape table and writes one entry per
 (op, GPU architecture, shape class) with the winner and both timings; the file is
 committed with the results it came from.
@@ -14,8 +14,9 @@ A call is matched to the entries of its op and architecture (``sm_90``: H100/H20
    ("nearest measured shape class", said once in the log per op and architecture);
 3. else nothing was measured for this GPU: the default order, triton then cuda,
    said once in the log per op and architecture with the reason.
-IMAGEN_FAST_GPU_CHOICE=/path/to/table.json reads another table (the benchmark's own
-output, say, before it is committed).
+IMAGEN_FAST_GPU_CHOICE=/path/to/table.json reads another table: the benchmark writes
+its merged table to <results-dir>/gpu_choice.json, never into an installed package
+(benchmarks/gpu_session.sh writes a checkout's imagen_fast/ops/gpu_choice.json).
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def write_table(entries: Sequence[dict], path: Optional[Path] = None) -> Path:
     path = Path(path) if path is not None else TABLE_PATH
     doc = {"version": TABLE_VERSION,
            "about": "triton vs cuda per (op, arch, shape class), measured by "
-                    "`python -m benchmarks.bench_ops --device cuda`; read by imagen_fast/ops/gpu_choice.py",
+                    "`imagen-fast bench ops --device cuda`; read by imagen_fast/ops/gpu_choice.py",
            "entries": list(entries)}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -177,7 +178,7 @@ def choose(op: str, arch: str, cls: dict, entries: Sequence[dict]) -> Tuple[str,
     else:
         why = f"nothing measured for {op} on {arch} in {table_path().name}"
     return GPU_BACKENDS[0], "default", (f"{why}; default order {' then '.join(GPU_BACKENDS)} "
-                                        f"(measure with `python -m benchmarks.bench_ops --device cuda`)")
+                                        f"(measure with `imagen-fast bench ops --device cuda`)")
 
 
 def pick(op: str, arch: str, x: torch.Tensor, gpu: str = "") -> str:

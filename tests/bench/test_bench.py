@@ -1,5 +1,6 @@
 """The benchmark harness's logic (not speeds): timing, the preset-derived shape table, the
 case list, the tables, the choice entries, the memory probes."""
+import argparse
 import json
 import math
 import subprocess
@@ -10,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from imagen_fast.bench import bench_model, bench_ops, harness, shapes
+from imagen_fast.models import preset_config
+from imagen_fast.ops import gpu_choice
 
-from benchmarks import bench_model, bench_ops, harness, shapes  # noqa: E402
-from imagen_fast.models import preset_config  # noqa: E402
-from imagen_fast.ops import gpu_choice  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_compare_times_each_candidate_per_call_and_interleaves():
@@ -170,6 +170,21 @@ def test_summary_table_ranges_and_drops_empty_columns():
     assert "x compile" not in t.columns and "x best SDPA" not in t.columns
 
 
+def test_results_go_to_the_named_directory(tmp_path):
+    """write_results writes into the directory it is given (the default is relative to the
+    working directory, never the package's own folder)."""
+    table = harness.Table("t", ["a"])
+    table.add(1.5)
+    path = harness.write_results(tmp_path / "new" / "dir", "demo", {"cpu": "x"}, [table], {"k": 1})
+    assert path == tmp_path / "new" / "dir" / "demo.json"
+    assert json.loads(path.read_text())["raw"] == {"k": 1}
+    assert "| 1.5 |" in path.with_suffix(".md").read_text()
+    assert not harness.DEFAULT_RESULTS.is_absolute()
+    ap = argparse.ArgumentParser()
+    harness.add_results_arg(ap)
+    assert ap.parse_args([]).results_dir == harness.DEFAULT_RESULTS
+
+
 def test_load_warning_only_above_the_core_count():
     assert harness.load_warning([1.0, 1.9], cpu_count=2) is None
     assert "LOADED MACHINE" in harness.load_warning([1.0, 15.0], cpu_count=2)
@@ -190,7 +205,7 @@ def test_bench_patch_pairs_run_and_agree(lib, mode, monkeypatch):
             import_imagen_pytorch()
         except ImportError as e:
             pytest.skip(f"imagen-pytorch not installed: {e}")
-    from benchmarks import bench_patch
+    from imagen_fast.bench import bench_patch
     monkeypatch.setattr(bench_patch, "RES", 32)      # the smallest size both U-Nets take
     make = bench_patch.diffusers_pair if lib == "diffusers" else bench_patch.imagen_pytorch_pair
     slow, fast, report, model = make(mode, 1)

@@ -1,4 +1,4 @@
-"""benchmarks/bench_compile.py runs (its logic, not speeds): a --quick run in a fresh
+"""imagen_fast/bench/bench_compile.py runs (its logic, not speeds): a --quick run in a fresh
 process writes its tables with one graph per compiled function, no recompiles and the
 eager outputs; the fresh-process measures (compile times, the e2e call) under slow."""
 import json
@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _bench(tmp_path, *extra):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_compile", "--quick", "--backend", "eager",
-                        "--out-dir", str(tmp_path), "--out", "quick", *extra],
+    r = subprocess.run([sys.executable, "-m", "imagen_fast.bench.bench_compile", "--quick", "--backend", "eager",
+                        "--results-dir", str(tmp_path), "--out", "quick", *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "quick.md").is_file()

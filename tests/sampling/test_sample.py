@@ -61,16 +61,23 @@ def test_saved_weights_are_fp16_and_load_back(cascade_dir):
 
 
 def test_cli_writes_files_and_grid(cascade_dir, tmp_path, capsys):
+    from PIL import Image
     out = tmp_path / "img.png"
     assert main(["sample", "two red circles", "--checkpoint", str(cascade_dir), "-o", str(out),
                  "--num-images", "3", *FAST]) == 0
-    files = [tmp_path / f"img-{i}.png" for i in range(3)]
-    assert all(f.exists() for f in files) and capsys.readouterr().out.split() == [str(f) for f in files]
+    assert capsys.readouterr().out.split() == [str(out)]         # one file: the grid of the three
+    assert Image.open(out).size == (3 * 64, 64)
+    grid = tmp_path / "grid.png"
     assert main(["sample", "two red circles", "a green triangle", "--checkpoint", str(cascade_dir),
-                 "-o", str(out), "--num-images", "2", "--grid", "--guidance", "3,2",
+                 "-o", str(grid), "--num-images", "2", "--each", "--guidance", "3,2",
                  "--sampler", "dpmpp", "--threshold", "static", *FAST]) == 0
-    from PIL import Image
-    assert Image.open(out).size == (2 * 64, 2 * 64)
+    each = [tmp_path / f"grid-p{p}-i{i}.png" for p in range(2) for i in range(2)]
+    assert capsys.readouterr().out.split() == [str(grid)] + [str(f) for f in each]
+    assert Image.open(grid).size == (2 * 64, 2 * 64)                 # a row per prompt
+    whole = Image.open(grid)
+    for k, f in enumerate(each):                                     # the grid holds each image
+        box = ((k % 2) * 64, (k // 2) * 64, (k % 2 + 1) * 64, (k // 2 + 1) * 64)
+        assert list(whole.crop(box).getdata()) == list(Image.open(f).getdata())
     one = tmp_path / "one.jpg"
     assert main(["sample", "a red circle", "--checkpoint", str(cascade_dir), "-o", str(one),
                  "--num-images", "1", "--percentile", "0.9", "--aug-level", "0.1", *FAST]) == 0
@@ -85,7 +92,7 @@ def test_cli_prompts_files(cascade_dir, tmp_path, capsys):
     for f in (txt, csvf):
         out = tmp_path / f"{f.stem}.png"
         assert main(["sample", "--prompts-file", str(f), "--checkpoint", str(cascade_dir),
-                     "-o", str(out), "--num-images", "1", "--grid", *FAST]) == 0
+                     "-o", str(out), "--num-images", "1", *FAST]) == 0
         from PIL import Image
         assert Image.open(out).size == (64, 2 * 64)                   # two prompts, a row each
 
@@ -184,9 +191,10 @@ def test_shipped_cascade_cli_end_to_end(tmp_path, capsys):
     """`imagen-fast sample "<prompt>"` with nothing else but a few steps: real 64x64 images."""
     out = tmp_path / "out.png"
     assert main(["sample", "two red circles above a blue square", "-o", str(out), "--num-images", "2",
-                 "--steps", "3", "--seed", "1", "--quiet"]) == 0
+                 "--steps", "3", "--seed", "1", "--quiet", "--each"]) == 0
     from PIL import Image
     import numpy as np
-    ims = [np.asarray(Image.open(tmp_path / f"out-{i}.png")) for i in range(2)]
+    assert Image.open(out).size == (2 * 64, 64)
+    ims = [np.asarray(Image.open(tmp_path / f"out-p0-i{i}.png")) for i in range(2)]
     assert all(im.shape == (64, 64, 3) for im in ims)
     assert all(im.std() > 1.0 for im in ims) and not np.array_equal(ims[0], ims[1])

@@ -2,24 +2,27 @@
 against PyTorch eager, torch.compile of the reference and the peers that are importable,
 on a CPU or a CUDA GPU with the same harness.
 
-    python -m benchmarks.bench_ops [--device cpu|cuda] [--quick] [--ops gn,attn,thr,step]
+    imagen-fast bench ops [--quick] [--device cuda] [--out DIR]        (or:)
+    python -m imagen_fast.bench.bench_ops [--device cpu|cuda] [--quick] [--ops gn,attn,thr,step]
                                    [--budget-s S] [--no-compile | --compile-limit N]
-                                   [--resume] [--out NAME]
+                                   [--resume] [--out NAME] [--results-dir DIR]
 
-Shapes come from benchmarks/shapes.py (recorded from the presets): for group_norm_silu the
+Shapes come from imagen_fast/bench/shapes.py (recorded from the presets): for group_norm_silu the
 call moving the most bytes at every stage (resolution) of every preset, for attention every distinct call at text
 lengths 64/128/256 (with and without the key padding mask), for thresholding and the
 sampler step each preset's output image; plus a batch sweep 1/8/64 at one shape per op.
 A CPU runs the small presets at batch 8 and the paper presets at batch 1 (calls up to
 2^24 elements); a GPU runs every preset at batch 8.
 
-Candidates, all timed in one process, interleaved round by round (benchmarks/harness.py):
+Candidates, all timed in one process, interleaved round by round (imagen_fast/bench/harness.py):
   imagen-fast     ops.* with the automatic backend choice
   triton, cuda    (GPU) the two kernel backends forced; "cuda onepass"/"cuda split"
                   force the CUDA GroupNorm paths. Their timings write the triton/cuda
-                  choice table imagen_fast/ops/gpu_choice.json (see ops/gpu_choice.py).
+                  choice table (the package's gpu_choice.json with this GPU's entries
+                  merged in) to --choice-table, default <results-dir>/gpu_choice.json;
+                  IMAGEN_FAST_GPU_CHOICE=<that file> makes ops/gpu_choice.py read it.
   eager           stock PyTorch (F.group_norm + FiLM + F.silu; reference attention;
-                  torch.quantile thresholding), benchmarks/baselines.py
+                  torch.quantile thresholding), imagen_fast/bench/baselines.py
   compile         torch.compile of the reference, static shapes, compiled per shape
   sdpa*           F.scaled_dot_product_attention with the same boolean mask: the default
                   pick and each backend forced (math, efficient, flash, cudnn) where it runs
@@ -38,7 +41,9 @@ Counted (the minimum any implementation moves; next to every table):
 "fraction of matmul" divides FLOP/s by an n^3 matmul's rate in the same dtype, both
 measured by this process at start.
 
-Results: benchmarks/results/<out>.json (machine, tables, raw timings), .md, .png.
+Results: <results-dir>/<out>.json (machine, tables, raw timings), .md, .png; the
+results-dir is ./bench-results unless named (the repository's committed results:
+--results-dir benchmarks/results).
 """
 from __future__ import annotations
 
@@ -52,22 +57,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-if __package__ in (None, ""):  # run as a file: make `benchmarks` and `imagen_fast` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchmarks import harness  # noqa: E402
-from benchmarks import shapes as shape_table  # noqa: E402
-from benchmarks.baselines import (  # noqa: E402
+from imagen_fast import ops
+from imagen_fast.bench import harness
+from imagen_fast.bench import shapes as shape_table
+from imagen_fast.bench.baselines import (
     STEP,
     eager_group_norm,
     eager_sampler_step,
     quantile_threshold,
 )
-from imagen_fast import ops  # noqa: E402
-from imagen_fast.ops import gpu_choice, reference  # noqa: E402
+from imagen_fast.ops import gpu_choice, reference
 
 OPS = ("gn", "attn", "thr", "step")
 SMALL_PRESETS = ("base64-small-efficient", "base64-small")
@@ -565,9 +567,9 @@ def choice_entries(records: List[dict], arch: str, gpu: str, commit: str) -> Lis
 
 
 # ------------------------------------------------------------------- main
-def _previous(name: str, machine: dict) -> Tuple[List[dict], List[dict]]:
+def _previous(results_dir: Path, name: str, machine: dict) -> Tuple[List[dict], List[dict]]:
     """Records and run notes of an earlier run of this benchmark on the same machine."""
-    path = harness.RESULTS / f"{name}.json"
+    path = Path(results_dir) / f"{name}.json"
     if not path.exists():
         return [], []
     import json
@@ -580,17 +582,20 @@ def _previous(name: str, machine: dict) -> Tuple[List[dict], List[dict]]:
     return data.get("raw", {}).get("cases", []), data.get("raw", {}).get("runs", [])
 
 
-def render(name: str) -> int:
+def render(results_dir: Path, name: str) -> int:
     """Tables and plot again from a results JSON (after a change to how they are drawn)."""
     import json
-    path = harness.RESULTS / f"{name}.json"
+    path = Path(results_dir) / f"{name}.json"
+    if not path.exists():
+        print(f"bench_ops --render: no results file {path}", file=sys.stderr)
+        return 2
     data = json.loads(path.read_text())
     records, runs = data["raw"]["cases"], data["raw"].get("runs", [])
     m = data["machine"]
     tables = all_tables(records, "cuda" if m.get("gpu") else "cpu", m.get("rounds"), m.get("threads"), runs)
-    harness.write_results(name, data["machine"], tables, data["raw"])
+    harness.write_results(results_dir, name, data["machine"], tables, data["raw"])
     try:
-        from benchmarks.plots import plot_speedups
+        from imagen_fast.bench.plots import plot_speedups
         print(f"wrote {plot_speedups(path)}")
     except ImportError:
         pass
@@ -626,7 +631,9 @@ def _slug(s: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true", help="a few shapes, few rounds (under 2 minutes on CPU)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: a few shapes, few rounds, torch.compile for the first case of each "
+                         "op and pass only (unless --compile-limit says otherwise)")
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma list of {OPS}")
     ap.add_argument("--presets", default="", help="comma list of presets (default: per device)")
     ap.add_argument("--rounds", type=int, default=None)
@@ -637,8 +644,13 @@ def main(argv=None) -> int:
                     help="torch.compile only the first N cases of each op and pass (compiling "
                          "is most of a case's time; the GPU session uses 2)")
     ap.add_argument("--no-choice", action="store_true",
-                    help="(GPU) do not merge the triton/cuda choices into imagen_fast/ops/gpu_choice.json")
+                    help="(GPU) do not write the triton/cuda choice table")
+    ap.add_argument("--choice-table", type=Path, default=None, metavar="PATH",
+                    help="(GPU) where the choice table goes: the package's table with this GPU's "
+                         "entries merged in (default <results-dir>/gpu_choice.json; a checkout "
+                         "commits it as imagen_fast/ops/gpu_choice.json)")
     ap.add_argument("--out", default=None, help="results name (default cpu_ops / gpu_ops_<gpu>)")
+    harness.add_results_arg(ap)
     ap.add_argument("--resume", action="store_true",
                     help="keep the cases already in the results file (same machine) and run the rest")
     ap.add_argument("--quiet", default="unknown", choices=["yes", "no", "unknown"],
@@ -647,7 +659,7 @@ def main(argv=None) -> int:
                     help="only rewrite the markdown and PNG from the results JSON (no timing)")
     args = ap.parse_args(argv)
     if args.render:
-        return render(args.out or "cpu_ops")
+        return render(args.results_dir, args.out or "cpu_ops")
     which = [w for w in args.ops.split(",") if w]
     bad = sorted(set(which) - set(OPS))
     if bad:
@@ -679,19 +691,20 @@ def main(argv=None) -> int:
 
     name = args.out or ("cpu_ops" if device.type == "cpu" else
                         "gpu_ops_" + _slug(torch.cuda.get_device_name(device)))
-    records, runs = _previous(name, machine) if args.resume else ([], [])
+    records, runs = _previous(args.results_dir, name, machine) if args.resume else ([], [])
     done = {record_key(r) for r in records}
     t0 = time.perf_counter()
     skipped = []
     todo = [c for c in cases if case_key(c.op, c.mode, c.shape, DTYPE_NAMES[c.dtype], c.layout,
                                          c.masked, c.groups, c.film) not in done]
+    compile_limit = args.compile_limit if args.compile_limit is not None else (1 if args.quick else None)
     compiled: Dict[Tuple[str, str], int] = {}
     for case in harness.progress(todo, desc=f"bench ops ({device.type})"):
         if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
             skipped.append(f"{case.label()}: time budget")
             continue
         n = compiled.get((case.op, case.mode), 0)
-        with_compile = not args.no_compile and (args.compile_limit is None or n < args.compile_limit)
+        with_compile = not args.no_compile and (compile_limit is None or n < compile_limit)
         compiled[(case.op, case.mode)] = n + with_compile
         try:
             records.append(run_case(case, device, rounds, min_round_s, roof, with_compile))
@@ -713,13 +726,16 @@ def main(argv=None) -> int:
         raw["gpu_choice"] = entries
         if entries and not args.no_choice:
             merged = gpu_choice.merge_entries(gpu_choice.read_table(gpu_choice.TABLE_PATH), entries)
-            print(f"wrote {gpu_choice.write_table(merged)} ({len(entries)} entries for {arch})")
-    path = harness.write_results(name, machine, tables, raw)
+            table_path = args.choice_table or Path(args.results_dir) / "gpu_choice.json"
+            table_path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"wrote {gpu_choice.write_table(merged, table_path)} ({len(entries)} entries for {arch}; "
+                  f"IMAGEN_FAST_GPU_CHOICE={table_path} makes the ops read it)")
+    path = harness.write_results(args.results_dir, name, machine, tables, raw)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     if skipped:
         print(f"{len(skipped)} cases not run (budget or error): see raw.skipped in the JSON")
     try:
-        from benchmarks.plots import plot_speedups
+        from imagen_fast.bench.plots import plot_speedups
         print(f"wrote {plot_speedups(path)}")
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)")

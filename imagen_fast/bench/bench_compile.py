@@ -1,7 +1,7 @@
 """Eager vs torch.compile'd sampling and training: throughput, compile time, recompiles and
 outputs compared, on a CPU or a CUDA GPU.
 
-    python -m benchmarks.bench_compile [--device cpu|cuda] [--quick] [--presets a,b]
+    python -m imagen_fast.bench.bench_compile [--device cpu|cuda] [--quick] [--presets a,b]
         [--modes default,reduce-overhead] [--batches 1,4] [--steps N] [--rounds N]
         [--repeats N] [--no-train] [--no-e2e] [--e2e-checkpoint DIR] [--backend B] [--budget-s S]
         [--quiet yes|no] [--out NAME] [--out-dir DIR]
@@ -53,15 +53,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import harness  # noqa: E402
+from imagen_fast.bench import harness
 
 GUIDANCE = 5.0
 PERCENTILE = 0.995
@@ -280,9 +276,8 @@ def _worker_e2e(mode: str, backend: Optional[str], steps: Optional[int], save: s
 
 def _spawn(args: List[str], cache_dir: str) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    cmd = [sys.executable, "-m", "benchmarks.bench_compile", "--worker"] + args
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    cmd = [sys.executable, "-m", "imagen_fast.bench.bench_compile", "--worker"] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"worker {args} failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -366,7 +361,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", default="unknown", choices=["yes", "no", "unknown"],
                     help="record whether other work was paused on the machine during the run")
     ap.add_argument("--out", default=None, help="result file name (default bench_compile_<device>)")
-    ap.add_argument("--out-dir", default=None, help="directory of the result files (default benchmarks/results)")
+    harness.add_results_arg(ap)
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -404,8 +399,6 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if gpu else torch.float32
     if not gpu:
         torch.set_num_threads(int(os.environ.get("IMAGEN_FAST_BENCH_THREADS", os.cpu_count() or 1)))
-    if args.out_dir:
-        harness.RESULTS = Path(args.out_dir)
     name = args.out or ("bench_compile_cpu" if not gpu else "bench_compile_gpu_" + re.sub(
         r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(0)).strip("_").lower())
 
@@ -438,7 +431,7 @@ def main(argv=None) -> int:
             notes.append(warning)
         raw = dict(rows=rows, e2e=e2e, skipped=skipped, steps=steps, rounds=rounds, modes=list(modes),
                    load_before=load_before, load_after=load_after)
-        return harness.write_results(name, machine, tables, raw), tables
+        return harness.write_results(args.results_dir, name, machine, tables, raw), tables
 
     for preset in harness.progress(presets, desc=f"bench compile ({device.type})"):
         model = None

@@ -4,7 +4,8 @@ Each preset is built on the meta device (no memory, no arithmetic) and run forwa
 under a dispatch mode that records the arguments of every ``imagen_fast`` custom op it
 reaches, so the table follows the presets as they are, never a list typed by hand.
 
-    python -m benchmarks.shapes [--presets base64,sr256] [--text-lens 64,128,256] [--json]
+    imagen-fast bench shapes                                  (or:)
+    python -m imagen_fast.bench.shapes [--presets base64,sr256] [--text-lens 64,128,256] [--json]
 
 A recorded call has batch 1; ``at_batch`` scales it (guided sampling runs 2B).
   group_norm_silu  (N, C, H, W), groups, FiLM or not, activation; where in the model
@@ -199,7 +200,7 @@ def markdown(presets: Sequence[str], text_lens: Sequence[int] = TEXT_LENS,
              batches: Sequence[int] = BATCHES) -> str:
     lines = ["# Imagen shape table", "",
              "Every op call of one U-Net forward, recorded from the presets on the meta device "
-             "(`python -m benchmarks.shapes`). Shapes at batch 1; the batch dimension scales "
+             "(`imagen-fast bench shapes`). Shapes at batch 1; the batch dimension scales "
              f"with the batch size (benchmarked at {', '.join(map(str, batches))}; guided "
              "sampling doubles it).", "",
              "| op | preset | shape (batch 1) | detail | calls per forward |", "|---|---|---|---|---|"]

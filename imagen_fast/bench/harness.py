@@ -24,7 +24,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Results go to --results-dir, by default ./bench-results, never into the installed
+# package; a checkout's committed results (benchmarks/results/) only when named.
+from imagen_fast.bench import DEFAULT_RESULTS
+
 ROTATE_BYTES = 256 << 20        # rotate inputs over at least this many bytes
 
 
@@ -188,9 +191,17 @@ def progress(items: Sequence, desc: str):
 
 
 def _git_commit() -> str:
+    """The commit of the checkout this package runs from, or "unknown" for an installed
+    package (which may sit in another repository's .venv: that repository's commit would
+    be a wrong tag)."""
+    checkout = Path(__file__).resolve().parents[2]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        def git(*a):
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=checkout,
+                                  check=True).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != checkout:
+            return "unknown"
+        return git("rev-parse", "--short", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -268,15 +279,24 @@ class Table:
         return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, machine: dict, tables: Sequence[Table], raw: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def add_results_arg(ap) -> None:
+    """The --results-dir option every benchmark takes (one definition, one default)."""
+    ap.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, metavar="DIR",
+                    help=f"directory for the results (default ./{DEFAULT_RESULTS}; a checkout's "
+                         "committed results: benchmarks/results)")
+
+
+def write_results(results_dir: Path, name: str, machine: dict, tables: Sequence[Table], raw: dict) -> Path:
+    """<results_dir>/<name>.json (machine, tables, raw numbers) and <name>.md."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine, "tables": [
         {"title": t.title, "columns": list(t.columns), "rows": t.rows, "notes": t.notes}
         for t in tables], "raw": raw}
-    json_path = RESULTS / f"{name}.json"
+    json_path = results_dir / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=1))
     md = [f"# {name}", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()
                                                      if k != "imagen_fast_build"), ""]
     md += [t.markdown() for t in tables]
-    (RESULTS / f"{name}.md").write_text("\n".join(md))
+    (results_dir / f"{name}.md").write_text("\n".join(md))
     return json_path

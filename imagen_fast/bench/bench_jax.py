@@ -1,7 +1,8 @@
 """The JAX path beside the torch path: training step and sampling throughput at one preset.
 
-    python -m benchmarks.bench_jax [--preset base64-small-efficient] [--batch 8]
+    python -m imagen_fast.bench.bench_jax [--preset base64-small-efficient] [--batch 8]
                                    [--steps 8] [--rounds 9] [--quick] [--no-torch]
+                                   [--results-dir DIR]
 
 Runs unchanged on a CPU machine and on a TPU host (``pip install -e ".[tpu]"``): the
 JAX side uses every local device (a (data, 1) mesh, the batch split over it; on TPU
@@ -18,7 +19,7 @@ nothing). Measured:
 images/s = batch / time per (training or denoising) step. Both libraries run in one
 process, interleaved round by round (``harness.compare``), median and p10/p90 over
 rounds. The JAX compile time (first call) is reported apart and not in the timings.
-Results: benchmarks/results/bench_jax_<platform>.{json,md}.
+Results: <results-dir>/bench_jax_<platform>.{json,md}.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import torch
 
-from benchmarks import bench_model, harness
+from imagen_fast.bench import bench_model, harness
 
 TEXT_LEN = 64
 GUIDANCE = 5.0
@@ -172,6 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny-base32, batch 2, 3 rounds")
     ap.add_argument("--no-torch", action="store_true", help="time the JAX path alone")
     ap.add_argument("--out", default=None, help="result name (default bench_jax_<platform>)")
+    harness.add_results_arg(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.preset, args.batch, args.rounds, args.steps = "tiny-base32", 2, 3, 4
@@ -225,7 +227,7 @@ def main(argv=None) -> None:
                    jax_devices=f"{len(devices)} x {devices[0].device_kind}")
     raw.update(compile_s=compile_s, load_before=load_before, load_after=load_after,
                preset=args.preset, batch=args.batch, steps=args.steps)
-    path = harness.write_results(args.out or f"bench_jax_{platform}", machine, [table], raw)
+    path = harness.write_results(args.results_dir, args.out or f"bench_jax_{platform}", machine, [table], raw)
     print(table.markdown())
     print(f"wrote {path}")
 

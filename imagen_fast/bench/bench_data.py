@@ -1,6 +1,7 @@
 """Data pipeline throughput: images/s of the loader, against what a training step consumes.
 
-    python -m benchmarks.bench_data [--quick] [--batch 64] [--out data_pipeline]
+    python -m imagen_fast.bench.bench_data [--quick] [--batch 64] [--out data_pipeline]
+                                           [--results-dir DIR]
 
 Loader paths (tar shards in the img2dataset layout, read with imagen_fast.data):
   base64 png      shapes at 64 px, PNG: decode only (no resize), the synthetic-data case
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import harness
+from imagen_fast.bench import harness
 from imagen_fast.data import StreamDataset, make_loader, transform_for_stage, write_shapes
 from imagen_fast.data.shapes import make_scene, render
 
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="data_pipeline")
+    ap.add_argument("--out", default="data_pipeline", help="results name")
+    harness.add_results_arg(ap)
     ap.add_argument("--no-train", action="store_true", help="skip the training-demand part")
     args = ap.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
                 "costs training nothing)",
             ]
             tables.append(train_tab)
-    path = harness.write_results(args.out, machine, tables, raw)
+    path = harness.write_results(args.results_dir, args.out, machine, tables, raw)
     for t in tables:
         print(t.markdown())
     print(f"written {path} and {path.with_suffix('.md')}")

@@ -1,7 +1,7 @@
 """PNG plots from the JSON results of the benchmarks.
 
-    python -m benchmarks.plots benchmarks/results/cpu_ops.json          # speedup per op and shape
-    python -m benchmarks.plots benchmarks/results/bench_model_cpu.json  # throughput per preset
+    python -m imagen_fast.bench.plots bench-results/cpu_ops.json          # speedup per op and shape
+    python -m imagen_fast.bench.plots bench-results/bench_model_cpu.json  # throughput per preset
 
 Each writes a .png beside its JSON.
 """
@@ -107,5 +107,7 @@ def plot(json_path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:] or [str(Path(__file__).parent / "results" / "cpu_ops.json")]:
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m imagen_fast.bench.plots RESULTS.json [...]")
+    for arg in sys.argv[1:]:
         print(plot(Path(arg)))

@@ -1,6 +1,7 @@
 """imagen_fast.accelerate on models built elsewhere: patched vs unpatched, on CPU.
 
-    python -m benchmarks.bench_patch [--quick] [--rounds 9] [--out NAME] [--quiet yes|no]
+    python -m imagen_fast.bench.bench_patch [--quick] [--rounds 9] [--out NAME] [--quiet yes|no]
+                                            [--results-dir DIR]
 
 Two libraries, two modes each; the unpatched model and an accelerated deep copy of
 it (same weights) run in one process, interleaved round by round
@@ -14,7 +15,7 @@ it (same weights) run in one process, interleaved round by round
                       DDPMScheduler.step with IF's thresholding (ratio 0.95,
                       sample_max_value 1.5); the patched run also has the scheduler
                       accelerated.
-  imagen-pytorch  the memory-efficient Unet of benchmarks/bench_model.py at half its
+  imagen-pytorch  the memory-efficient Unet of imagen_fast/bench/bench_model.py at half its
               width (dim 32; 64x64, attention + text at 16 and 8 px).
               train:  Imagen.forward (its loss) + backward + SGD step.
               sample: Imagen.p_sample, guidance 5, dynamic thresholding (p = 0.995).
@@ -29,8 +30,8 @@ import os
 import torch
 
 import imagen_fast
-from benchmarks import harness
-from benchmarks.bench_model import IP_UNET, PERCENTILE, make_inputs
+from imagen_fast.bench import harness
+from imagen_fast.bench.bench_model import IP_UNET, PERCENTILE, make_inputs
 from imagen_fast.patch._peers import import_imagen_pytorch
 
 RES = 64
@@ -188,7 +189,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="3 rounds")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--out", default="bench_patch_cpu")
+    ap.add_argument("--out", default="bench_patch_cpu", help="results name")
+    harness.add_results_arg(ap)
     ap.add_argument("--quiet", default="unknown", choices=["yes", "no", "unknown"],
                     help="record whether other work was paused on the machine during the run")
     args = ap.parse_args(argv)
@@ -242,7 +244,7 @@ def main(argv=None) -> None:
                if_scheduler=IF_SCHEDULER,
                imagen_pytorch_unet={k: list(v) if isinstance(v, tuple) else v for k, v in IP_SMALL.items()})
     machine = dict(harness.machine_info(), quiet=args.quiet)
-    path = harness.write_results(args.out, machine, [table], raw)
+    path = harness.write_results(args.results_dir, args.out, machine, [table], raw)
     print(table.markdown())
     print(f"wrote {path}")
 

@@ -1,8 +1,10 @@
 """U-Net training and sampling throughput and peak memory per preset, imagen-fast vs
 imagen-pytorch at a matched configuration, on a CPU or a CUDA GPU.
 
-    python -m benchmarks.bench_model [--device cpu|cuda] [--quick] [--presets a,b]
+    imagen-fast bench model [--quick] [--device cuda] [--out DIR]        (or:)
+    python -m imagen_fast.bench.bench_model [--device cpu|cuda] [--quick] [--presets a,b]
                                      [--memory-repeats N] [--budget-s S] [--quiet yes|no]
+                                     [--results-dir DIR]
 
 Each preset runs at its benchmark size (PRESET_RUNS: batch, 64 text tokens of its text
 width with 8..64 valid per prompt, SR presets with their low-resolution image). A CPU
@@ -59,13 +61,11 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-if __package__ in (None, ""):  # run as a file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import harness  # noqa: E402
-from imagen_fast.patch._peers import import_imagen_pytorch  # noqa: E402
+import imagen_fast
+from imagen_fast.bench import harness
+from imagen_fast.patch._peers import import_imagen_pytorch
 
 TEXT_LEN = 64
 GUIDANCE = 5.0
@@ -340,14 +340,16 @@ def measure_memory(lib: str, preset: str, mode: str, batch: int, steps: int, rep
         gc.collect()
         torch.cuda.empty_cache()
         return {"peak_mb": out["peak_mb"], "runs": [out]}
+    # the worker imports this same imagen_fast (a checkout's or the installed one)
+    home = str(Path(imagen_fast.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_="131072",
-               MALLOC_TOP_PAD_="0")
-    cmd = [sys.executable, "-m", "benchmarks.bench_model", "--memory-worker", lib, preset, mode,
+               MALLOC_TOP_PAD_="0", PYTHONPATH=path)
+    cmd = [sys.executable, "-m", "imagen_fast.bench.bench_model", "--memory-worker", lib, preset, mode,
            "--batch", str(batch), "--memory-steps", str(steps)]
     runs = []
     for _ in range(repeats):
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                             cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1], "runs": runs}
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -388,7 +390,8 @@ def main(argv=None) -> int:
                     help="stop starting new presets after this many seconds")
     ap.add_argument("--quiet", default="unknown", choices=["yes", "no", "unknown"],
                     help="record whether other work was paused on the machine during the run")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results name (default bench_model_cpu / bench_model_gpu_<gpu>)")
+    harness.add_results_arg(ap)
     ap.add_argument("--memory-worker", nargs=3, metavar=("LIB", "PRESET", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -466,11 +469,11 @@ def main(argv=None) -> int:
     name = args.out or ("bench_model_cpu" if device.type == "cpu" else
                         "bench_model_gpu_"
                         + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(0)).strip("_").lower())
-    path = harness.write_results(name, machine, [table], raw)
+    path = harness.write_results(args.results_dir, name, machine, [table], raw)
     print(table.markdown())
     print(f"wrote {path}")
     try:
-        from benchmarks.plots import plot_model
+        from imagen_fast.bench.plots import plot_model
         print(f"wrote {plot_model(path)}")
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)")
@@ -499,7 +502,7 @@ def _table(throughput: List[dict], memory: dict, params: dict, device, rounds: i
         f"(guidance {GUIDANCE}, dynamic thresholding p={PERCENTILE}); imagen-fast runs cond+uncond "
         "as one batch of 2B, imagen-pytorch as two forwards (its default).",
         "peak memory: fresh processes per (library, preset, mode), median; see the module "
-        "docstring of benchmarks/bench_model.py for the two CPU measures.",
+        "docstring of imagen_fast/bench/bench_model.py for the two CPU measures.",
     ]
     return table
 

@@ -1,1 +1,0 @@
-"""Benchmarks: importable scripts; results under benchmarks/results/."""
