@@ -127,6 +127,8 @@ def _run(args) -> int:
             raise SampleError("empty prompt")
     if args.num_images < 1:
         raise SampleError(f"--num-images: must be a positive integer, got {args.num_images}")
+    if args.stages is not None and args.stages < 1:
+        raise SampleError(f"--stages: must be a positive integer, got {args.stages}")
     settings = {name: _per_stage(getattr(args, name), name, parse) for name, parse in _OPTIONS.items()}
     files = _outputs(args.output, prompts, args.num_images, args.each)
 
@@ -143,12 +145,15 @@ def _run(args) -> int:
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         where = f"--checkpoint {args.checkpoint}: " if args.checkpoint else ""
         raise SampleError(f"{where}{e}") from None
+    num_stages = len(pipe.cascade.stages)
+    if args.stages is not None and args.stages > num_stages:
+        raise SampleError(f"--stages: the cascade has {num_stages} stage(s), got {args.stages}")
     t_loaded = time.perf_counter()
     times = []
     try:
         images = pipe(prompts, num_images_per_prompt=args.num_images, seed=args.seed,
                       progress=not args.quiet, on_stage=lambda st, sec: times.append((st, sec)),
-                      **settings)
+                      num_stages=args.stages, **settings)
     except ValueError as e:
         raise SampleError(str(e)) from None
     (images[0] if len(images) == 1 else image_grid(images, args.num_images)).save(files[0])
@@ -179,6 +184,9 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
                    help="also write every image apart, as <stem>-p<prompt>-i<image>.png (from 0)")
     # --grid was needed for a grid before the grid became what -o writes: still accepted
     s.add_argument("--grid", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--stages", type=int, default=None, metavar="N",
+                   help="stop after the first N stages (1: the base stage's images; default: "
+                        "every stage, the cascade's full resolution)")
     s.add_argument("--guidance", help="classifier-free guidance weight w (>= 0; 1 = off)")
     s.add_argument("--steps", help="denoising steps")
     s.add_argument("--sampler", help="ddpm, ddim or dpmpp (DPM-Solver++ 2M)")

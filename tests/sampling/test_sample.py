@@ -82,6 +82,10 @@ def test_cli_writes_files_and_grid(cascade_dir, tmp_path, capsys):
     assert main(["sample", "a red circle", "--checkpoint", str(cascade_dir), "-o", str(one),
                  "--num-images", "1", "--percentile", "0.9", "--aug-level", "0.1", *FAST]) == 0
     assert Image.open(one).size == (64, 64)
+    base = tmp_path / "base.png"                                     # stop after the base stage
+    assert main(["sample", "a red circle", "--checkpoint", str(cascade_dir), "-o", str(base),
+                 "--num-images", "2", "--stages", "1", *FAST]) == 0
+    assert Image.open(base).size == (2 * 32, 32)
 
 
 def test_cli_prompts_files(cascade_dir, tmp_path, capsys):
@@ -123,6 +127,8 @@ def _bad_cases(tmp_path, cascade_dir):
         (["sample", "x", "--percentile", "0", *ck, *out], "--percentile"),
         (["sample", "x", "--percentile", "99.5", *ck, *out], "--percentile"),
         (["sample", "x", "--steps", "0", *ck, *out], "--steps"),
+        (["sample", "x", "--stages", "0", *ck, *out], "--stages"),
+        (["sample", "x", "--stages", "3", *ck, *out], "--stages: the cascade has 2 stage(s)"),
         (["sample", "x", "--num-images", "0", *ck, *out], "--num-images"),
         (["sample", "x", "--threshold", "soft", *ck, *out], "--threshold"),
         (["sample", "x", "--checkpoint", str(notcascade), *out], "not an imagen-fast-cascade"),
