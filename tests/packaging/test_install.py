@@ -170,3 +170,41 @@ def test_bench_ops_writes_to_the_named_directory(installed):
     extra = [p for p in site.rglob("*") if p.is_file() and "__pycache__" not in p.parts
              and p.relative_to(site.parent).as_posix() not in shipped]
     assert not extra, extra
+
+
+def test_every_other_verb_from_the_install(installed):
+    """presets, data, train, export, sample on the exported cascade, eval (sr and shapes on
+    the shipped cascade), bench shapes: each run from the installed console script."""
+    from support.training import TINY_MODEL, write_config
+
+    py, bindir, work, _, _ = installed
+    env = dict(_clean_env(), HF_HUB_OFFLINE="1")
+    cli = bindir / "imagen-fast"
+
+    def run(*args, timeout=600):
+        return _run([cli, *args], work, env, timeout=timeout, what="imagen-fast " + " ".join(map(str, args)))
+
+    presets = {r["name"] for r in json.loads(run("presets", "--json").stdout)}
+    assert {"shapes-base32", "shapes-sr64", "base64"} <= presets
+    run("data", "shapes", "--out", "shards", "--num", "8", "--resolution", "32", "--shard-size", "4", "--quiet")
+    assert len(list((work / "shards").glob("*.tar"))) == 2
+    write_config(work / "tiny.toml", {
+        "model": TINY_MODEL,
+        "data": {"kind": "shards", "path": "shards", "resolution": 16},
+        "text": {"encoder": "hash:16", "max_length": 16},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "lr": 1e-3, "seed": 1},
+        "log": {"out_dir": "run", "log_every": 1, "ckpt_every": 2, "progress": False, "tensorboard": False},
+    })
+    summary = json.loads(run("train", "--config", "tiny.toml").stdout.strip().splitlines()[-1])
+    assert summary["step"] == 2
+    run("export", "--run", "run", "--out", "tiny-cascade")
+    assert (work / "tiny-cascade" / "config.json").is_file()
+    assert run("sample", "a red circle", "--checkpoint", "tiny-cascade", "--steps", "2", "--num-images", "2",
+               "-o", "tiny.png", "--quiet").stdout.split() == ["tiny.png"]
+    run("eval", "sr", "--num", "2", "--steps", "2", "--out", "eval-sr", "--quiet")
+    sr = json.loads((work / "eval-sr" / "report.json").read_text())
+    assert sr and (work / "eval-sr" / "samples.png").is_file()
+    run("eval", "shapes", "--num-prompts", "1", "--images-per-prompt", "1", "--steps", "2", "--out", "eval-shapes",
+        "--quiet")
+    assert (work / "eval-shapes" / "report.json").is_file()
+    assert "base64" in run("bench", "shapes").stdout
