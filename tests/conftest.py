@@ -1,4 +1,5 @@
 """Shared fixtures: the device, the backends under test, poisoned allocations."""
+import contextlib
 import os
 
 import pytest
@@ -27,20 +28,51 @@ def backend_available(name: str) -> str:
     return dispatch.available_backends()[name]
 
 
+# The variants of the CPU kernels (imagen_fast/ops/_cpu_backend.py): each cpu test runs
+# on both; the avx512 one is skipped only on a CPU without AVX-512 (test_cpu_kernels.py
+# checks that it is available wherever the CPU has it).
+CPU_ISAS = ("avx512", "portable")
+
+
 def backends_for_device():
     if DEVICE.type == "cuda":
         return ["torch", "triton", "cuda"]
-    return ["torch", "cpu", "triton"]
+    return ["torch"] + [f"cpu-{isa}" for isa in CPU_ISAS] + ["triton"]
+
+
+def _require_cpu_backend():
+    status = backend_available("cpu")
+    if status != "available":
+        if os.environ.get("IMAGEN_FAST_REQUIRE_EXTENSION") == "1":
+            pytest.fail(f"backend cpu unavailable: {status}")
+        pytest.skip(f"backend cpu: {status}")
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    """Run the CPU kernels of variant `name` inside the block; skip when this CPU (or
+    build) lacks it."""
+    _require_cpu_backend()
+    from imagen_fast.ops import _cpu_backend
+
+    status = _cpu_backend.cpu_isas()[name]
+    if status != "available":
+        pytest.skip(f"cpu kernels {name}: {status}")
+    with _cpu_backend.use_cpu_isa(name):
+        yield name
 
 
 @pytest.fixture(params=backends_for_device())
 def backend(request):
-    """Runs the test once per backend, inside use_backend(name)."""
+    """Runs the test once per backend, inside use_backend(name); the cpu backend once per
+    variant of its kernels (param cpu-avx512 / cpu-portable, yielding "cpu")."""
     name = request.param
+    if name.startswith("cpu-"):
+        with cpu_isa(name[len("cpu-"):]), dispatch.use_backend("cpu"):
+            yield "cpu"
+        return
     status = backend_available(name)
     if status != "available":
-        if name == "cpu" and os.environ.get("IMAGEN_FAST_REQUIRE_EXTENSION") == "1":
-            pytest.fail(f"backend cpu unavailable: {status}")
         pytest.skip(f"backend {name}: {status}")
     with dispatch.use_backend(name):
         yield name

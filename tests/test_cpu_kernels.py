@@ -11,10 +11,14 @@ tolerance rule of tests/numerics.py (relative to PyTorch's own same-dtype error)
 import itertools
 import math
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import CPU_ISAS, cpu_isa
 from imagen_fast._compiled import load_extension
 from imagen_fast.ops import dispatch, reference
 from imagen_fast.ops.api import step_coefficients
@@ -31,6 +35,13 @@ from imagen_fast.ops import _cpu_backend as cb  # noqa: E402
 _C = load_extension()
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+@pytest.fixture(autouse=True, params=CPU_ISAS)
+def isa(request):
+    """Every test of this file runs on each variant of the kernels (avx512, portable)."""
+    with cpu_isa(request.param) as name:
+        yield name
 
 
 def _gen(seed):
@@ -555,3 +566,45 @@ def test_rms_norm_argument_checks():
                                 2, 4, 9, 1e-6, False, 0, 1)
     with pytest.raises(ValueError):
         _C.dynamic_threshold(x.data_ptr(), y.data_ptr(), 2, 36, 0, 0.5, 1.0, 0.0)
+
+
+# ------------------------------------------------------------------ the ISA switch
+def _cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_avx512_variant_present_where_the_cpu_has_it():
+    """A build or detection fault must not hide the AVX-512 kernels behind a skip."""
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        pytest.skip("this CPU has no AVX-512")
+    status = cb.cpu_isas()["avx512"]
+    assert status == "available" or ("avx512_bf16" not in flags and "avx512bf16" in status), status
+    assert _C.build_info()["cpu_kernel_variants"]["avx512"] == status
+
+
+def test_isa_switch_choices(isa):
+    assert cb.cpu_isa() == isa and _C.build_info()["cpu_kernels"] == isa
+    with pytest.raises(ValueError, match="IMAGEN_FAST_CPU_ISA must be auto, portable or avx512"):
+        _C.set_cpu_isa("avx2")
+    assert cb.cpu_isa() == isa, "a refused choice must leave the active variant alone"
+    with cb.use_cpu_isa("portable"):
+        assert cb.cpu_isa() == "portable" and _C.cpu_isa_flags()
+    assert cb.cpu_isa() == isa
+
+
+def test_isa_environment_variable(isa):
+    """IMAGEN_FAST_CPU_ISA is applied when the cpu backend loads (a bad value raises the
+    ValueError of test_isa_switch_choices, naming the variable)."""
+    code = ("from imagen_fast.ops import _cpu_backend as cb; print(cb.cpu_isa()); import imagen_fast._C as C; "
+            "C.set_cpu_isa('auto'); print(C.cpu_isa())")
+    env = dict(os.environ, IMAGEN_FAST_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    best = "avx512" if cb.cpu_isas()["avx512"] == "available" else "portable"
+    assert out.stdout.split() == [isa, best]

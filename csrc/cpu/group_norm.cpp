@@ -14,24 +14,12 @@
 // channels-last) go to threads whole when there are enough of them; otherwise all
 // threads split each tile and merge their partial statistics after a barrier (the
 // "team" path, which also covers N * G < threads).
-#include <pybind11/pybind11.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-#include <vector>
-
-#include "binding.h"
-#include "parallel.h"
+#include "isa_begin.h"
 #include "vec.h"
-
-namespace py = pybind11;
 
 namespace imagen_fast {
 namespace cpu {
+namespace IMAGEN_FAST_ISA_NS {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per two-pass chunk
@@ -922,25 +910,11 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
   }
 }
 
-// ---------------------------------------------------------------------- binding
-void check_common(int64_t N, int64_t C, int64_t S, int64_t G, int dtype, int activation) {
-  if (N <= 0 || C <= 0 || S <= 0 || G <= 0)
-    throw std::invalid_argument("group_norm: N, C, S and G must be positive (got N=" + std::to_string(N) +
-                                ", C=" + std::to_string(C) + ", S=" + std::to_string(S) +
-                                ", G=" + std::to_string(G) + ")");
-  if (C % G != 0) throw std::invalid_argument("group_norm: G must divide C");
-  if (dtype < 0 || dtype > 3) throw std::invalid_argument("group_norm: unknown dtype code " + std::to_string(dtype));
-  if (activation < 0 || activation > 2)
-    throw std::invalid_argument("group_norm: unknown activation code " + std::to_string(activation));
-}
+}  // namespace
 
 void group_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t mean, uintptr_t rstd, uintptr_t w, uintptr_t b,
                     uintptr_t s, uintptr_t sh, int64_t N, int64_t C, int64_t S, int64_t G, double eps,
                     bool channels_last, int dtype, int activation, int threads) {
-  check_common(N, C, S, G, dtype, activation);
-  if (!x || !y || !mean || !rstd) throw std::invalid_argument("group_norm_fwd: x, y, mean and rstd are required");
-  if (!(eps > 0.0)) throw std::invalid_argument("group_norm_fwd: eps must be > 0");
-  py::gil_scoped_release nogil;
   with_activation(activation, [&](auto tag) {
     constexpr Activation act = decltype(tag)::value;
     auto run = [&](auto type_tag, auto acc_tag) {
@@ -958,10 +932,6 @@ void group_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t mean, uintptr_t rstd, u
                     uintptr_t s, uintptr_t sh, uintptr_t gx, uintptr_t gw, uintptr_t gb, uintptr_t gs,
                     uintptr_t gsh, int64_t N, int64_t C, int64_t S, int64_t G, bool channels_last, int dtype,
                     int activation, int threads) {
-  check_common(N, C, S, G, dtype, activation);
-  if (!gy || !x || !mean || !rstd)
-    throw std::invalid_argument("group_norm_bwd: grad_y, x, mean and rstd are required");
-  py::gil_scoped_release nogil;
   with_activation(activation, [&](auto tag) {
     constexpr Activation act = decltype(tag)::value;
     auto run = [&](auto type_tag, auto acc_tag) {
@@ -976,24 +946,8 @@ void group_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t mean, uintptr_t rstd, u
   });
 }
 
-}  // namespace
+}  // namespace IMAGEN_FAST_ISA_NS
 }  // namespace cpu
 }  // namespace imagen_fast
 
-void register_cpu_group_norm(py::module_& m) {
-  using namespace imagen_fast::cpu;
-  m.def("group_norm_fwd", &group_norm_fwd,
-        "GroupNorm + FiLM + activation forward on CPU buffers (data pointers). "
-        "Writes y (x's dtype and layout) and mean/rstd (N, G) in float32 (float64 for float64).",
-        py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
-        py::arg("scale"), py::arg("shift"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
-        py::arg("eps"), py::arg("channels_last"), py::arg("dtype"), py::arg("activation"),
-        py::arg("threads") = 0);
-  m.def("group_norm_bwd", &group_norm_bwd,
-        "GroupNorm + FiLM + activation backward on CPU buffers (data pointers; 0 = absent). "
-        "Writes any of grad_x, grad_weight, grad_bias, grad_scale, grad_shift whose pointer is non-zero.",
-        py::arg("grad_y"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
-        py::arg("scale"), py::arg("shift"), py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
-        py::arg("grad_scale"), py::arg("grad_shift"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
-        py::arg("channels_last"), py::arg("dtype"), py::arg("activation"), py::arg("threads") = 0);
-}
+#include "isa_end.h"

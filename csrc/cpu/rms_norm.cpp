@@ -16,23 +16,12 @@
 //   P1_nc = sum_s dh, P2_nc = sum_s dh xh  ->  g_shift = P1, g_scale = w P2,
 //   g_weight = sum_n (1 + scale) P2.
 // dh is kept per block (or row) between the two passes, so act' is evaluated once.
-#include <pybind11/pybind11.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <stdexcept>
-#include <string>
-#include <vector>
-
-#include "binding.h"
-#include "parallel.h"
+#include "isa_begin.h"
 #include "vec.h"
-
-namespace py = pybind11;
 
 namespace imagen_fast {
 namespace cpu {
+namespace IMAGEN_FAST_ISA_NS {
 namespace {
 
 constexpr int kBlockVecs = 4;  // contiguous layout: positions per block = 4 vectors
@@ -325,22 +314,10 @@ void rms_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* rst
     }
 }
 
-// ---------------------------------------------------------------------- binding
-void check_args(const char* fn, int64_t N, int64_t C, int64_t S, double eps, int dtype, int activation) {
-  if (N <= 0 || C <= 0 || S <= 0)
-    throw std::invalid_argument(std::string(fn) + ": N, C and S must be positive (got N=" + std::to_string(N) +
-                                ", C=" + std::to_string(C) + ", S=" + std::to_string(S) + ")");
-  if (!(eps > 0.0) || !std::isfinite(eps)) throw std::invalid_argument(std::string(fn) + ": eps must be finite and > 0");
-  if (dtype < 0 || dtype > 3) throw std::invalid_argument(std::string(fn) + ": unknown dtype code " + std::to_string(dtype));
-  if (activation < 0 || activation > 2)
-    throw std::invalid_argument(std::string(fn) + ": unknown activation code " + std::to_string(activation));
-}
+}  // namespace
 
 void rms_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t rstd, uintptr_t w, uintptr_t s, uintptr_t sh, int64_t N,
                   int64_t C, int64_t S, double eps, bool channels_last, int dtype, int activation, int threads) {
-  check_args("channel_rms_norm_fwd", N, C, S, eps, dtype, activation);
-  if (!x || !y || !rstd) throw std::invalid_argument("channel_rms_norm_fwd: x, y and rstd are required");
-  py::gil_scoped_release nogil;
   with_activation(activation, [&](auto tag) {
     with_storage(dtype, [&](auto type_tag, auto acc_tag) {
       using T = decltype(type_tag);
@@ -355,9 +332,6 @@ void rms_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t rstd, uintptr_t w, uintptr
 void rms_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t rstd, uintptr_t w, uintptr_t s, uintptr_t sh, uintptr_t gx,
                   uintptr_t gw, uintptr_t gs, uintptr_t gsh, int64_t N, int64_t C, int64_t S, double eps,
                   bool channels_last, int dtype, int activation, int threads) {
-  check_args("channel_rms_norm_bwd", N, C, S, eps, dtype, activation);
-  if (!gy || !x || !rstd) throw std::invalid_argument("channel_rms_norm_bwd: grad_y, x and rstd are required");
-  py::gil_scoped_release nogil;
   with_activation(activation, [&](auto tag) {
     with_storage(dtype, [&](auto type_tag, auto acc_tag) {
       using T = decltype(type_tag);
@@ -370,23 +344,8 @@ void rms_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t rstd, uintptr_t w, uintpt
   });
 }
 
-}  // namespace
+}  // namespace IMAGEN_FAST_ISA_NS
 }  // namespace cpu
 }  // namespace imagen_fast
 
-void register_cpu_rms_norm(py::module_& m) {
-  using namespace imagen_fast::cpu;
-  m.def("channel_rms_norm_fwd", &rms_norm_fwd,
-        "Channel RMS norm + FiLM + activation forward on CPU buffers (data pointers). Writes y (x's dtype "
-        "and layout) and rstd (N, S) in float32 (float64 for float64).",
-        py::arg("x"), py::arg("y"), py::arg("rstd"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
-        py::arg("N"), py::arg("C"), py::arg("S"), py::arg("eps"), py::arg("channels_last"), py::arg("dtype"),
-        py::arg("activation"), py::arg("threads") = 0);
-  m.def("channel_rms_norm_bwd", &rms_norm_bwd,
-        "Channel RMS norm + FiLM + activation backward on CPU buffers (data pointers; 0 = absent). Writes any "
-        "of grad_x, grad_weight, grad_scale, grad_shift whose pointer is non-zero.",
-        py::arg("grad_y"), py::arg("x"), py::arg("rstd"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
-        py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_scale"), py::arg("grad_shift"), py::arg("N"),
-        py::arg("C"), py::arg("S"), py::arg("eps"), py::arg("channels_last"), py::arg("dtype"),
-        py::arg("activation"), py::arg("threads") = 0);
-}
+#include "isa_end.h"

@@ -1,9 +1,10 @@
 // A small SIMD layer for the CPU kernels: VF (16 float lanes) and VD (1 double lane).
 //
-// With AVX-512 (F/BW/DQ/VL, chosen at compile time: the build uses -march=native) VF
-// is one __m512 register and exp/erfc are polynomial approximations accurate to a
-// few float ulps. Elsewhere VF is a plain array that the compiler vectorises for
-// whatever ISA it has, with the libm functions per lane. VD is the float64 path:
+// Two variants (see isa_begin.h): in the AVX-512 one VF is one __m512 register and
+// exp/erfc are polynomial approximations accurate to a few float ulps; in the portable
+// one VF is a plain array that the compiler vectorises for the base ISA (AVX2 on the
+// usual x86 machine), with the activations and the bfloat16 conversions written with
+// GCC/Clang vector extensions (never a libm call per lane). VD is the float64 path:
 // scalar double with libm, used where inputs are float64 (tests, gradcheck).
 //
 // Loads convert the storage type (float, double, Half, BFloat16) to the lane type;
@@ -11,23 +12,15 @@
 // only the first n lanes and zero the others on load.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-#include "imagen_fast/common.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VL__) && !defined(IMAGEN_FAST_PORTABLE)
-#define IMAGEN_FAST_AVX512 1
-#include <immintrin.h>
-#else
-#define IMAGEN_FAST_AVX512 0
+#ifndef IMAGEN_FAST_ISA_REGION
+#error "vec.h belongs inside a variant's region: include isa_begin.h first"
 #endif
+
+#define IMAGEN_FAST_AVX512 IMAGEN_FAST_ISA_AVX512
 
 namespace imagen_fast {
 namespace cpu {
+namespace IMAGEN_FAST_ISA_NS {
 
 // ------------------------------------------------------------------ scalar helpers
 inline float to_acc(float v) { return v; }
@@ -105,7 +98,7 @@ inline VF widen_bf16(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline __m256i narrow_bf16(VF a) {
-#ifdef __AVX512BF16__
+#if IMAGEN_FAST_ISA_BF16
   // Round to nearest even in hardware (float32 denormals flush to zero, ~1e-38 away).
   return (__m256i)_mm512_cvtneps_pbh(a.v);
 #else
@@ -433,5 +426,6 @@ template <int nbytes> inline void prefetch_span(const void* p) {
 template <typename T> struct VecOf { using type = VF; };
 template <> struct VecOf<double> { using type = VD; };
 
+}  // namespace IMAGEN_FAST_ISA_NS
 }  // namespace cpu
 }  // namespace imagen_fast

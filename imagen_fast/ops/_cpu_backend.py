@@ -4,6 +4,12 @@ Tensors cross as data pointers, sizes, a layout flag and a dtype code; outputs a
 allocated here with torch and written completely by the kernels. The kernels run
 with torch's thread count (torch.get_num_threads()) and release the GIL.
 
+The module holds two variants of the kernels, chosen at run time: "avx512" (x86-64
+CPUs with AVX-512 F/BW/DQ/VL) and "portable" (the build's base ISA: AVX2 on the usual
+x86 machine). IMAGEN_FAST_CPU_ISA=auto|portable|avx512 picks one when this module
+loads (auto: the best this CPU runs); `use_cpu_isa` switches inside a block (tests and
+benchmarks run both paths in one process).
+
 Attention on CPU runs torch's flash-attention CPU kernel
 (aten._scaled_dot_product_flash_attention_for_cpu and its backward) with the key
 padding mask as an additive 0 / -inf mask; batches whose keys are all masked get
@@ -11,8 +17,10 @@ zero output and zero gradients (the kernel itself would produce NaN there).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+import os
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -21,8 +29,34 @@ from . import _torch_backend
 from .dispatch import register
 
 _C = load_extension()
-if _C is None or not hasattr(_C, "group_norm_fwd") or not hasattr(_C, "channel_rms_norm_fwd"):
-    raise ImportError("imagen_fast._C is not built (or was built without the CPU kernels)")
+if _C is None or not hasattr(_C, "group_norm_fwd") or not hasattr(_C, "set_cpu_isa"):
+    raise ImportError("imagen_fast._C is not built (or is an older build without the CPU kernel variants)")
+
+ISA_ENV = "IMAGEN_FAST_CPU_ISA"
+# Read once, here: a bad value raises ValueError (naming the variable) at the first op.
+_C.set_cpu_isa(os.environ.get(ISA_ENV, "auto").strip().lower() or "auto")
+
+
+def cpu_isa() -> str:
+    """The variant of the CPU kernels that runs now: "portable" or "avx512"."""
+    return _C.cpu_isa()
+
+
+def cpu_isas() -> Dict[str, str]:
+    """Every variant: "available" or why not (not built, or a CPU feature missing)."""
+    return dict(_C.cpu_isas())
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[str]:
+    """Run the CPU kernels of variant `name` ("auto", "portable", "avx512") inside the
+    block (process-wide, not per thread). Yields the variant's name."""
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(name)
+    try:
+        yield _C.cpu_isa()
+    finally:
+        _C.set_cpu_isa(before)
 
 # Must match csrc/include/imagen_fast/common.h (DType, Activation).
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
