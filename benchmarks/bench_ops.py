@@ -615,7 +615,9 @@ def all_tables(records, device_type: str, rounds, threads, runs) -> List[harness
 def _runs_note(runs: List[dict]) -> str:
     return "Runs: " + "; ".join(
         f"{r['date']} commit {r['git_commit']}, copy {r['copy_gbs']}->{r['copy_gbs_end']} GB/s, "
-        f"load {r['load_average'][0]}->{r['load_average_end'][0]}, quiet machine: {r['quiet']}"
+        f"load {r['load_average'][0]}->{r['load_average_end'][0]}, others' CPU share "
+        f"{r.get('others_cpu_share', 'n/a')}, quiet machine: {r['quiet']}"
+        + (f", BUSY: {'; '.join(r['busy'])}" if r.get("busy") else "")
         for r in runs) + "."
 
 
@@ -667,7 +669,8 @@ def main(argv=None) -> int:
     cases = build_cases(device, args.quick, which, presets)
 
     mm_dtypes = sorted({DTYPE_NAMES[c.dtype] for c in cases if c.op == "attn"})
-    copy_gbs = harness.measure_copy_bandwidth(device)
+    watch = harness.Watch(device, threads)
+    copy_gbs = watch.start()["copy_gbs"]
     matmul = {dt: harness.measure_matmul_rate(device, dtype=getattr(torch, dt), rounds=5)
               for dt in mm_dtypes}
     roof = {"copy_gbs": copy_gbs, "matmul_gflops": matmul}
@@ -699,12 +702,12 @@ def main(argv=None) -> int:
             skipped.append(f"{case.label()}: {type(e).__name__}: {str(e)[:160]}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    copy_end = harness.measure_copy_bandwidth(device)
-    machine.update(copy_gbs_end=round(copy_end, 2), elapsed_s=round(time.perf_counter() - t0, 1),
-                   load_average_end=[round(v, 2) for v in os.getloadavg()], rounds=rounds,
+    watch.stop()
+    machine.update(watch.fields(), elapsed_s=round(time.perf_counter() - t0, 1), rounds=rounds,
                    quiet=args.quiet)
-    runs.append({k: machine[k] for k in ("date", "git_commit", "copy_gbs", "copy_gbs_end",
-                                         "load_average", "load_average_end", "elapsed_s", "quiet")})
+    runs.append({k: machine.get(k) for k in ("date", "git_commit", "copy_gbs", "copy_gbs_end",
+                                             "load_average", "load_average_end", "elapsed_s", "quiet",
+                                             "others_cpu_share", "busy")})
     tables = all_tables(records, device.type, rounds, threads, runs)
     raw = {"cases": records, "skipped": skipped, "runs": runs}
     if device.type == "cuda":

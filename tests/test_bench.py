@@ -175,6 +175,49 @@ def test_load_warning_only_above_the_core_count():
     assert "LOADED MACHINE" in harness.load_warning([1.0, 15.0], cpu_count=2)
 
 
+def _probe(t, load1, copy, busy_s, own_s):
+    return {"time_s": t, "load1": load1, "copy_gbs": copy, "cpu": (busy_s, own_s)}
+
+
+def test_busy_reasons_each_rule():
+    """2 cores, 2 benchmark threads, a 100 s run: quiet, then each rule tripped alone."""
+    quiet = harness.busy_reasons(_probe(0, 1.5, 24.5, 0, 0), _probe(100, 2.2, 22.0, 195, 190), 2, 2)
+    assert quiet == []
+    drift = harness.busy_reasons(_probe(0, 0.5, 24.5, 0, 0), _probe(100, 2.0, 18.0, 190, 190), 2, 2)
+    assert len(drift) == 1 and "copy bandwidth 24.5 -> 18.0" in drift[0]
+    load = harness.busy_reasons(_probe(0, 14.0, 24.5, 0, 0), _probe(100, 2.0, 24.0, 190, 190), 2, 2)
+    assert len(load) == 1 and "load average 14.00" in load[0]
+    # a training run on one core: others took 95 of the 200 core-seconds
+    others = harness.busy_reasons(_probe(0, 2.0, 24.5, 0, 0), _probe(100, 2.9, 24.0, 195, 100), 2, 2)
+    assert len(others) == 1 and "other processes took 48%" in others[0]
+    no_proc = harness.busy_reasons(dict(_probe(0, 1.0, 24.5, 0, 0), cpu=None),
+                                   dict(_probe(100, 1.0, 24.5, 0, 0), cpu=None), 2, 2)
+    assert no_proc == []
+
+
+def test_busy_run_is_written_only_as_a_draft(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setattr(harness, "DRAFTS", tmp_path / "drafts")
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(harness, "cpu_times", lambda: None)
+    table = harness.Table("t", ["a"], [[1]])
+    with pytest.raises(ValueError, match="machine\\['busy'\\] is missing"):
+        harness.write_results("bench_x", {"cpu": "test"}, [table], {})
+    copies = iter([24.0, 12.0])                     # injected: the bandwidth halves during the run
+    w = harness.Watch(threads=2, measure_copy=lambda device: next(copies))
+    w.start()
+    assert len(w.stop()) == 1 and "copy bandwidth 24.0 -> 12.0" in w.reasons()[0]
+    path = harness.write_results("bench_x", {"cpu": "test", **w.fields()}, [table], {})
+    assert path == tmp_path / "drafts" / "bench_x.json" and not (tmp_path / "bench_x.json").exists()
+    assert "DRAFT" in path.with_suffix(".md").read_text() and json.loads(path.read_text())["draft"]
+    steady = iter([24.0, 23.5])
+    w = harness.Watch(threads=2, measure_copy=lambda device: next(steady))
+    w.start()
+    assert w.stop() == []
+    path = harness.write_results("bench_x", {"cpu": "test", **w.fields()}, [table], {})
+    assert path == tmp_path / "bench_x.json" and "DRAFT" not in path.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("lib", ["diffusers", "imagen-pytorch"])
 @pytest.mark.parametrize("mode", ["train", "sample"])
 def test_bench_patch_pairs_run_and_agree(lib, mode, monkeypatch):
