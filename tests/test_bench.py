@@ -84,12 +84,15 @@ def test_stage_calls_one_per_resolution_and_markdown():
 
 def test_case_lists_fit_the_device():
     quick = bench_ops.build_cases(torch.device("cpu"), True, bench_ops.OPS)
-    assert {c.op for c in quick} == set(bench_ops.OPS) and len(quick) <= 10
+    assert {c.op for c in quick} == set(bench_ops.OPS) and len(quick) <= 12
     full = bench_ops.build_cases(torch.device("cpu"), False, bench_ops.OPS)
     assert all(c.size_ok(bench_ops.CPU_MAX_NUMEL, bench_ops.CPU_MAX_SCORES) for c in full)
     assert {c.shape[0] for c in full if c.op == "gn"} >= {1, 8, 64}       # the batch sweep
     assert {c.text_len for c in full if c.op == "attn"} == {64, 256}
     assert {c.mode for c in full if c.op == "attn"} == {"fwd", "fwd+bwd"}
+    for op in ("gn", "rms"):                    # both layouts in float32 and bfloat16
+        assert {(c.dtype, c.layout) for c in full if c.op == op} == {
+            (dt, lay) for dt in (torch.float32, torch.bfloat16) for lay in ("NCHW", "NHWC")}
     keys = [(c.op, c.mode, c.shape, c.dtype, c.layout, c.masked, c.film) for c in full]
     assert len(keys) == len(set(keys))
     gpu = bench_ops.build_cases(torch.device("cuda"), False, ["gn"])
@@ -136,6 +139,11 @@ def test_choice_entries_pick_the_faster_backend_per_class():
 
 
 def test_run_case_records_every_candidate_on_cpu():
+    for op, mode in (("rms", "fwd+bwd"), ("gn", "fwd")):    # both norms' candidates run
+        case = bench_ops.Case(op, mode, (2, 8, 4, 4), torch.bfloat16, "NHWC", "test", groups=4)
+        rec = bench_ops.run_case(case, torch.device("cpu"), rounds=3, min_round_s=0.0,
+                                 roof={"copy_gbs": 10.0, "matmul_gflops": {}}, with_compile=False)
+        assert set(rec["timings"]) == {"imagen-fast", "eager"} and not rec["failed"], rec["failed"]
     case = bench_ops.Case("thr", "fwd", (2, 3, 8, 8), torch.float32, "NCHW", "test")
     rec = bench_ops.run_case(case, torch.device("cpu"), rounds=3, min_round_s=0.0,
                              roof={"copy_gbs": 10.0, "matmul_gflops": {}}, with_compile=False)
