@@ -349,6 +349,21 @@ inline bool whole_tiles(int64_t tiles, int threads, int64_t tile_bytes, int64_t 
 }
 
 // ---------------------------------------------------------------------- forward
+// The second pass (y from x) walks its range in blocks of kNormBlock elements from the
+// last block to the first: the statistics pass has just read the range front to back,
+// so its end is what the caches still hold, and the stores of y then evict the lines
+// read longest ago, which this order needs last. (Forward order evicts each line just
+// before it is needed once the range outgrows the L2.)
+constexpr int64_t kNormBlock = 4096;
+
+// Calls f(b, e) for consecutive sub-ranges of [p0, p1) of at most kNormBlock elements,
+// the last one first; block boundaries are multiples of `align` from p0.
+template <typename F> inline void for_blocks_reversed(int64_t p0, int64_t p1, int64_t align, F&& f) {
+  const int64_t block = std::max<int64_t>(align, kNormBlock / align * align);
+  const int64_t nb = (p1 - p0 + block - 1) / block;
+  for (int64_t k = nb - 1; k >= 0; --k) f(p0 + k * block, std::min(p1, p0 + (k + 1) * block));
+}
+
 // y = act((x - mean) * a + b) over a contiguous run; pf (or null): data of the next
 // tile to pull into L2 meanwhile, so its statistics pass does not wait on memory.
 template <Activation act, typename T, typename V>
@@ -359,6 +374,7 @@ inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename 
   // 16-bit outputs: fold the mean into the offset (x a + (b - mean a)); its rounding
   // (float eps * |mean| a) is far below their half-ulp. Wider outputs subtract first.
   constexpr bool fold = sizeof(T) == 2;
+  constexpr bool lo = sizeof(T) == 2;
   const V mv = V::set1(fold ? A(0) : mean), av = V::set1(a);
   const V bv = V::set1(fold ? static_cast<A>(static_cast<double>(b) - static_cast<double>(mean) * a) : b);
   int64_t i = 0;
@@ -367,83 +383,84 @@ inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename 
     V h[4];
     for (int k = 0; k < 4; ++k)
       h[k] = fold ? fmadd(load(x + i + k * W), av, bv) : fmadd(load(x + i + k * W) - mv, av, bv);
-    for (int k = 0; k < 4; ++k) store(y + i + k * W, act_fwd<act, sizeof(T) == 2>(h[k]));
+    for (int k = 0; k < 4; ++k) store(y + i + k * W, act_fwd<act, lo>(h[k]));
   }
-  for (; i + 2 * W <= len; i += 2 * W) {
-    if (pf) prefetch_span<int(2 * W * sizeof(T))>(pf + i);
-    if constexpr (fold) {
-      store(y + i, act_fwd<act, true>(fmadd(load(x + i), av, bv)));
-      store(y + i + W, act_fwd<act, true>(fmadd(load(x + i + W), av, bv)));
-      continue;
-    }
-    V h0 = fmadd(load(x + i) - mv, av, bv);
-    V h1 = fmadd(load(x + i + W) - mv, av, bv);
-    store(y + i, act_fwd<act, sizeof(T) == 2>(h0));
-    store(y + i + W, act_fwd<act, sizeof(T) == 2>(h1));
-  }
-  for (; i < len; i += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, len - i));
-    V h = fmadd(load_n(x + i, n) - mv, av, bv);
-    store_n(y + i, act_fwd<act, sizeof(T) == 2>(h), n);
+  for (; i + W <= len; i += W) store(y + i, act_fwd<act, lo>(fmadd(load(x + i) - mv, av, bv)));
+  if (i < len) {
+    const int n = static_cast<int>(len - i);
+    store_n(y + i, act_fwd<act, lo>(fmadd(load_n(x + i, n) - mv, av, bv)), n);
   }
 }
 
-// Contiguous layout, elements [p0, p1) of slice (n, g).
+// Contiguous layout, elements [p0, p1) of slice (n, g), in reversed blocks.
 template <Activation act, typename T, typename V>
 void fwd_slice_part(const T* xs, T* ys, int64_t p0, int64_t p1, int64_t n, int64_t g, int64_t S,
                     int64_t Cg, typename V::A mean, typename V::A rstd, const typename V::A* wf,
                     const typename V::A* bf, const T* pf) {
   using A = typename V::A;
-  for (int64_t cl = p0 / S; cl < Cg && cl * S < p1; ++cl) {
-    const int64_t b = std::max(p0, cl * S), e = std::min(p1, (cl + 1) * S);
-    if (b >= e) continue;
-    const int64_t c = g * Cg + cl;  // wf, bf point at sample n's row
-    const A a = rstd * wf[c];
-    fwd_run<act, T, V>(xs + b, ys + b, e - b, mean, a, bf[c], pf ? pf + b : nullptr);
+  for_blocks_reversed(p0, p1, V::W, [&](int64_t b0, int64_t b1) {
+    for (int64_t cl = b0 / S; cl < Cg && cl * S < b1; ++cl) {
+      const int64_t b = std::max(b0, cl * S), e = std::min(b1, (cl + 1) * S);
+      if (b >= e) continue;
+      const int64_t c = g * Cg + cl;  // wf, bf point at sample n's row
+      const A a = rstd * wf[c];
+      fwd_run<act, T, V>(xs + b, ys + b, e - b, mean, a, bf[c], pf ? pf + b : nullptr);
+    }
+  });
+}
+
+// Whole periods, K vectors per step (K * W divides P); the per-position coefficients
+// come from L1 in each step (hoisting them would spill on AVX2's 16 registers).
+template <Activation act, typename T, typename V, int K>
+inline void fwd_period_steps(const T* x, T* y, int64_t periods, int64_t P, const ClScratch<typename V::A>& sc) {
+  constexpr int W = V::W;
+  constexpr bool fold = sizeof(T) == 2;  // mean folded into bpos (see fill_fwd_pos)
+  const auto* mp = sc.mpos.data();
+  const auto* ap = sc.apos.data();
+  const auto* bp = sc.bpos.data();
+  for (int64_t r = 0; r < periods; ++r, x += P, y += P) {
+    for (int64_t j = 0; j < P; j += K * W) {
+      V h[K];
+      for (int k = 0; k < K; ++k) {
+        const int64_t o = j + k * W;
+        h[k] = fold ? fmadd(load(x + o), load(ap + o), load(bp + o))
+                    : fmadd(load(x + o) - load(mp + o), load(ap + o), load(bp + o));
+      }
+      for (int k = 0; k < K; ++k) store(y + j + k * W, act_fwd<act, fold>(h[k]));
+    }
   }
 }
 
-// Channels-last: y for rows [0, rows) with per-position mean/a/b.
+// Channels-last: y for rows [0, rows) with per-position mean/a/b, in reversed blocks of
+// whole periods.
 template <Activation act, typename T, typename V>
 void fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Period& per,
-              const ClScratch<typename V::A>& sc, const T* pf) {
+              const ClScratch<typename V::A>& sc) {
   constexpr int W = V::W;
   const auto* mp = sc.mpos.data();
   const auto* ap = sc.apos.data();
   const auto* bp = sc.bpos.data();
   const int64_t P = per.P, E = rows * C;
-  int64_t done = 0;
-  if (P % (2 * W) == 0) {  // whole periods, two full vectors per step, no masks
-    constexpr int kLine = 64 / int(sizeof(T)) > 2 * W ? 2 * W : 64 / int(sizeof(T));
-    for (; done + P <= E; done += P) {
-      const T* xr = x + done;
-      T* yr = y + done;
-      for (int64_t j = 0; j < P; j += 2 * W) {
-        if (pf) {
-          for (int k = 0; k < 2 * W; k += kLine) prefetch_l2(pf + done + j + k);
-        }
-        if constexpr (sizeof(T) == 2) {  // mean folded into bpos (see fill_fwd_pos)
-          store(yr + j, act_fwd<act, true>(fmadd(load(xr + j), load(ap + j), load(bp + j))));
-          store(yr + j + W, act_fwd<act, true>(fmadd(load(xr + j + W), load(ap + j + W), load(bp + j + W))));
-          continue;
-        }
-        V h0 = fmadd(load(xr + j) - load(mp + j), load(ap + j), load(bp + j));
-        V h1 = fmadd(load(xr + j + W) - load(mp + j + W), load(ap + j + W), load(bp + j + W));
-        store(yr + j, act_fwd<act, sizeof(T) == 2>(h0));
-        store(yr + j + W, act_fwd<act, sizeof(T) == 2>(h1));
+  for_blocks_reversed(0, E, P, [&](int64_t b0, int64_t b1) {
+    int64_t done = b0;
+    const int64_t periods = (b1 - b0) / P;
+    if (periods > 0 && P % (4 * W) == 0) {
+      fwd_period_steps<act, T, V, 4>(x + b0, y + b0, periods, P, sc);
+      done += periods * P;
+    } else if (periods > 0 && P % (2 * W) == 0) {
+      fwd_period_steps<act, T, V, 2>(x + b0, y + b0, periods, P, sc);
+      done += periods * P;
+    }
+    for_period<W>(b1 - done, P, [&](int64_t o, int64_t j, int n) {
+      const int64_t oo = done + o;
+      if (n == W) {
+        V h = fmadd(load(x + oo) - load(mp + j), load(ap + j), load(bp + j));
+        store(y + oo, act_fwd<act, sizeof(T) == 2>(h));
+      } else {
+        V h = fmadd(load_n(x + oo, n) - load_n(mp + j, n), load_n(ap + j, n), load_n(bp + j, n));
+        store_n(y + oo, act_fwd<act, sizeof(T) == 2>(h), n);
       }
-    }
-  }
-  for_period<W>(E - done, P, [&](int64_t o, int64_t j, int n) {
-    const int64_t oo = done + o;
-    if (pf) prefetch_l2(pf + oo);
-    if (n == W) {
-      V h = fmadd(load(x + oo) - load(mp + j), load(ap + j), load(bp + j));
-      store(y + oo, act_fwd<act, sizeof(T) == 2>(h));
-    } else {
-      V h = fmadd(load_n(x + oo, n) - load_n(mp + j, n), load_n(ap + j, n), load_n(bp + j, n));
-      store_n(y + oo, act_fwd<act, sizeof(T) == 2>(h), n);
-    }
+    });
   });
 }
 
@@ -473,6 +490,8 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
   if (!channels_last) {
     const int64_t D = Cg * S, tiles = N * G;
     const bool whole = whole_tiles(tiles, threads, D * int64_t(sizeof(T)), int64_t(1) << 20);
+    // Pull the next tile into L2 during the second pass while two tiles fit beside each other.
+    const bool prefetch_next = D * int64_t(sizeof(T)) <= (int64_t(1) << 18);
     std::vector<Moments> part(2 * threads);
     // Per (n, c): h = (x - mean) rstd wf + bf, wf = w (1 + scale), bf = b (1 + scale) + shift.
     std::vector<A> wf(N * C), bf(N * C);
@@ -492,7 +511,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
           finish_stats(m, eps, &mean[t], &rstd[t]);
           fwd_slice_part<act, T, V>(x + t * D, y + t * D, 0, D, n, g, S, Cg, mean[t], rstd[t], &wf[n * C],
                                     &bf[n * C],
-                                    t + 1 < tiles ? x + (t + 1) * D : nullptr);
+                                    prefetch_next && t + 1 < tiles ? x + (t + 1) * D : nullptr);
         }
       } else {
         const int tid = thread_id(), nt = team_size();
@@ -513,7 +532,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
             rstd[t] = rs;
           }
           fwd_slice_part<act, T, V>(x + t * D, y + t * D, b, e, n, g, S, Cg, mu, rs, &wf[n * C], &bf[n * C],
-                                    t + 1 < tiles ? x + (t + 1) * D : nullptr);
+                                    prefetch_next && t + 1 < tiles ? x + (t + 1) * D : nullptr);
         }
       }
     }
@@ -536,7 +555,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
         rows_moments<T, V>(x + n * L, S, C, G, per, sc, gm.data());
         for (int64_t g = 0; g < G; ++g) finish_stats(gm[g], eps, &mean[n * G + g], &rstd[n * G + g]);
         fill_fwd_pos(sc, per, n, C, G, mean, rstd, pr, sizeof(T) == 2);
-        fwd_rows<act, T, V>(x + n * L, y + n * L, S, C, per, sc, n + 1 < N ? x + (n + 1) * L : nullptr);
+        fwd_rows<act, T, V>(x + n * L, y + n * L, S, C, per, sc);
       }
     } else {
       const int tid = thread_id(), nt = team_size();
@@ -560,8 +579,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
         // Local copies: thread 0 may not have stored mean/rstd yet.
         fill_fwd_pos(sc, per, 0, C, G, mu.data(), rs.data(), Params<A>{pr.w, pr.b,
                      pr.s ? pr.s + n * C : nullptr, pr.sh ? pr.sh + n * C : nullptr, C}, sizeof(T) == 2);
-        fwd_rows<act, T, V>(x + n * L + b * C, y + n * L + b * C, e - b, C, per, sc,
-                            n + 1 < N ? x + (n + 1) * L + b * C : nullptr);
+        fwd_rows<act, T, V>(x + n * L + b * C, y + n * L + b * C, e - b, C, per, sc);
       }
     }
   }

@@ -71,10 +71,16 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     """(N, *spatial, C) in memory and not also plain contiguous."""
     if x.ndim < 3 or x.is_contiguous():
         return False
+    fmt = _CL_FORMATS.get(x.ndim)
+    if fmt is not None:       # the cheap check (no view), per call on the op's hot path
+        return x.is_contiguous(memory_format=fmt)
     perm = (0,) + tuple(range(2, x.ndim)) + (1,)
     return x.permute(perm).is_contiguous()
 
@@ -90,8 +96,9 @@ def _layout_reason(t: torch.Tensor, name: str) -> Optional[str]:
 
 
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor with x's shape, dtype and exact strides."""
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    """An uninitialised tensor with x's shape, dtype and exact strides (x is contiguous or
+    channels-last here: empty_like keeps a dense layout's strides)."""
+    return torch.empty_like(x)
 
 
 def _same_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +114,15 @@ def _param(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tens
     if t is None or (t.dtype == dtype and t.is_contiguous()):
         return t
     return t.to(dtype).contiguous()
+
+
+def _as_param(grad: Optional[torch.Tensor], p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A parameter's gradient (computed in the statistics dtype, flat) in p's dtype and shape."""
+    if grad is None:
+        return None
+    if grad.dtype != p.dtype:
+        grad = grad.to(p.dtype)
+    return grad if grad.shape == p.shape else grad.reshape(p.shape)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -131,7 +147,7 @@ def _gn_geometry(x: torch.Tensor, num_groups: int):
 def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activation):
     pdt = _stat_dtype(x)
     n, c, s, g, cl = _gn_geometry(x, num_groups)
-    w, b, sc, sh = (_param(t, pdt) for t in (weight, bias, scale, shift))
+    w, b, sc, sh = _param(weight, pdt), _param(bias, pdt), _param(scale, pdt), _param(shift, pdt)
     y = _empty_like_layout(x)
     mean = torch.empty((n, g), dtype=pdt)
     rstd = torch.empty((n, g), dtype=pdt)
@@ -147,9 +163,8 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
     pdt = _stat_dtype(x)
     n, c, s, g, cl = _gn_geometry(x, num_groups)
     grad_y = _same_layout(grad_y, x)
-    mean = mean.to(pdt).contiguous()
-    rstd = rstd.to(pdt).contiguous()
-    w, b, sc, sh = (_param(t, pdt) for t in (weight, bias, scale, shift))
+    mean, rstd = _param(mean, pdt), _param(rstd, pdt)
+    w, b, sc, sh = _param(weight, pdt), _param(bias, pdt), _param(scale, pdt), _param(shift, pdt)
     need_x, need_w, need_b, need_s, need_sh = needs
     gx = _empty_like_layout(x) if need_x else None
     gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
@@ -160,10 +175,7 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
                       _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), _ptr(gx), _ptr(gw), _ptr(gb),
                       _ptr(gs), _ptr(gsh), n, c, s, g, cl, _DTYPE_CODES[x.dtype],
                       _ACTIVATION_CODES[activation], _threads())
-    params = (weight, bias, scale, shift)
-    grads = (gw, gb, gs, gsh)
-    return (gx,) + tuple(None if gr is None else gr.to(p.dtype).reshape(p.shape)
-                         for gr, p in zip(grads, params))
+    return (gx, _as_param(gw, weight), _as_param(gb, bias), _as_param(gs, scale), _as_param(gsh, shift))
 
 
 # ------------------------------------------------------------ channel_rms_norm_silu
@@ -171,7 +183,7 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
 def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
     pdt = _stat_dtype(x)
     n, c, s, _, cl = _gn_geometry(x, 1)
-    w, sc, sh = (_param(t, pdt) for t in (weight, scale, shift))
+    w, sc, sh = _param(weight, pdt), _param(scale, pdt), _param(shift, pdt)
     y = _empty_like_layout(x)
     rstd = torch.empty((n, s), dtype=pdt)
     _C.channel_rms_norm_fwd(x.data_ptr(), y.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc), _ptr(sh),
@@ -185,8 +197,8 @@ def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation,
     pdt = _stat_dtype(x)
     n, c, s, _, cl = _gn_geometry(x, 1)
     grad_y = _same_layout(grad_y, x)
-    rstd = rstd.to(pdt).contiguous()
-    w, sc, sh = (_param(t, pdt) for t in (weight, scale, shift))
+    rstd = _param(rstd, pdt)
+    w, sc, sh = _param(weight, pdt), _param(scale, pdt), _param(shift, pdt)
     need_x, need_w, need_s, need_sh = needs
     gx = _empty_like_layout(x) if need_x else None
     gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
@@ -195,9 +207,7 @@ def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation,
     _C.channel_rms_norm_bwd(grad_y.data_ptr(), x.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc),
                             _ptr(sh), _ptr(gx), _ptr(gw), _ptr(gs), _ptr(gsh), n, c, s, float(eps),
                             cl, _DTYPE_CODES[x.dtype], _ACTIVATION_CODES[activation], _threads())
-    params = (weight, scale, shift)
-    return (gx,) + tuple(None if gr is None else gr.to(p.dtype).reshape(p.shape)
-                         for gr, p in zip((gw, gs, gsh), params))
+    return gx, _as_param(gw, weight), _as_param(gs, scale), _as_param(gsh, shift)
 
 
 # ------------------------------------------------------------ dynamic thresholding
