@@ -9,8 +9,9 @@ on a CPU or a CUDA GPU with the same harness.
 Shapes come from benchmarks/shapes.py (recorded from the presets): for group_norm_silu the
 call moving the most bytes at every stage (resolution) of every preset (channel_rms_norm_silu,
 the norm of imagen-pytorch's U-Nets that imagen_fast.accelerate fuses, at the same tensors),
-for attention every distinct call at text lengths 64/128/256 (with and without the key padding mask), for thresholding and the
-sampler step each preset's output image; plus a batch sweep 1/8/64 at one shape per op.
+for attention every distinct call at text lengths 64/128/256 (with and without the key
+padding mask), for thresholding and the sampler step each preset's output image; plus a
+batch sweep 1/8/64 at one shape per op.
 A CPU runs the small presets at batch 8 and the paper presets at batch 1 (calls up to
 2^24 elements); a GPU runs every preset at batch 8.
 

@@ -136,6 +136,43 @@ py::tuple quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double perc
   return py::tuple(l);
 }
 
+// -------------------------------------------------------------------- attention
+void check_attention(const char* fn, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, double scale,
+                     const std::vector<int64_t>& strides, size_t nstrides, int dtype) {
+  if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0)
+    throw std::invalid_argument(std::string(fn) + ": B, H, Lq, Lk and D must be positive");
+  if (!(scale > 0.0) || !std::isfinite(scale)) throw std::invalid_argument(std::string(fn) + ": scale must be finite and > 0");
+  if (strides.size() != nstrides)
+    throw std::invalid_argument(std::string(fn) + ": strides must hold " + std::to_string(nstrides) + " values");
+  for (int64_t st : strides)
+    if (st < 0) throw std::invalid_argument(std::string(fn) + ": strides must be non-negative");
+  if (dtype != 0 && dtype != 2 && dtype != 3)
+    throw std::invalid_argument(std::string(fn) + ": dtype must be float32, float16 or bfloat16 (code " +
+                                std::to_string(dtype) + ")");
+}
+
+void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out, uintptr_t lse, int64_t B,
+                   int64_t H, int64_t Lq, int64_t Lk, int64_t D, double scale, const std::vector<int64_t>& strides,
+                   int dtype, int threads) {
+  check_attention("attention_fwd", B, H, Lq, Lk, D, scale, strides, 9, dtype);
+  if (!q || !k || !v || !out || !lse) throw std::invalid_argument("attention_fwd: q, k, v, out and lse are required");
+  const KernelTable& t = active_kernels();
+  py::gil_scoped_release nogil;
+  t.attention_fwd(q, k, v, mask, out, lse, B, H, Lq, Lk, D, scale, strides.data(), dtype, threads);
+}
+
+void attention_bwd(uintptr_t grad_out, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
+                   uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, int64_t B, int64_t H, int64_t Lq,
+                   int64_t Lk, int64_t D, double scale, const std::vector<int64_t>& strides, int dtype, int threads) {
+  check_attention("attention_bwd", B, H, Lq, Lk, D, scale, strides, 12, dtype);
+  if (!grad_out || !q || !k || !v || !out || !lse || !dq || !dk || !dv)
+    throw std::invalid_argument("attention_bwd: grad_out, q, k, v, out, lse, dq, dk and dv are required");
+  const KernelTable& t = active_kernels();
+  py::gil_scoped_release nogil;
+  t.attention_bwd(grad_out, q, k, v, mask, out, lse, dq, dk, dv, B, H, Lq, Lk, D, scale, strides.data(), dtype,
+                  threads);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace imagen_fast
@@ -196,6 +233,19 @@ void register_cpu(py::module_& m) {
         py::arg("z"), py::arg("cond"), py::arg("uncond"), py::arg("noise"), py::arg("out"), py::arg("coefs"),
         py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("guidance_scale"), py::arg("threshold"),
         py::arg("percentile"), py::arg("min_value"), py::arg("threads") = 0);
+  m.def("attention_fwd", &attention_fwd,
+        "Masked attention of short query sequences on CPU buffers (data pointers): out (B, H, Lq, D) contiguous "
+        "in q's dtype and lse (B, H, Lq) float32; mask (B, Lk) bool or 0; strides: the (B, H, L) element "
+        "strides of q, k, v (unit stride on D). A query with no valid key gets zeros and lse = -inf.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"), py::arg("lse"), py::arg("B"),
+        py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"), py::arg("scale"), py::arg("strides"),
+        py::arg("dtype"), py::arg("threads") = 0);
+  m.def("attention_bwd", &attention_bwd,
+        "Backward of attention_fwd: dq, dk, dv contiguous in q's dtype; strides: those of q, k, v, grad_out.",
+        py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
+        py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("B"), py::arg("H"), py::arg("Lq"),
+        py::arg("Lk"), py::arg("D"), py::arg("scale"), py::arg("strides"), py::arg("dtype"),
+        py::arg("threads") = 0);
   m.def("quantile_abs", &quantile_abs,
         "Per-sample exact quantile of |x| (linear interpolation) as dynamic_threshold finds it: a tuple of N "
         "floats. radix_only skips the sampled estimate (tests the fallback path).",

@@ -29,6 +29,15 @@ using SamplerStep = void(uintptr_t z, uintptr_t cond, uintptr_t uncond, uintptr_
 using QuantileAbs = void(uintptr_t x, int64_t N, int64_t L, int dtype, double percentile, int threads,
                          bool radix_only, double* out);
 
+// strides: 12 element strides, (B, H, L) of q, k, v and (for the backward) grad_out.
+using AttentionFwd = void(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out, uintptr_t lse,
+                          int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, double scale,
+                          const int64_t* strides, int dtype, int threads);
+using AttentionBwd = void(uintptr_t grad_out, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
+                          uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, int64_t B, int64_t H,
+                          int64_t Lq, int64_t Lk, int64_t D, double scale, const int64_t* strides, int dtype,
+                          int threads);
+
 struct KernelTable {
   const char* name;  // "portable" | "avx512"
   const char* isa;   // the instruction sets it was compiled for, "/"-separated
@@ -39,6 +48,8 @@ struct KernelTable {
   DynamicThreshold* dynamic_threshold;
   SamplerStep* sampler_step;
   QuantileAbs* quantile_abs;
+  AttentionFwd* attention_fwd;
+  AttentionBwd* attention_bwd;
 };
 
 namespace portable {
@@ -50,7 +61,7 @@ const KernelTable& kernel_table();
 
 #ifdef IMAGEN_FAST_ISA_NS
 // Inside a variant's sources: its entry points (defined in group_norm.cpp, rms_norm.cpp,
-// threshold.cpp; collected by variant.cpp).
+// threshold.cpp, attention.cpp; collected by variant.cpp).
 namespace IMAGEN_FAST_ISA_NS {
 GroupNormFwd group_norm_fwd;
 GroupNormBwd group_norm_bwd;
@@ -59,6 +70,8 @@ RmsNormBwd rms_norm_bwd;
 DynamicThreshold dynamic_threshold;
 SamplerStep sampler_step;
 QuantileAbs quantile_abs;
+AttentionFwd attention_fwd;
+AttentionBwd attention_bwd;
 }  // namespace IMAGEN_FAST_ISA_NS
 #endif
 

@@ -27,7 +27,7 @@ const KernelTable& kernel_table() {
 #endif
 #endif
       &group_norm_fwd, &group_norm_bwd, &rms_norm_fwd, &rms_norm_bwd, &dynamic_threshold, &sampler_step,
-      &quantile_abs};
+      &quantile_abs, &attention_fwd, &attention_bwd};
   return table;
 }
 

@@ -430,6 +430,9 @@ IF_VINLINE V8f gauss_cdf8(V8f h, V8f* pdf) {
   return pick(h < zero, tail, 1.0f - tail);
 }
 
+// e^x for x <= 87 (below -100 it returns e^-100, not 0: callers exclude such terms).
+IF_VINLINE VF vexp(VF x) { return exp_neg8<true>(-x.v); }
+
 template <Activation act, bool LO = false> IF_VINLINE VF act_fwd(VF h) {
   if constexpr (act == Activation::SiLU && LO) return h.v * recip8<true>(1.0f + exp_neg8_lo(h.v));
   else if constexpr (act == Activation::SiLU) return h.v * recip8<false>(1.0f + exp_neg8<false>(h.v));

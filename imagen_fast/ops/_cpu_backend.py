@@ -10,10 +10,7 @@ x86 machine). IMAGEN_FAST_CPU_ISA=auto|portable|avx512 picks one when this modul
 loads (auto: the best this CPU runs); `use_cpu_isa` switches inside a block (tests and
 benchmarks run both paths in one process).
 
-Attention on CPU runs torch's flash-attention CPU kernel
-(aten._scaled_dot_product_flash_attention_for_cpu and its backward) with the key
-padding mask as an additive 0 / -inf mask; batches whose keys are all masked get
-zero output and zero gradients (the kernel itself would produce NaN there).
+Attention: see the comment above `SMALL_QUERIES` below.
 """
 from __future__ import annotations
 
@@ -261,6 +258,19 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
 
 
 # ----------------------------------------------------------------------- attention
+# Three paths, each keeping the contract (a query whose batch masks every key gets zeros
+# and zero gradients):
+#  - short query sequences (Lq <= SMALL_QUERIES, float32/16-bit): csrc/cpu/attention.cpp,
+#    where torch's flash kernel is mostly fixed cost (Imagen's text pooling: one query);
+#  - otherwise torch's flash-attention CPU kernel (aten._scaled_dot_product_flash_attention
+#    _for_cpu and its backward) with an additive 0 / -inf mask, for the custom ops that
+#    torch.compile and export see (they return the log-sum-exp too);
+#  - in eager mode, ops.attention asks `attention` below for a differentiable result:
+#    F.scaled_dot_product_attention with the boolean mask and its own autograd (the
+#    custom op's Python autograd costs more than the whole tiny call), or the small
+#    kernel through an autograd.Function.
+SMALL_QUERIES = 16
+_SMALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -273,6 +283,98 @@ def _attention_supports(q, k, v, mask=None) -> Optional[str]:
         if t.dtype not in _DTYPE_CODES:
             return f"{name} has unsupported dtype {t.dtype}"
     return None
+
+
+def _small(q, k, v) -> bool:
+    return (q.shape[2] <= SMALL_QUERIES and q.dtype in _SMALL_DTYPES and q.stride(-1) == 1
+            and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
+def _bhl_strides(*ts) -> list:
+    return [st for t in ts for st in t.stride()[:3]]
+
+
+def _small_fwd(q, k, v, mask, scale):
+    b, h, lq, d = q.shape
+    out = torch.empty((b, h, lq, d), dtype=q.dtype)
+    lse = torch.empty((b, h, lq), dtype=torch.float32)
+    _C.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), lse.data_ptr(),
+                     b, h, lq, k.shape[2], d, float(scale), _bhl_strides(q, k, v), _DTYPE_CODES[q.dtype],
+                     _threads())
+    return out, lse
+
+
+def _small_bwd(grad_out, q, k, v, mask, out, lse, scale):
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    out, lse = out.contiguous(), lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    b, h, lq, d = q.shape
+    _C.attention_bwd(grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
+                     lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, lq, k.shape[2], d,
+                     float(scale), _bhl_strides(q, k, v, grad_out), _DTYPE_CODES[q.dtype], _threads())
+    return dq, dk, dv
+
+
+class _SmallAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = _small_fwd(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        return (*_small_bwd(grad_out, q, k, v, mask, out, lse, ctx.scale), None, None)
+
+
+_SDPA_ZEROES_EMPTY: Dict[torch.dtype, bool] = {}
+
+
+def _sdpa_zeroes_empty_rows(dtype: torch.dtype) -> bool:
+    """Whether this torch's SDPA already gives a query with every key masked zeros and zero
+    gradients (it does from torch 2.5 on): asked once per dtype on a tiny problem."""
+    known = _SDPA_ZEROES_EMPTY.get(dtype)
+    if known is None:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 1, 2, 4, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        mask = torch.tensor([[True, False, True], [False, False, False]])[:, None, None, :]
+        k2, v2 = (t.detach()[:, :, :1].expand(2, 1, 3, 4).contiguous().requires_grad_() for t in (k, v))
+        with torch.enable_grad():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
+            grads = torch.autograd.grad(out.float().sum(), [q, k2, v2])
+        known = bool((out[1] == 0).all()) and all(bool(torch.isfinite(t).all() and (t[1] == 0).all())
+                                                  for t in grads)
+        _SDPA_ZEROES_EMPTY[dtype] = known
+    return known
+
+
+def _sdpa(q, k, v, mask, scale):
+    F = torch.nn.functional
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if _sdpa_zeroes_empty_rows(q.dtype):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    empty = ~mask.any(dim=1)
+    if not bool(empty.any()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    keep = (mask | empty[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    return out * (~empty).to(out.dtype)[:, None, None, None]   # zeros, and zero gradients
+
+
+@register("attention", "cpu", supports=_attention_supports)
+def attention(q, k, v, mask, scale):
+    """Differentiable attention for ops.attention in eager mode (see above)."""
+    if _small(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _SmallAttention.apply(q, k, v, mask, scale)
+        return _small_fwd(q, k, v, mask, scale)[0]
+    return _sdpa(q, k, v, mask, scale)
 
 
 def _use_flash(q) -> bool:
@@ -296,6 +398,8 @@ def _zero_batches(t, empty, value=0.0):
 
 @register("attention_fwd", "cpu", supports=_attention_supports)
 def attention_fwd(q, k, v, mask, scale):
+    if _small(q, k, v):
+        return _small_fwd(q, k, v, mask, scale)
     if not _use_flash(q):
         return _torch_backend.attention_fwd(q, k, v, mask, scale)
     add, empty = _additive_mask(mask, q)
@@ -309,6 +413,8 @@ def attention_fwd(q, k, v, mask, scale):
 
 @register("attention_bwd", "cpu", supports=_attention_supports)
 def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
+    if _small(q, k, v):
+        return _small_bwd(grad_out, q, k, v, mask, out, lse, scale)
     if not _use_flash(q):
         if q.dtype == torch.float64:
             # The saved lse is float32 by contract: recompute it in float64 so the

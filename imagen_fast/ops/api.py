@@ -375,6 +375,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         key_padding_mask = key_padding_mask.contiguous()
     scale = 1.0 / math.sqrt(d) if scale is None else _check_float(scale, "scale", low=0.0, low_open=True)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if not torch.compiler.is_compiling():
+        # A backend's own differentiable path, where it has one (cpu: SDPA's autograd or
+        # its small-query kernel): the custom op's Python autograd would cost more than a
+        # small call itself. torch.compile and export see the custom op.
+        eager = dispatch.resolve_eager("attention", q.device, q, k, v, key_padding_mask)
+        if eager is not None:
+            return eager(q, k, v, key_padding_mask, scale)
     out, _ = _attn_fwd(q, k, v, key_padding_mask, scale)
     return out
 

@@ -179,6 +179,18 @@ def resolve(op: str, device: torch.device, *args) -> Callable:
     raise ValueError(f"{op}: no backend can run this call: {skipped}")
 
 
+def resolve_eager(op: str, device: torch.device, *args) -> Optional[Callable]:
+    """The differentiable eager implementation ``op`` of the backend that ``resolve`` picks
+    for ``op + "_fwd"``, or None when that backend registers none (the custom op runs)."""
+    fwd = resolve(op + "_fwd", device, *args)
+    for backend in BACKENDS:
+        impl = _registry.get((op + "_fwd", backend))
+        if impl is not None and impl.fn is fwd:
+            eager = _registry.get((op, backend))
+            return None if eager is None else eager.fn
+    return None
+
+
 def selected_backend(op: str, device: torch.device, *args) -> str:
     """Name of the backend ``resolve`` would pick (for tests, info and benchmarks)."""
     fn = resolve(op, device, *args)
