@@ -349,19 +349,16 @@ inline bool whole_tiles(int64_t tiles, int threads, int64_t tile_bytes, int64_t 
 }
 
 // ---------------------------------------------------------------------- forward
-// The second pass (y from x) walks its range in blocks of kNormBlock elements from the
-// last block to the first: the statistics pass has just read the range front to back,
-// so its end is what the caches still hold, and the stores of y then evict the lines
-// read longest ago, which this order needs last. (Forward order evicts each line just
-// before it is needed once the range outgrows the L2.)
+// The second pass (y from x) walks its range front to back, as the statistics pass did:
+// walking it backwards from the end (which the caches still hold) measured 20% slower,
+// the hardware prefetchers losing the stream at every block.
 constexpr int64_t kNormBlock = 4096;
 
-// Calls f(b, e) for consecutive sub-ranges of [p0, p1) of at most kNormBlock elements,
-// the last one first; block boundaries are multiples of `align` from p0.
-template <typename F> inline void for_blocks_reversed(int64_t p0, int64_t p1, int64_t align, F&& f) {
+// Calls f(b, e) for consecutive sub-ranges of [p0, p1) of at most about kNormBlock
+// elements, block boundaries multiples of `align` from p0.
+template <typename F> inline void for_blocks(int64_t p0, int64_t p1, int64_t align, F&& f) {
   const int64_t block = std::max<int64_t>(align, kNormBlock / align * align);
-  const int64_t nb = (p1 - p0 + block - 1) / block;
-  for (int64_t k = nb - 1; k >= 0; --k) f(p0 + k * block, std::min(p1, p0 + (k + 1) * block));
+  for (int64_t b = p0; b < p1; b += block) f(b, std::min(p1, b + block));
 }
 
 // y = act((x - mean) * a + b) over a contiguous run; pf (or null): data of the next
@@ -392,13 +389,13 @@ inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename 
   }
 }
 
-// Contiguous layout, elements [p0, p1) of slice (n, g), in reversed blocks.
+// Contiguous layout, elements [p0, p1) of slice (n, g).
 template <Activation act, typename T, typename V>
 void fwd_slice_part(const T* xs, T* ys, int64_t p0, int64_t p1, int64_t n, int64_t g, int64_t S,
                     int64_t Cg, typename V::A mean, typename V::A rstd, const typename V::A* wf,
                     const typename V::A* bf, const T* pf) {
   using A = typename V::A;
-  for_blocks_reversed(p0, p1, V::W, [&](int64_t b0, int64_t b1) {
+  for_blocks(p0, p1, V::W, [&](int64_t b0, int64_t b1) {
     for (int64_t cl = b0 / S; cl < Cg && cl * S < b1; ++cl) {
       const int64_t b = std::max(b0, cl * S), e = std::min(b1, (cl + 1) * S);
       if (b >= e) continue;
@@ -431,8 +428,8 @@ inline void fwd_period_steps(const T* x, T* y, int64_t periods, int64_t P, const
   }
 }
 
-// Channels-last: y for rows [0, rows) with per-position mean/a/b, in reversed blocks of
-// whole periods.
+// Channels-last: y for rows [0, rows) with per-position mean/a/b, in blocks of whole
+// periods.
 template <Activation act, typename T, typename V>
 void fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Period& per,
               const ClScratch<typename V::A>& sc) {
@@ -441,7 +438,7 @@ void fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Period& per,
   const auto* ap = sc.apos.data();
   const auto* bp = sc.bpos.data();
   const int64_t P = per.P, E = rows * C;
-  for_blocks_reversed(0, E, P, [&](int64_t b0, int64_t b1) {
+  for_blocks(0, E, P, [&](int64_t b0, int64_t b1) {
     int64_t done = b0;
     const int64_t periods = (b1 - b0) / P;
     if (periods > 0 && P % (4 * W) == 0) {
