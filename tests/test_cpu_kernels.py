@@ -159,6 +159,10 @@ GN_ODD = [  # shape, groups: odd channel counts hit the lcm(C, 16) period and ma
     ((2, 8, 1, 1), 4),        # no spatial extent
     ((3, 12, 11), 3),         # 1-D spatial
     ((2, 8, 3, 4, 5), 2),     # 3-D spatial (channels_last_3d)
+    ((2, 64, 4, 4), 32),      # channels of one to three vectors: the short-run paths
+    ((2, 48, 4, 8), 8),
+    ((2, 24, 6, 8), 4),
+    ((1, 16, 2, 2), 4),       # float64's one-lane vectors
 ]
 
 

@@ -395,6 +395,36 @@ void fwd_slice_part(const T* xs, T* ys, int64_t p0, int64_t p1, int64_t n, int64
                     int64_t Cg, typename V::A mean, typename V::A rstd, const typename V::A* wf,
                     const typename V::A* bf, const T* pf) {
   using A = typename V::A;
+  constexpr int W = V::W;
+  constexpr bool fold = sizeof(T) == 2;  // as in fwd_run
+  if (S % W == 0 && S < 4 * W && p0 % W == 0 && p1 % W == 0) {
+    // Channels of one to three vectors (4x4 and 8x8 maps): four vectors per step whatever
+    // their channel, each with its channel's coefficients broadcast (per-channel runs
+    // would keep a single dependency chain of the activation in flight).
+    const V mv = V::set1(fold ? A(0) : mean);
+    auto coefs = [&](int64_t i, V* av, V* bv) {
+      const int64_t c = g * Cg + i / S;
+      const A a = rstd * wf[c];
+      *av = V::set1(a);
+      *bv = V::set1(fold ? static_cast<A>(static_cast<double>(bf[c]) - static_cast<double>(mean) * a) : bf[c]);
+    };
+    int64_t i = p0;
+    for (; i + 4 * W <= p1; i += 4 * W) {
+      V h[4];
+      for (int k = 0; k < 4; ++k) {
+        V av, bv;
+        coefs(i + k * W, &av, &bv);
+        h[k] = fmadd(load(xs + i + k * W) - mv, av, bv);
+      }
+      for (int k = 0; k < 4; ++k) store(ys + i + k * W, act_fwd<act, fold>(h[k]));
+    }
+    for (; i < p1; i += W) {
+      V av, bv;
+      coefs(i, &av, &bv);
+      store(ys + i, act_fwd<act, fold>(fmadd(load(xs + i) - mv, av, bv)));
+    }
+    return;
+  }
   for_blocks(p0, p1, V::W, [&](int64_t b0, int64_t b1) {
     for (int64_t cl = b0 / S; cl < Cg && cl * S < b1; ++cl) {
       const int64_t b = std::max(b0, cl * S), e = std::min(b1, (cl + 1) * S);
@@ -652,6 +682,57 @@ inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::
   }
 }
 
+// Contiguous tile of D = Cg S elements whose channels hold one to three vectors (S % W
+// == 0, S < 4 W: the 4x4 and 8x8 maps): the two passes of bwd_sums_run / bwd_gx_run,
+// four vectors per step whatever their channel (per-channel runs would keep a single
+// dependency chain of the activation's derivative in flight). ca, cb: the tile's
+// per-channel h coefficients; s1, s2: its per-channel sums.
+template <Activation act, typename T, typename V>
+void bwd_sums_short(const T* gy, const T* x, int64_t D, int64_t S, typename V::A mean, typename V::A rstd,
+                    const typename V::A* ca, const typename V::A* cb, double* s1, double* s2,
+                    typename V::A* dhs) {
+  constexpr int W = V::W;
+  const V mv = V::set1(mean);
+  for (int64_t i = 0; i < D; i += 4 * W) {
+    const int kn = static_cast<int>(std::min<int64_t>(4, (D - i) / W));
+    V d[4], g[4];
+    for (int k = 0; k < kn; ++k) {
+      const int64_t o = i + k * W, cl = o / S;
+      d[k] = load(x + o) - mv;
+      g[k] = load(gy + o);
+      if (act != Activation::None)
+        g[k] = g[k] * act_grad<act, sizeof(T) == 2>(fmadd(d[k], V::set1(ca[cl]), V::set1(cb[cl])));
+    }
+    for (int k = 0; k < kn; ++k) {
+      const int64_t o = i + k * W, cl = o / S;
+      if (dhs) store(dhs + o, g[k]);
+      s1[cl] += static_cast<double>(hsum(g[k]));
+      s2[cl] += static_cast<double>(hsum(g[k] * d[k])) * static_cast<double>(rstd);
+    }
+  }
+}
+
+template <Activation act, typename T, typename V>
+void bwd_gx_short(const T* gy, const T* x, T* gx, int64_t D, int64_t S, typename V::A mean,
+                  const typename V::A* ca, const typename V::A* cb, const typename V::A* k1, typename V::A k2,
+                  typename V::A k3, const typename V::A* dhs) {
+  constexpr int W = V::W;
+  const V mv = V::set1(mean), k2v = V::set1(k2), k3v = V::set1(k3);
+  for (int64_t i = 0; i < D; i += 4 * W) {
+    const int kn = static_cast<int>(std::min<int64_t>(4, (D - i) / W));
+    V r[4];
+    for (int k = 0; k < kn; ++k) {
+      const int64_t o = i + k * W, cl = o / S;
+      const V d = load(x + o) - mv;
+      V g = dhs ? load(dhs + o) : load(gy + o);
+      if (act != Activation::None && !dhs)
+        g = g * act_grad<act, sizeof(T) == 2>(fmadd(d, V::set1(ca[cl]), V::set1(cb[cl])));
+      r[k] = fmadd(V::set1(k1[cl]), g, fmadd(d, k3v, k2v));
+    }
+    for (int k = 0; k < kn; ++k) store(gx + i + k * W, r[k]);
+  }
+}
+
 // Channels-last sums for rows [0, rows): per-channel s1 (+= dh), s2 (+= dh * xhat)
 // accumulated into sc.chan1/chan2, using per-position mpos/apos/bpos/rpos.
 template <Activation act, typename T, typename V>
@@ -759,10 +840,11 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
   if (!channels_last) {
     const int64_t D = Cg * S, tiles = N * G;
     const bool whole = whole_tiles(tiles, threads, 2 * D * int64_t(sizeof(T)), int64_t(1) << 20);
+    const bool short_runs = S % V::W == 0 && S < 4 * V::W;
     std::vector<double> part(2 * threads * 2 * Cg);
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<A> k1(Cg);
+      std::vector<A> k1(Cg), ca(short_runs ? Cg : 0), cb(short_runs ? Cg : 0);
       // dh of the current tile (or part), when there is an activation to differentiate.
       const bool keep_dh = gx && act != Activation::None;
       std::vector<A> dh_buf(keep_dh ? size_t(D) + 16 : 0);
@@ -774,6 +856,19 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           const A mu = mean[t], rs = rstd[t];
           double* s1 = &S1[n * C + g * Cg];
           double* s2 = &S2[n * C + g * Cg];
+          if (short_runs) {
+            for (int64_t cl = 0; cl < Cg; ++cl) {
+              ca[cl] = pr.coef_a(n, g * Cg + cl, rs);
+              cb[cl] = pr.coef_b(n, g * Cg + cl);
+            }
+            bwd_sums_short<act, T, V>(gy + t * D, x + t * D, D, S, mu, rs, ca.data(), cb.data(), s1, s2, dh);
+            if (!gx) continue;
+            A k2, k3;
+            gx_coefs(pr, n, g, Cg, S, rs, s1, s2, k1.data(), &k2, &k3);
+            bwd_gx_short<act, T, V>(gy + t * D, x + t * D, gx + t * D, D, S, mu, ca.data(), cb.data(), k1.data(),
+                                    k2, k3, dh);
+            continue;
+          }
           for (int64_t cl = 0; cl < Cg; ++cl) {
             const int64_t c = g * Cg + cl, o = t * D + cl * S;
             bwd_sums_run<act, T, V>(gy + o, x + o, S, mu, rs, pr.coef_a(n, c, rs), pr.coef_b(n, c),
@@ -909,20 +1004,27 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
       }
     }
   }
-  // Parameter gradients from the per-(n, c) sums.
-  for (int64_t c = 0; c < C; ++c) {
-    double w_acc = 0.0, b_acc = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      const double f = static_cast<double>(pr.film(n, c));
-      w_acc += f * S2[n * C + c];
-      b_acc += f * S1[n * C + c];
-      if (gs) gs[n * C + c] = static_cast<A>(static_cast<double>(pr.weight(c)) * S2[n * C + c] +
-                                             static_cast<double>(pr.bias(c)) * S1[n * C + c]);
-      if (gsh) gsh[n * C + c] = static_cast<A>(S1[n * C + c]);
-    }
-    if (gw) gw[c] = static_cast<A>(w_acc);
-    if (gb) gb[c] = static_cast<A>(b_acc);
+  // Parameter gradients from the per-(n, c) sums, sample by sample along contiguous rows.
+  std::vector<double> wacc(gw ? C : 0, 0.0), bacc(gb ? C : 0, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    const double* s1 = &S1[n * C];
+    const double* s2 = &S2[n * C];
+    const A* sc = pr.s ? pr.s + n * C : nullptr;
+    if (gw || gb)
+      for (int64_t c = 0; c < C; ++c) {
+        const double f = sc ? 1.0 + static_cast<double>(sc[c]) : 1.0;
+        if (gw) wacc[c] += f * s2[c];
+        if (gb) bacc[c] += f * s1[c];
+      }
+    if (gs)
+      for (int64_t c = 0; c < C; ++c)
+        gs[n * C + c] = static_cast<A>((pr.w ? static_cast<double>(pr.w[c]) : 1.0) * s2[c] +
+                                       (pr.b ? static_cast<double>(pr.b[c]) : 0.0) * s1[c]);
+    if (gsh)
+      for (int64_t c = 0; c < C; ++c) gsh[n * C + c] = static_cast<A>(s1[c]);
   }
+  for (int64_t c = 0; gw && c < C; ++c) gw[c] = static_cast<A>(wacc[c]);
+  for (int64_t c = 0; gb && c < C; ++c) gb[c] = static_cast<A>(bacc[c]);
 }
 
 }  // namespace
