@@ -128,7 +128,7 @@ def compare(candidates: Dict[str, Callable[[int], object]], *, rounds: int = 21,
             counter += k
     out = {}
     for name, s in samples.items():
-        q = statistics.quantiles(s, n=10)
+        q = statistics.quantiles(s, n=10, method="inclusive")   # within the samples, also for few rounds
         out[name] = Timing(statistics.median(s), q[0], q[-1], len(s))
     return out
 

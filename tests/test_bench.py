@@ -178,6 +178,22 @@ def test_summary_table_ranges_and_drops_empty_columns():
     assert "x compile" not in t.columns and "x best SDPA" not in t.columns
 
 
+def test_model_kernels_plain_variant_runs_the_same_model():
+    """bench_model_kernels on the tiny preset: the plain-ops model computes what the
+    package's ops compute (guided forward, first training loss); the table's ratios."""
+    from benchmarks import bench_model_kernels as bmk
+    for mode in bmk.MODES:
+        runners = bmk.build_runners("tiny-base32", 1, mode, ("imagen-fast", "plain eager"))
+        ours, plain = (runners[v](0) for v in ("imagen-fast", "plain eager"))
+        assert bmk._diff(ours, ours) == 0.0 and bmk._diff(plain, ours) < 1e-3
+    row = dict(preset="p", mode="sample", batch=1, median_ms=2.0, p10_ms=1.9, p90_ms=2.1, first_call_s=1.0,
+               conv_share=0.5, max_abs_diff=0.0)
+    t = bmk.make_table([dict(row, variant="imagen-fast"), dict(row, variant="plain eager", median_ms=5.0),
+                        dict(preset="p", mode="sample", batch=1, variant="plain compiled", failed="x")], 3, 2)
+    assert [dict(zip(t.columns, r))["x plain eager"] for r in t.rows[:2]] == [2.5, 1.0]
+    assert any("plain compiled: not run" in n for n in t.notes)
+
+
 def test_load_warning_only_above_the_core_count():
     assert harness.load_warning([1.0, 1.9], cpu_count=2) is None
     assert "LOADED MACHINE" in harness.load_warning([1.0, 15.0], cpu_count=2)
