@@ -7,7 +7,7 @@
 // Layouts: contiguous (N, C, S) and channels-last (N, S, C), S = prod(spatial).
 // Storage float / double / Half / BFloat16; arithmetic in float (double for double).
 //
-// Contiguous: a block of kBlockVecs vectors of positions is walked channel by channel
+// Contiguous: a block of 64 positions (block_vecs vectors) is walked channel by channel
 // twice (sum of squares, then y); the block's C rows stay in L2 between the passes.
 // Channels-last: each position's C channels are contiguous; sum of squares, then y.
 //
@@ -24,7 +24,10 @@ namespace cpu {
 namespace IMAGEN_FAST_ISA_NS {
 namespace {
 
-constexpr int kBlockVecs = 4;  // contiguous layout: positions per block = 4 vectors
+// Contiguous layout: a block of 64 positions (4 vectors of AVX-512, 8 of the portable
+// path): each channel's run in a block is at least a 256-byte line pair for float32.
+// (float64, one-lane vectors: 4 positions).
+template <typename V> constexpr int block_vecs() { return V::W == 1 ? 4 : 64 / V::W; }
 
 template <typename A> struct RmsParams {
   const A *w, *s, *sh;  // any may be null
@@ -63,12 +66,12 @@ template <typename V, typename T> inline void store_k(T* p, V v, int n) {
 }
 
 // ---------------------------------------------------------------------- forward
-// Contiguous: positions [s0, s0 + len) of sample n (len <= kBlockVecs * W).
+// Contiguous: positions [s0, s0 + len) of sample n (len <= block_vecs<V>() * W).
 template <Activation act, typename T, typename V>
 void fwd_block(const T* x, T* y, typename V::A* rstd, int64_t C, int64_t S, int64_t s0, int64_t len,
                const typename V::A* a, const typename V::A* b, double eps) {
   using A = typename V::A;
-  constexpr int W = V::W, K = kBlockVecs;
+  constexpr int W = V::W, K = block_vecs<V>();
   int nk[K];
   for (int k = 0; k < K; ++k) nk[k] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(W, len - k * W)));
   V acc[K];
@@ -132,7 +135,7 @@ void rms_forward(const T* x, T* y, typename VecOf<T>::type::A* rstd, const RmsPa
   film_coefs(pr, N, a, b);
   threads = pick_threads(threads, N * C * S);
   if (!channels_last) {
-    const int64_t B = kBlockVecs * V::W, nb = (S + B - 1) / B;
+    const int64_t B = block_vecs<V>() * V::W, nb = (S + B - 1) / B;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < N * nb; ++t) {
       const int64_t n = t / nb, s0 = (t % nb) * B;
@@ -158,13 +161,13 @@ struct ChannelSums {
   }
 };
 
-// Contiguous block [s0, s0 + len) of sample n. dhb: C * kBlockVecs * W scratch.
+// Contiguous block [s0, s0 + len) of sample n. dhb: C * block_vecs<V>() * W scratch.
 template <Activation act, typename T, typename V>
 void bwd_block(const T* gy, const T* x, T* gx, const typename V::A* rstd, int64_t C, int64_t S, int64_t s0,
                int64_t len, const typename V::A* a, const typename V::A* b, double eps, double* p1, double* p2,
                typename V::A* dhb) {
   using A = typename V::A;
-  constexpr int W = V::W, K = kBlockVecs;
+  constexpr int W = V::W, K = block_vecs<V>();
   int nk[K];
   for (int k = 0; k < K; ++k) nk[k] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(W, len - k * W)));
   A rb[K * W];
@@ -261,7 +264,7 @@ void rms_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* rst
   {
     ChannelSums& mine = sums[thread_id()];
     if (!channels_last) {
-      const int64_t B = kBlockVecs * W, nb = (S + B - 1) / B;
+      const int64_t B = block_vecs<V>() * W, nb = (S + B - 1) / B;
       std::vector<A> dhb(gx ? C * B : 0);
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < N * nb; ++t) {

@@ -280,8 +280,15 @@ inline VF operator/(VF a, VF b) { return a.v / b.v; }
 inline VF fmadd(VF a, VF b, VF c) { return a.v * b.v + c.v; }  // contracted to FMA where there is one
 inline VF keep_first(VF a, int n) { return bits_f(bits_i(a.v) & (lane_index() < n)); }
 inline float hsum(VF a) {
+#ifdef __AVX__
+  const __m256 v = reinterpret_cast<__m256>(a.v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
   const V8f& v = a.v;
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#endif
 }
 
 // Loads and stores: full vectors through memcpy (unaligned vector moves); the first n
