@@ -14,7 +14,7 @@ PEERS ?= diffusers==0.42.1 imagen-pytorch==2.1.0
 
 .PHONY: venv build sample test bench bench-model lint clean
 
-# PEERS: the libraries imagen_fast.accelerate patches (tests/test_patch_*.py,
+# PEERS: the libraries imagen_fast.accelerate patches (tests/patch/,
 # benchmarks/bench_patch.py), installed under constraints so they cannot swap this torch.
 # PyPI's torchvision is a CUDA build whose compiled ops cannot load beside the CPU torch;
 # its import then fails registering meta kernels for them (also when transformers imports

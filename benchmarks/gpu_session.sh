@@ -2,7 +2,7 @@
 # Everything a lent CUDA GPU (H100/H200) is needed for, in ONE call of under ~9 minutes:
 #   1 info        nvidia-smi, versions
 #   2 build       imagen_fast._C with the CUDA kernels for this card's architecture only
-#   3 tests       tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py at full shapes
+#   3 tests       tests/ops/test_ops.py tests/ops/test_triton.py tests/ops/test_cuda_kernels.py at full shapes
 #   4 sanitizer   compute-sanitizer memcheck + racecheck on the small-shape cuda tests
 #   5 ops         python -m benchmarks.bench_ops --device cuda (every op; triton vs cuda;
 #                 writes imagen_fast/ops/gpu_choice.json)
@@ -111,13 +111,13 @@ tests() {
   # the tests are mostly Triton compilation: 8 workers on the 16 cores share the GPU
   "$PY" -c "import xdist" 2> /dev/null && opts+=(-n 8)
   "$PY" -m pytest -q -p no:cacheprovider "${opts[@]}" -o junit_family=xunit2 \
-    --junitxml="$LOGS/tests.xml" tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py
+    --junitxml="$LOGS/tests.xml" tests/ops/test_ops.py tests/ops/test_triton.py tests/ops/test_cuda_kernels.py
 }
 
 # the real-GPU kernel tests (test_cuda_kernels.py -k gpu_) at small shapes: the whole
 # contract suite under the sanitizer takes longer than one call allows
 sanitizer() {
-  SANITIZER_K=gpu_ TOOLS="memcheck racecheck" PY="$PY" bash tests/gpu/run_sanitizer.sh
+  SANITIZER_K=gpu_ TOOLS="memcheck racecheck" PY="$PY" bash tests/ops/run_sanitizer.sh
 }
 
 # the benchmarks stop starting new cases in time to write their results

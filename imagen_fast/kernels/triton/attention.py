@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.dispatch import register
+from ..registry import register
 from . import _common as cm
 
 # Test hook: force block sizes, e.g. {"fwd": (16, 16), "bwd": (16, 16)}.

@@ -1,0 +1,395 @@
+"""Backend "cpu": the C++/OpenMP kernels of csrc/cpu, through imagen_fast._C.
+
+Tensors cross as data pointers, sizes, a layout flag and a dtype code; outputs are
+allocated here with torch and written completely by the kernels. The kernels run
+with torch's thread count (torch.get_num_threads()) and release the GIL.
+
+The module holds two variants of the kernels, chosen at run time: "avx512" (x86-64
+CPUs with AVX-512 F/BW/DQ/VL) and "portable" (the build's base ISA: AVX2 on the usual
+x86 machine). IMAGEN_FAST_CPU_ISA=auto|portable|avx512 picks one when this module
+loads (auto: the best this CPU runs); `use_cpu_isa` switches inside a block (tests and
+benchmarks run both paths in one process).
+
+Attention: see the comment above `SMALL_QUERIES` below. Dtypes the kernels do not take
+(float64) run the torch backend's maths, looked up in the registry (imagen_fast.ops
+registers it when it loads, before any backend runs).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Dict, Iterator, Optional
+
+import torch
+
+from .._compiled import load_extension
+# The shared layout rules, under the names this module's kernel calls have always used.
+from .layout import ACTIVATION_CODES as _ACTIVATION_CODES
+from .layout import DTYPE_CODES as _DTYPE_CODES
+from .layout import THRESHOLD_CODES as _THRESHOLD_CODES
+from .layout import is_channels_last as _channels_last
+from .layout import like_layout as _same_layout
+from .layout import stats_dtype as _stat_dtype
+from .registry import implementation, register
+
+_C = load_extension()
+if _C is None or not hasattr(_C, "group_norm_fwd") or not hasattr(_C, "set_cpu_isa"):
+    raise ImportError("imagen_fast._C is not built (or is an older build without the CPU kernel variants)")
+
+ISA_ENV = "IMAGEN_FAST_CPU_ISA"
+# Read once, here: a bad value raises ValueError (naming the variable) at the first op.
+_C.set_cpu_isa(os.environ.get(ISA_ENV, "auto").strip().lower() or "auto")
+
+
+def cpu_isa() -> str:
+    """The variant of the CPU kernels that runs now: "portable" or "avx512"."""
+    return _C.cpu_isa()
+
+
+def cpu_isas() -> Dict[str, str]:
+    """Every variant: "available" or why not (not built, or a CPU feature missing)."""
+    return dict(_C.cpu_isas())
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[str]:
+    """Run the CPU kernels of variant `name` ("auto", "portable", "avx512") inside the
+    block (process-wide, not per thread). Yields the variant's name."""
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(name)
+    try:
+        yield _C.cpu_isa()
+    finally:
+        _C.set_cpu_isa(before)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _layout_reason(t: torch.Tensor, name: str) -> Optional[str]:
+    if t.device.type != "cpu":
+        return f"{name} must be a CPU tensor, got {t.device.type}"
+    if t.dtype not in _DTYPE_CODES:
+        return f"{name} has dtype {t.dtype}; the cpu kernels take float32/float64/float16/bfloat16"
+    if not (t.is_contiguous() or _channels_last(t)):
+        return f"{name} must be contiguous or channels-last"
+    return None
+
+
+def _param(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
+
+
+def _as_param(grad: Optional[torch.Tensor], p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A parameter's gradient (computed in the statistics dtype, flat) in p's dtype and shape."""
+    if grad is None:
+        return None
+    if grad.dtype != p.dtype:
+        grad = grad.to(p.dtype)
+    return grad if grad.shape == p.shape else grad.reshape(p.shape)
+
+
+# ----------------------------------------------------------------- group_norm_silu
+def _gn_supports(x, *rest) -> Optional[str]:
+    why = _layout_reason(x, "x")
+    if why is None and x.ndim < 2:
+        return "x must have at least 2 dims"
+    return why
+
+
+def _gn_geometry(x: torch.Tensor, num_groups: int):
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c) if n * c else 0
+    return n, c, s, num_groups, _channels_last(x)
+
+
+@register("group_norm_silu_fwd", "cpu", supports=_gn_supports)
+def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activation):
+    pdt = _stat_dtype(x)
+    n, c, s, g, cl = _gn_geometry(x, num_groups)
+    w, b, sc, sh = _param(weight, pdt), _param(bias, pdt), _param(scale, pdt), _param(shift, pdt)
+    y = torch.empty_like(x)
+    mean = torch.empty((n, g), dtype=pdt)
+    rstd = torch.empty((n, g), dtype=pdt)
+    _C.group_norm_fwd(x.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
+                      _ptr(b), _ptr(sc), _ptr(sh), n, c, s, g, float(eps), cl,
+                      _DTYPE_CODES[x.dtype], _ACTIVATION_CODES[activation], _threads())
+    return y, mean, rstd
+
+
+@register("group_norm_silu_bwd", "cpu", supports=_gn_supports)
+def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift,
+                        activation, needs):
+    pdt = _stat_dtype(x)
+    n, c, s, g, cl = _gn_geometry(x, num_groups)
+    grad_y = _same_layout(grad_y, x)
+    mean, rstd = _param(mean, pdt), _param(rstd, pdt)
+    w, b, sc, sh = _param(weight, pdt), _param(bias, pdt), _param(scale, pdt), _param(shift, pdt)
+    need_x, need_w, need_b, need_s, need_sh = needs
+    gx = torch.empty_like(x) if need_x else None
+    gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
+    gb = torch.empty(c, dtype=pdt) if need_b and b is not None else None
+    gs = torch.empty((n, c), dtype=pdt) if need_s and sc is not None else None
+    gsh = torch.empty((n, c), dtype=pdt) if need_sh and sh is not None else None
+    _C.group_norm_bwd(grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                      _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), _ptr(gx), _ptr(gw), _ptr(gb),
+                      _ptr(gs), _ptr(gsh), n, c, s, g, cl, _DTYPE_CODES[x.dtype],
+                      _ACTIVATION_CODES[activation], _threads())
+    return (gx, _as_param(gw, weight), _as_param(gb, bias), _as_param(gs, scale), _as_param(gsh, shift))
+
+
+# ------------------------------------------------------------ channel_rms_norm_silu
+@register("channel_rms_norm_silu_fwd", "cpu", supports=_gn_supports)
+def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
+    pdt = _stat_dtype(x)
+    n, c, s, _, cl = _gn_geometry(x, 1)
+    w, sc, sh = _param(weight, pdt), _param(scale, pdt), _param(shift, pdt)
+    y = torch.empty_like(x)
+    rstd = torch.empty((n, s), dtype=pdt)
+    _C.channel_rms_norm_fwd(x.data_ptr(), y.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc), _ptr(sh),
+                            n, c, s, float(eps), cl, _DTYPE_CODES[x.dtype],
+                            _ACTIVATION_CODES[activation], _threads())
+    return y, rstd
+
+
+@register("channel_rms_norm_silu_bwd", "cpu", supports=_gn_supports)
+def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
+    pdt = _stat_dtype(x)
+    n, c, s, _, cl = _gn_geometry(x, 1)
+    grad_y = _same_layout(grad_y, x)
+    rstd = _param(rstd, pdt)
+    w, sc, sh = _param(weight, pdt), _param(scale, pdt), _param(shift, pdt)
+    need_x, need_w, need_s, need_sh = needs
+    gx = torch.empty_like(x) if need_x else None
+    gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
+    gs = torch.empty((n, c), dtype=pdt) if need_s and sc is not None else None
+    gsh = torch.empty((n, c), dtype=pdt) if need_sh and sh is not None else None
+    _C.channel_rms_norm_bwd(grad_y.data_ptr(), x.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc),
+                            _ptr(sh), _ptr(gx), _ptr(gw), _ptr(gs), _ptr(gsh), n, c, s, float(eps),
+                            cl, _DTYPE_CODES[x.dtype], _ACTIVATION_CODES[activation], _threads())
+    return gx, _as_param(gw, weight), _as_param(gs, scale), _as_param(gsh, shift)
+
+
+# ------------------------------------------------------------ dynamic thresholding
+def _flat_reason(*tensors) -> Optional[str]:
+    """All given tensors on the CPU, same supported dtype and identical dense strides."""
+    ref = tensors[0]
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        why = _layout_reason(t, f"tensor {i}")
+        if why is not None:
+            return why
+        if t.dtype != ref.dtype or t.shape != ref.shape or t.stride() != ref.stride():
+            return "tensors must share dtype, shape and memory layout"
+    return None
+
+
+def _threshold_supports(x0, *rest) -> Optional[str]:
+    return _flat_reason(x0)
+
+
+@register("dynamic_threshold", "cpu", supports=_threshold_supports)
+def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
+    n = x0.shape[0]
+    y = torch.empty_like(x0)
+    _C.dynamic_threshold(x0.data_ptr(), y.data_ptr(), n, x0.numel() // n, _DTYPE_CODES[x0.dtype],
+                         float(percentile), float(min_value), float(max_value), _threads())
+    return y
+
+
+def _step_supports(z_t, pred_cond, pred_uncond=None, noise=None, *rest) -> Optional[str]:
+    return _flat_reason(z_t, pred_cond, pred_uncond, noise)
+
+
+@register("sampler_step", "cpu", supports=_step_supports)
+def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold,
+                 percentile, min_value):
+    n = z_t.shape[0]
+    coefs = coefs.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    if coefs.shape != (n, 5):
+        raise ValueError(f"coefs must have shape ({n}, 5), got {tuple(coefs.shape)}")
+    out = torch.empty_like(z_t)
+    _C.sampler_step(z_t.data_ptr(), pred_cond.data_ptr(), _ptr(pred_uncond), _ptr(noise),
+                    out.data_ptr(), coefs.data_ptr(), n, z_t.numel() // n, _DTYPE_CODES[z_t.dtype],
+                    float(guidance_scale), _THRESHOLD_CODES[threshold], float(percentile),
+                    float(min_value), _threads())
+    return out
+
+
+# ----------------------------------------------------------------------- attention
+# Three paths, each keeping the contract (a query whose batch masks every key gets zeros
+# and zero gradients):
+#  - short query sequences (Lq <= SMALL_QUERIES, float32/16-bit): csrc/cpu/attention.cpp,
+#    where torch's flash kernel is mostly fixed cost (Imagen's text pooling: one query);
+#  - otherwise torch's flash-attention CPU kernel (aten._scaled_dot_product_flash_attention
+#    _for_cpu and its backward) with an additive 0 / -inf mask, for the custom ops that
+#    torch.compile and export see (they return the log-sum-exp too);
+#  - in eager mode, ops.attention asks `attention` below for a differentiable result:
+#    F.scaled_dot_product_attention with the boolean mask and its own autograd (the
+#    custom op's Python autograd costs more than the whole tiny call), or the small
+#    kernel through an autograd.Function.
+SMALL_QUERIES = 16
+_SMALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _attention_supports(q, k, v, mask=None) -> Optional[str]:
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if t.device.type != "cpu":
+            return f"{name} must be a CPU tensor"
+        if t.dtype not in _DTYPE_CODES:
+            return f"{name} has unsupported dtype {t.dtype}"
+    return None
+
+
+def _small(q, k, v) -> bool:
+    return (q.shape[2] <= SMALL_QUERIES and q.dtype in _SMALL_DTYPES and q.stride(-1) == 1
+            and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
+def _bhl_strides(*ts) -> list:
+    return [st for t in ts for st in t.stride()[:3]]
+
+
+def _small_fwd(q, k, v, mask, scale):
+    b, h, lq, d = q.shape
+    out = torch.empty((b, h, lq, d), dtype=q.dtype)
+    lse = torch.empty((b, h, lq), dtype=torch.float32)
+    _C.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), lse.data_ptr(),
+                     b, h, lq, k.shape[2], d, float(scale), _bhl_strides(q, k, v), _DTYPE_CODES[q.dtype],
+                     _threads())
+    return out, lse
+
+
+def _small_bwd(grad_out, q, k, v, mask, out, lse, scale):
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    out, lse = out.contiguous(), lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    b, h, lq, d = q.shape
+    _C.attention_bwd(grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
+                     lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, lq, k.shape[2], d,
+                     float(scale), _bhl_strides(q, k, v, grad_out), _DTYPE_CODES[q.dtype], _threads())
+    return dq, dk, dv
+
+
+class _SmallAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = _small_fwd(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        return (*_small_bwd(grad_out, q, k, v, mask, out, lse, ctx.scale), None, None)
+
+
+_SDPA_ZEROES_EMPTY: Dict[torch.dtype, bool] = {}
+
+
+def _sdpa_zeroes_empty_rows(dtype: torch.dtype) -> bool:
+    """Whether this torch's SDPA already gives a query with every key masked zeros and zero
+    gradients (it does from torch 2.5 on): asked once per dtype on a tiny problem."""
+    known = _SDPA_ZEROES_EMPTY.get(dtype)
+    if known is None:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 1, 2, 4, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        mask = torch.tensor([[True, False, True], [False, False, False]])[:, None, None, :]
+        k2, v2 = (t.detach()[:, :, :1].expand(2, 1, 3, 4).contiguous().requires_grad_() for t in (k, v))
+        with torch.enable_grad():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
+            grads = torch.autograd.grad(out.float().sum(), [q, k2, v2])
+        known = bool((out[1] == 0).all()) and all(bool(torch.isfinite(t).all() and (t[1] == 0).all())
+                                                  for t in grads)
+        _SDPA_ZEROES_EMPTY[dtype] = known
+    return known
+
+
+def _sdpa(q, k, v, mask, scale):
+    F = torch.nn.functional
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if _sdpa_zeroes_empty_rows(q.dtype):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    empty = ~mask.any(dim=1)
+    if not bool(empty.any()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    keep = (mask | empty[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    return out * (~empty).to(out.dtype)[:, None, None, None]   # zeros, and zero gradients
+
+
+@register("attention", "cpu", supports=_attention_supports)
+def attention(q, k, v, mask, scale):
+    """Differentiable attention for ops.attention in eager mode (see above)."""
+    if _small(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _SmallAttention.apply(q, k, v, mask, scale)
+        return _small_fwd(q, k, v, mask, scale)[0]
+    return _sdpa(q, k, v, mask, scale)
+
+
+def _use_flash(q) -> bool:
+    return _FLASH is not None and _FLASH_BWD is not None and q.dtype in _FLASH_DTYPES
+
+
+def _additive_mask(mask, q):
+    """(B, 1, 1, Lk) 0 / -inf mask in q's dtype, with fully masked batches opened up
+    (their results are zeroed afterwards), and the (B,) bool of those batches."""
+    if mask is None:
+        return None, None
+    empty = ~mask.any(dim=1)
+    keep = mask | empty[:, None]
+    add = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, float("-inf"))
+    return add[:, None, None, :], (empty if bool(empty.any()) else None)
+
+
+def _zero_batches(t, empty, value=0.0):
+    return t.masked_fill(empty.reshape(-1, *([1] * (t.ndim - 1))), value)
+
+
+@register("attention_fwd", "cpu", supports=_attention_supports)
+def attention_fwd(q, k, v, mask, scale):
+    if _small(q, k, v):
+        return _small_fwd(q, k, v, mask, scale)
+    if not _use_flash(q):
+        return implementation("attention_fwd", "torch")(q, k, v, mask, scale)
+    add, empty = _additive_mask(mask, q)
+    out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=add, scale=scale)
+    out, lse = out.contiguous(), lse.float().contiguous()
+    if empty is not None:
+        out = _zero_batches(out, empty)
+        lse = _zero_batches(lse, empty, float("-inf"))
+    return out, lse
+
+
+@register("attention_bwd", "cpu", supports=_attention_supports)
+def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
+    if _small(q, k, v):
+        return _small_bwd(grad_out, q, k, v, mask, out, lse, scale)
+    if not _use_flash(q):
+        return implementation("attention_bwd", "torch")(grad_out, q, k, v, mask, out, lse, scale)
+    add, empty = _additive_mask(mask, q)
+    if empty is not None:  # finite stand-ins where the forward zeroed the batch
+        lse = _zero_batches(lse, empty)
+    dq, dk, dv = _FLASH_BWD(grad_out.contiguous(), q, k, v, out, lse.float(), 0.0, False,
+                            attn_mask=add, scale=scale)
+    if empty is not None:
+        dq, dk, dv = (_zero_batches(g, empty) for g in (dq, dk, dv))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
