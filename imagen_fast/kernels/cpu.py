@@ -73,7 +73,7 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _layout_reason(t: torch.Tensor, name: str) -> Optional[str]:
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         return f"{name} must be a CPU tensor, got {t.device.type}"
     if t.dtype not in _DTYPE_CODES:
         return f"{name} has dtype {t.dtype}; the cpu kernels take float32/float64/float16/bfloat16"
