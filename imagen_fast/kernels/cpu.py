@@ -182,14 +182,16 @@ def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activa
 def _flat_reason(*tensors) -> Optional[str]:
     """All given tensors on the CPU, same supported dtype and identical dense strides."""
     ref = tensors[0]
+    why = _layout_reason(ref, "tensor 0")
+    if why is not None:
+        return why
+    dtype, shape, stride = ref.dtype, ref.shape, ref.stride()
     for i, t in enumerate(tensors):
-        if t is None:
+        if t is None or t is ref:
             continue
-        why = _layout_reason(t, f"tensor {i}")
-        if why is not None:
-            return why
-        if t.dtype != ref.dtype or t.shape != ref.shape or t.stride() != ref.stride():
-            return "tensors must share dtype, shape and memory layout"
+        # ref passed: a CPU tensor with its dtype and strides passes too (checked on every call)
+        if not t.is_cpu or t.dtype != dtype or t.shape != shape or t.stride() != stride:
+            return _layout_reason(t, f"tensor {i}") or "tensors must share dtype, shape and memory layout"
     return None
 
 
@@ -246,7 +248,7 @@ _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _attention_supports(q, k, v, mask=None) -> Optional[str]:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             return f"{name} must be a CPU tensor"
         if t.dtype not in _DTYPE_CODES:
             return f"{name} has unsupported dtype {t.dtype}"

@@ -156,15 +156,20 @@ def _reason(op: str, backend: str, kind: str, args) -> Optional[str]:
 
 def resolve(op: str, device: torch.device, *args) -> Callable:
     """The implementation of ``op`` for this call (args go to ``supports``)."""
+    return _registry[(op, _pick(op, device, args))].fn
+
+
+def _pick(op: str, device: torch.device, args) -> str:
+    """The backend that runs ``op`` for this call."""
     if not _loaded:
         _load_backends()
     kind = device.type
-    wanted = requested_backend()
-    if wanted is not None:
+    wanted = _state.backend or _env_backend()
+    if wanted is not None and wanted != "auto":
         why = _reason(op, wanted, kind, args)
         if why is not None:
             raise ValueError(f"{op}: requested backend {wanted!r} cannot run this call: {why}")
-        return _registry[(op, wanted)].fn
+        return wanted
     order = _AUTO_ORDER.get(kind, ("torch",))
     reasons: Dict[str, Optional[str]] = {}
     if kind == "cuda" and op in gpu_choice.CHOSEN_OPS:
@@ -182,7 +187,7 @@ def resolve(op: str, device: torch.device, *args) -> Callable:
                     _logged.add(key)
                     log.warning("imagen_fast.%s (and other ops like it): using backend %r (%s)", op, backend,
                                 "; ".join(f"{b}: {r}" for b, r in skipped))
-            return _registry[(op, backend)].fn
+            return backend
         skipped.append((backend, why))
     raise ValueError(f"{op}: no backend can run this call: {skipped}")
 
@@ -190,19 +195,10 @@ def resolve(op: str, device: torch.device, *args) -> Callable:
 def resolve_eager(op: str, device: torch.device, *args) -> Optional[Callable]:
     """The differentiable eager implementation ``op`` of the backend that ``resolve`` picks
     for ``op + "_fwd"``, or None when that backend registers none (the custom op runs)."""
-    fwd = resolve(op + "_fwd", device, *args)
-    for backend in BACKENDS:
-        impl = _registry.get((op + "_fwd", backend))
-        if impl is not None and impl.fn is fwd:
-            eager = _registry.get((op, backend))
-            return None if eager is None else eager.fn
-    return None
+    eager = _registry.get((op, _pick(op + "_fwd", device, args)))
+    return None if eager is None else eager.fn
 
 
 def selected_backend(op: str, device: torch.device, *args) -> str:
     """Name of the backend ``resolve`` would pick (for tests, info and benchmarks)."""
-    fn = resolve(op, device, *args)
-    for (o, b), impl in _registry.items():
-        if o == op and impl.fn is fn:
-            return b
-    raise AssertionError("unreachable")
+    return _pick(op, device, args)
