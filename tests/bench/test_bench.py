@@ -264,3 +264,35 @@ def test_bench_patch_pairs_run_and_agree(lib, mode, monkeypatch):
     assert report.replaced, report.summary()
     diff = bench_patch._agreement(slow, fast)
     assert math.isfinite(diff) and diff < 1e-3, diff
+
+
+def test_bench_overhead_candidates_compute_the_same():
+    """bench_overhead: per case and mode, the op, the same call through the custom ops, the
+    bare kernel functions and stock PyTorch give the same result (so the differences it
+    reports are overhead, not different work); the table and its notes."""
+    from benchmarks import bench_overhead as bo
+    from support.device import require_backend
+    require_backend("cpu")
+    for case in bo.build_cases(quick=False):
+        for mode in case.modes:
+            cands = case.build(mode)
+            assert set(cands) == set(bo.CANDIDATES)
+            out = {name: fn(0) for name, fn in cands.items()}
+            kern = out["kernel"]
+            if mode == "fwd" and isinstance(kern, tuple):
+                kern = kern[:1]                                   # (y, statistics...) -> y
+            as_list = lambda r: list(r) if isinstance(r, (tuple, list)) else [r]  # noqa: E731
+            for name in ("custom op", "kernel", "torch"):
+                got = as_list(kern if name == "kernel" else out[name])
+                want = as_list(out["op"])
+                assert len(got) == len(want), (case.name, mode, name)
+                for g, w in zip(got, want):
+                    if name == "torch":
+                        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+                    else:
+                        assert torch.equal(g, w), (case.name, mode, name)
+    rows = bo.run(bo.build_cases(quick=True)[:1], rounds=2, min_round_s=0.0)
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert all(abs(r["overhead_us"] - (r["op_us"] - r["kernel_us"])) <= 0.02 for r in rows)
+    table = bo.make_table(rows, threads=1)
+    assert len(table.rows) == 2 and any("per 4-image sample" in n for n in table.notes)
