@@ -4,6 +4,8 @@ Environment:
   IMAGEN_FAST_CUDA=0/1     force the CUDA kernels off / on (default: on when nvcc is found)
   CMAKE_CUDA_ARCHITECTURES override the default "80;90a"
   IMAGEN_FAST_NATIVE=0     do not compile the CPU kernels with -march=native
+  IMAGEN_FAST_AVX512=0     build only the portable variant of the CPU kernels (x86-64
+                           builds also hold an AVX-512 variant, chosen at run time)
   IMAGEN_FAST_REQUIRE_EXTENSION=1  fail the install when the build fails (default: warn
                            and install the pure-Python package on the reference backend)
 """
@@ -40,6 +42,8 @@ def _cmake_args(out_dir: Path) -> list:
         args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
     if os.environ.get("IMAGEN_FAST_NATIVE") == "0":
         args.append("-DIMAGEN_FAST_NATIVE=OFF")
+    if os.environ.get("IMAGEN_FAST_AVX512") == "0":
+        args.append("-DIMAGEN_FAST_AVX512=OFF")
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     nvcc = Path(cuda_home) / "bin" / "nvcc"
     if not os.environ.get("CUDACXX") and nvcc.exists():

@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "cpu/isa.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -14,33 +16,25 @@ namespace py = pybind11;
 #ifdef IMAGEN_FAST_WITH_CUDA
 void register_cuda(py::module_& m);
 #endif
-// CPU kernel families (csrc/cpu/*.cpp).
-void register_cpu_group_norm(py::module_& m);
-void register_cpu_threshold(py::module_& m);
-void register_cpu_rms_norm(py::module_& m);
+// The CPU kernels' bindings (csrc/cpu/bindings.cpp).
+void register_cpu(py::module_& m);
 
 static py::dict build_info() {
   py::dict d;
+  // The CPU kernels: the variant that runs now, its instruction sets, and every variant.
+  d["cpu_kernels"] = std::string(imagen_fast::cpu::active_kernels().name);
   py::list isa;
-#ifdef __AVX512F__
-  isa.append("avx512f");
-#endif
-#ifdef __AVX512BF16__
-  isa.append("avx512bf16");
-#endif
-#ifdef __AVX2__
-  isa.append("avx2");
-#endif
-#ifdef __FMA__
-  isa.append("fma");
-#endif
-#ifdef __F16C__
-  isa.append("f16c");
-#endif
-#ifdef __ARM_NEON
-  isa.append("neon");
-#endif
+  std::string flags = imagen_fast::cpu::active_kernels().isa;
+  for (size_t p = 0; p <= flags.size();) {
+    size_t e = flags.find('/', p);
+    if (e == std::string::npos) e = flags.size();
+    if (e > p) isa.append(flags.substr(p, e - p));
+    p = e + 1;
+  }
   d["cpu_isa"] = isa;
+  py::dict variants;
+  for (const auto& kv : imagen_fast::cpu::isa_status()) variants[py::str(kv.first)] = kv.second;
+  d["cpu_kernel_variants"] = variants;
 #ifdef _OPENMP
   d["openmp"] = true;
   d["openmp_max_threads"] = omp_get_max_threads();
@@ -74,8 +68,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("HAS_CUDA") = false;
 #endif
-  // CPU kernel families register themselves here (csrc/cpu/*.cpp).
-  register_cpu_group_norm(m);
-  register_cpu_threshold(m);
-  register_cpu_rms_norm(m);
+  register_cpu(m);
 }

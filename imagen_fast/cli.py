@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def info_dict() -> dict:
 
     C = load_extension()
     compiled = {"available": C is not None}
+    backends = ops.available_backends()   # loads the cpu backend, which applies IMAGEN_FAST_CPU_ISA
     if C is None:
         compiled["error"] = extension_error()
     else:
@@ -56,7 +58,7 @@ def info_dict() -> dict:
         p = torch.cuda.get_device_properties(i)
         devices.append({"device": f"cuda:{i}", "name": p.name,
                         "capability": f"{p.major}.{p.minor}", "memory_gb": round(p.total_memory / 2**30, 1)})
-    return {"versions": _versions(), "compiled": compiled, "backends": ops.available_backends(),
+    return {"versions": _versions(), "compiled": compiled, "backends": backends,
             "requested_backend": ops.requested_backend(), "devices": devices}
 
 
@@ -69,9 +71,11 @@ def cmd_info(args) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "imagen_fast"))
     c = info["compiled"]
     if c["available"]:
-        print(f"compiled module: {c['compiler']}; CPU ISA {'/'.join(c['cpu_isa']) or 'baseline'}; "
-              f"OpenMP {c['openmp']} ({c['openmp_max_threads']} threads); "
+        print(f"compiled module: {c['compiler']}; OpenMP {c['openmp']} ({c['openmp_max_threads']} threads); "
               f"CUDA {'archs ' + c['cuda_archs'] if c['cuda'] else 'not built'}")
+        others = ", ".join(f"{k} {v}" for k, v in c["cpu_kernel_variants"].items() if k != c["cpu_kernels"])
+        print(f"CPU kernels: {c['cpu_kernels']} path ({'/'.join(c['cpu_isa'])}) active; "
+              f"{others} (IMAGEN_FAST_CPU_ISA={os.environ.get('IMAGEN_FAST_CPU_ISA', 'auto')})")
     else:
         print(f"compiled module: NOT AVAILABLE ({c['error']}); ops run on the torch reference")
     print("backends:")

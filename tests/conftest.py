@@ -17,14 +17,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from support.device import backends_for_device, use_backend_or_skip  # noqa: E402
+from support.device import backends_for_device, use_backend_variant  # noqa: E402
 
 
 @pytest.fixture(params=backends_for_device())
 def backend(request):
-    """Runs the test once per backend, inside use_backend(name)."""
-    with use_backend_or_skip(request.param):
-        yield request.param
+    """Runs the test once per backend, inside its use_backend; the cpu backend once per
+    variant of its kernels (param cpu-avx512 / cpu-portable, yielding "cpu")."""
+    with use_backend_variant(request.param) as name:
+        yield name
 
 
 @pytest.fixture

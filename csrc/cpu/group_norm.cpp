@@ -14,24 +14,12 @@
 // channels-last) go to threads whole when there are enough of them; otherwise all
 // threads split each tile and merge their partial statistics after a barrier (the
 // "team" path, which also covers N * G < threads).
-#include <pybind11/pybind11.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-#include <vector>
-
-#include "binding.h"
-#include "parallel.h"
+#include "isa_begin.h"
 #include "vec.h"
-
-namespace py = pybind11;
 
 namespace imagen_fast {
 namespace cpu {
+namespace IMAGEN_FAST_ISA_NS {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per two-pass chunk
@@ -361,6 +349,18 @@ inline bool whole_tiles(int64_t tiles, int threads, int64_t tile_bytes, int64_t 
 }
 
 // ---------------------------------------------------------------------- forward
+// The second pass (y from x) walks its range front to back, as the statistics pass did:
+// walking it backwards from the end (which the caches still hold) measured 20% slower,
+// the hardware prefetchers losing the stream at every block.
+constexpr int64_t kNormBlock = 4096;
+
+// Calls f(b, e) for consecutive sub-ranges of [p0, p1) of at most about kNormBlock
+// elements, block boundaries multiples of `align` from p0.
+template <typename F> inline void for_blocks(int64_t p0, int64_t p1, int64_t align, F&& f) {
+  const int64_t block = std::max<int64_t>(align, kNormBlock / align * align);
+  for (int64_t b = p0; b < p1; b += block) f(b, std::min(p1, b + block));
+}
+
 // y = act((x - mean) * a + b) over a contiguous run; pf (or null): data of the next
 // tile to pull into L2 meanwhile, so its statistics pass does not wait on memory.
 template <Activation act, typename T, typename V>
@@ -371,6 +371,7 @@ inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename 
   // 16-bit outputs: fold the mean into the offset (x a + (b - mean a)); its rounding
   // (float eps * |mean| a) is far below their half-ulp. Wider outputs subtract first.
   constexpr bool fold = sizeof(T) == 2;
+  constexpr bool lo = sizeof(T) == 2;
   const V mv = V::set1(fold ? A(0) : mean), av = V::set1(a);
   const V bv = V::set1(fold ? static_cast<A>(static_cast<double>(b) - static_cast<double>(mean) * a) : b);
   int64_t i = 0;
@@ -379,24 +380,12 @@ inline void fwd_run(const T* x, T* y, int64_t len, typename V::A mean, typename 
     V h[4];
     for (int k = 0; k < 4; ++k)
       h[k] = fold ? fmadd(load(x + i + k * W), av, bv) : fmadd(load(x + i + k * W) - mv, av, bv);
-    for (int k = 0; k < 4; ++k) store(y + i + k * W, act_fwd<act, sizeof(T) == 2>(h[k]));
+    for (int k = 0; k < 4; ++k) store(y + i + k * W, act_fwd<act, lo>(h[k]));
   }
-  for (; i + 2 * W <= len; i += 2 * W) {
-    if (pf) prefetch_span<int(2 * W * sizeof(T))>(pf + i);
-    if constexpr (fold) {
-      store(y + i, act_fwd<act, true>(fmadd(load(x + i), av, bv)));
-      store(y + i + W, act_fwd<act, true>(fmadd(load(x + i + W), av, bv)));
-      continue;
-    }
-    V h0 = fmadd(load(x + i) - mv, av, bv);
-    V h1 = fmadd(load(x + i + W) - mv, av, bv);
-    store(y + i, act_fwd<act, sizeof(T) == 2>(h0));
-    store(y + i + W, act_fwd<act, sizeof(T) == 2>(h1));
-  }
-  for (; i < len; i += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, len - i));
-    V h = fmadd(load_n(x + i, n) - mv, av, bv);
-    store_n(y + i, act_fwd<act, sizeof(T) == 2>(h), n);
+  for (; i + W <= len; i += W) store(y + i, act_fwd<act, lo>(fmadd(load(x + i) - mv, av, bv)));
+  if (i < len) {
+    const int n = static_cast<int>(len - i);
+    store_n(y + i, act_fwd<act, lo>(fmadd(load_n(x + i, n) - mv, av, bv)), n);
   }
 }
 
@@ -406,56 +395,99 @@ void fwd_slice_part(const T* xs, T* ys, int64_t p0, int64_t p1, int64_t n, int64
                     int64_t Cg, typename V::A mean, typename V::A rstd, const typename V::A* wf,
                     const typename V::A* bf, const T* pf) {
   using A = typename V::A;
-  for (int64_t cl = p0 / S; cl < Cg && cl * S < p1; ++cl) {
-    const int64_t b = std::max(p0, cl * S), e = std::min(p1, (cl + 1) * S);
-    if (b >= e) continue;
-    const int64_t c = g * Cg + cl;  // wf, bf point at sample n's row
-    const A a = rstd * wf[c];
-    fwd_run<act, T, V>(xs + b, ys + b, e - b, mean, a, bf[c], pf ? pf + b : nullptr);
+  constexpr int W = V::W;
+  constexpr bool fold = sizeof(T) == 2;  // as in fwd_run
+  if (S % W == 0 && S < 4 * W && p0 % W == 0 && p1 % W == 0) {
+    // Channels of one to three vectors (4x4 and 8x8 maps): four vectors per step whatever
+    // their channel, each with its channel's coefficients broadcast (per-channel runs
+    // would keep a single dependency chain of the activation in flight).
+    const V mv = V::set1(fold ? A(0) : mean);
+    auto coefs = [&](int64_t i, V* av, V* bv) {
+      const int64_t c = g * Cg + i / S;
+      const A a = rstd * wf[c];
+      *av = V::set1(a);
+      *bv = V::set1(fold ? static_cast<A>(static_cast<double>(bf[c]) - static_cast<double>(mean) * a) : bf[c]);
+    };
+    int64_t i = p0;
+    for (; i + 4 * W <= p1; i += 4 * W) {
+      V h[4];
+      for (int k = 0; k < 4; ++k) {
+        V av, bv;
+        coefs(i + k * W, &av, &bv);
+        h[k] = fmadd(load(xs + i + k * W) - mv, av, bv);
+      }
+      for (int k = 0; k < 4; ++k) store(ys + i + k * W, act_fwd<act, fold>(h[k]));
+    }
+    for (; i < p1; i += W) {
+      V av, bv;
+      coefs(i, &av, &bv);
+      store(ys + i, act_fwd<act, fold>(fmadd(load(xs + i) - mv, av, bv)));
+    }
+    return;
+  }
+  for_blocks(p0, p1, V::W, [&](int64_t b0, int64_t b1) {
+    for (int64_t cl = b0 / S; cl < Cg && cl * S < b1; ++cl) {
+      const int64_t b = std::max(b0, cl * S), e = std::min(b1, (cl + 1) * S);
+      if (b >= e) continue;
+      const int64_t c = g * Cg + cl;  // wf, bf point at sample n's row
+      const A a = rstd * wf[c];
+      fwd_run<act, T, V>(xs + b, ys + b, e - b, mean, a, bf[c], pf ? pf + b : nullptr);
+    }
+  });
+}
+
+// Whole periods, K vectors per step (K * W divides P); the per-position coefficients
+// come from L1 in each step (hoisting them would spill on AVX2's 16 registers).
+template <Activation act, typename T, typename V, int K>
+inline void fwd_period_steps(const T* x, T* y, int64_t periods, int64_t P, const ClScratch<typename V::A>& sc) {
+  constexpr int W = V::W;
+  constexpr bool fold = sizeof(T) == 2;  // mean folded into bpos (see fill_fwd_pos)
+  const auto* mp = sc.mpos.data();
+  const auto* ap = sc.apos.data();
+  const auto* bp = sc.bpos.data();
+  for (int64_t r = 0; r < periods; ++r, x += P, y += P) {
+    for (int64_t j = 0; j < P; j += K * W) {
+      V h[K];
+      for (int k = 0; k < K; ++k) {
+        const int64_t o = j + k * W;
+        h[k] = fold ? fmadd(load(x + o), load(ap + o), load(bp + o))
+                    : fmadd(load(x + o) - load(mp + o), load(ap + o), load(bp + o));
+      }
+      for (int k = 0; k < K; ++k) store(y + j + k * W, act_fwd<act, fold>(h[k]));
+    }
   }
 }
 
-// Channels-last: y for rows [0, rows) with per-position mean/a/b.
+// Channels-last: y for rows [0, rows) with per-position mean/a/b, in blocks of whole
+// periods.
 template <Activation act, typename T, typename V>
 void fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Period& per,
-              const ClScratch<typename V::A>& sc, const T* pf) {
+              const ClScratch<typename V::A>& sc) {
   constexpr int W = V::W;
   const auto* mp = sc.mpos.data();
   const auto* ap = sc.apos.data();
   const auto* bp = sc.bpos.data();
   const int64_t P = per.P, E = rows * C;
-  int64_t done = 0;
-  if (P % (2 * W) == 0) {  // whole periods, two full vectors per step, no masks
-    constexpr int kLine = 64 / int(sizeof(T)) > 2 * W ? 2 * W : 64 / int(sizeof(T));
-    for (; done + P <= E; done += P) {
-      const T* xr = x + done;
-      T* yr = y + done;
-      for (int64_t j = 0; j < P; j += 2 * W) {
-        if (pf) {
-          for (int k = 0; k < 2 * W; k += kLine) prefetch_l2(pf + done + j + k);
-        }
-        if constexpr (sizeof(T) == 2) {  // mean folded into bpos (see fill_fwd_pos)
-          store(yr + j, act_fwd<act, true>(fmadd(load(xr + j), load(ap + j), load(bp + j))));
-          store(yr + j + W, act_fwd<act, true>(fmadd(load(xr + j + W), load(ap + j + W), load(bp + j + W))));
-          continue;
-        }
-        V h0 = fmadd(load(xr + j) - load(mp + j), load(ap + j), load(bp + j));
-        V h1 = fmadd(load(xr + j + W) - load(mp + j + W), load(ap + j + W), load(bp + j + W));
-        store(yr + j, act_fwd<act, sizeof(T) == 2>(h0));
-        store(yr + j + W, act_fwd<act, sizeof(T) == 2>(h1));
+  for_blocks(0, E, P, [&](int64_t b0, int64_t b1) {
+    int64_t done = b0;
+    const int64_t periods = (b1 - b0) / P;
+    if (periods > 0 && P % (4 * W) == 0) {
+      fwd_period_steps<act, T, V, 4>(x + b0, y + b0, periods, P, sc);
+      done += periods * P;
+    } else if (periods > 0 && P % (2 * W) == 0) {
+      fwd_period_steps<act, T, V, 2>(x + b0, y + b0, periods, P, sc);
+      done += periods * P;
+    }
+    for_period<W>(b1 - done, P, [&](int64_t o, int64_t j, int n) {
+      const int64_t oo = done + o;
+      if (n == W) {
+        V h = fmadd(load(x + oo) - load(mp + j), load(ap + j), load(bp + j));
+        store(y + oo, act_fwd<act, sizeof(T) == 2>(h));
+      } else {
+        V h = fmadd(load_n(x + oo, n) - load_n(mp + j, n), load_n(ap + j, n), load_n(bp + j, n));
+        store_n(y + oo, act_fwd<act, sizeof(T) == 2>(h), n);
       }
-    }
-  }
-  for_period<W>(E - done, P, [&](int64_t o, int64_t j, int n) {
-    const int64_t oo = done + o;
-    if (pf) prefetch_l2(pf + oo);
-    if (n == W) {
-      V h = fmadd(load(x + oo) - load(mp + j), load(ap + j), load(bp + j));
-      store(y + oo, act_fwd<act, sizeof(T) == 2>(h));
-    } else {
-      V h = fmadd(load_n(x + oo, n) - load_n(mp + j, n), load_n(ap + j, n), load_n(bp + j, n));
-      store_n(y + oo, act_fwd<act, sizeof(T) == 2>(h), n);
-    }
+    });
   });
 }
 
@@ -485,6 +517,8 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
   if (!channels_last) {
     const int64_t D = Cg * S, tiles = N * G;
     const bool whole = whole_tiles(tiles, threads, D * int64_t(sizeof(T)), int64_t(1) << 20);
+    // Pull the next tile into L2 during the second pass while two tiles fit beside each other.
+    const bool prefetch_next = D * int64_t(sizeof(T)) <= (int64_t(1) << 18);
     std::vector<Moments> part(2 * threads);
     // Per (n, c): h = (x - mean) rstd wf + bf, wf = w (1 + scale), bf = b (1 + scale) + shift.
     std::vector<A> wf(N * C), bf(N * C);
@@ -504,7 +538,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
           finish_stats(m, eps, &mean[t], &rstd[t]);
           fwd_slice_part<act, T, V>(x + t * D, y + t * D, 0, D, n, g, S, Cg, mean[t], rstd[t], &wf[n * C],
                                     &bf[n * C],
-                                    t + 1 < tiles ? x + (t + 1) * D : nullptr);
+                                    prefetch_next && t + 1 < tiles ? x + (t + 1) * D : nullptr);
         }
       } else {
         const int tid = thread_id(), nt = team_size();
@@ -525,7 +559,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
             rstd[t] = rs;
           }
           fwd_slice_part<act, T, V>(x + t * D, y + t * D, b, e, n, g, S, Cg, mu, rs, &wf[n * C], &bf[n * C],
-                                    t + 1 < tiles ? x + (t + 1) * D : nullptr);
+                                    prefetch_next && t + 1 < tiles ? x + (t + 1) * D : nullptr);
         }
       }
     }
@@ -548,7 +582,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
         rows_moments<T, V>(x + n * L, S, C, G, per, sc, gm.data());
         for (int64_t g = 0; g < G; ++g) finish_stats(gm[g], eps, &mean[n * G + g], &rstd[n * G + g]);
         fill_fwd_pos(sc, per, n, C, G, mean, rstd, pr, sizeof(T) == 2);
-        fwd_rows<act, T, V>(x + n * L, y + n * L, S, C, per, sc, n + 1 < N ? x + (n + 1) * L : nullptr);
+        fwd_rows<act, T, V>(x + n * L, y + n * L, S, C, per, sc);
       }
     } else {
       const int tid = thread_id(), nt = team_size();
@@ -572,8 +606,7 @@ void gn_forward(const T* x, T* y, typename VecOf<T>::type::A* mean, typename Vec
         // Local copies: thread 0 may not have stored mean/rstd yet.
         fill_fwd_pos(sc, per, 0, C, G, mu.data(), rs.data(), Params<A>{pr.w, pr.b,
                      pr.s ? pr.s + n * C : nullptr, pr.sh ? pr.sh + n * C : nullptr, C}, sizeof(T) == 2);
-        fwd_rows<act, T, V>(x + n * L + b * C, y + n * L + b * C, e - b, C, per, sc,
-                            n + 1 < N ? x + (n + 1) * L + b * C : nullptr);
+        fwd_rows<act, T, V>(x + n * L + b * C, y + n * L + b * C, e - b, C, per, sc);
       }
     }
   }
@@ -646,6 +679,57 @@ inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::
     V r = fmadd(k1v, g, fmadd(d, k3v, k2v));
     if (n == W) store(gx + i, r);
     else store_n(gx + i, r, n);
+  }
+}
+
+// Contiguous tile of D = Cg S elements whose channels hold one to three vectors (S % W
+// == 0, S < 4 W: the 4x4 and 8x8 maps): the two passes of bwd_sums_run / bwd_gx_run,
+// four vectors per step whatever their channel (per-channel runs would keep a single
+// dependency chain of the activation's derivative in flight). ca, cb: the tile's
+// per-channel h coefficients; s1, s2: its per-channel sums.
+template <Activation act, typename T, typename V>
+void bwd_sums_short(const T* gy, const T* x, int64_t D, int64_t S, typename V::A mean, typename V::A rstd,
+                    const typename V::A* ca, const typename V::A* cb, double* s1, double* s2,
+                    typename V::A* dhs) {
+  constexpr int W = V::W;
+  const V mv = V::set1(mean);
+  for (int64_t i = 0; i < D; i += 4 * W) {
+    const int kn = static_cast<int>(std::min<int64_t>(4, (D - i) / W));
+    V d[4], g[4];
+    for (int k = 0; k < kn; ++k) {
+      const int64_t o = i + k * W, cl = o / S;
+      d[k] = load(x + o) - mv;
+      g[k] = load(gy + o);
+      if (act != Activation::None)
+        g[k] = g[k] * act_grad<act, sizeof(T) == 2>(fmadd(d[k], V::set1(ca[cl]), V::set1(cb[cl])));
+    }
+    for (int k = 0; k < kn; ++k) {
+      const int64_t o = i + k * W, cl = o / S;
+      if (dhs) store(dhs + o, g[k]);
+      s1[cl] += static_cast<double>(hsum(g[k]));
+      s2[cl] += static_cast<double>(hsum(g[k] * d[k])) * static_cast<double>(rstd);
+    }
+  }
+}
+
+template <Activation act, typename T, typename V>
+void bwd_gx_short(const T* gy, const T* x, T* gx, int64_t D, int64_t S, typename V::A mean,
+                  const typename V::A* ca, const typename V::A* cb, const typename V::A* k1, typename V::A k2,
+                  typename V::A k3, const typename V::A* dhs) {
+  constexpr int W = V::W;
+  const V mv = V::set1(mean), k2v = V::set1(k2), k3v = V::set1(k3);
+  for (int64_t i = 0; i < D; i += 4 * W) {
+    const int kn = static_cast<int>(std::min<int64_t>(4, (D - i) / W));
+    V r[4];
+    for (int k = 0; k < kn; ++k) {
+      const int64_t o = i + k * W, cl = o / S;
+      const V d = load(x + o) - mv;
+      V g = dhs ? load(dhs + o) : load(gy + o);
+      if (act != Activation::None && !dhs)
+        g = g * act_grad<act, sizeof(T) == 2>(fmadd(d, V::set1(ca[cl]), V::set1(cb[cl])));
+      r[k] = fmadd(V::set1(k1[cl]), g, fmadd(d, k3v, k2v));
+    }
+    for (int k = 0; k < kn; ++k) store(gx + i + k * W, r[k]);
   }
 }
 
@@ -756,10 +840,11 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
   if (!channels_last) {
     const int64_t D = Cg * S, tiles = N * G;
     const bool whole = whole_tiles(tiles, threads, 2 * D * int64_t(sizeof(T)), int64_t(1) << 20);
+    const bool short_runs = S % V::W == 0 && S < 4 * V::W;
     std::vector<double> part(2 * threads * 2 * Cg);
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<A> k1(Cg);
+      std::vector<A> k1(Cg), ca(short_runs ? Cg : 0), cb(short_runs ? Cg : 0);
       // dh of the current tile (or part), when there is an activation to differentiate.
       const bool keep_dh = gx && act != Activation::None;
       std::vector<A> dh_buf(keep_dh ? size_t(D) + 16 : 0);
@@ -771,6 +856,19 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           const A mu = mean[t], rs = rstd[t];
           double* s1 = &S1[n * C + g * Cg];
           double* s2 = &S2[n * C + g * Cg];
+          if (short_runs) {
+            for (int64_t cl = 0; cl < Cg; ++cl) {
+              ca[cl] = pr.coef_a(n, g * Cg + cl, rs);
+              cb[cl] = pr.coef_b(n, g * Cg + cl);
+            }
+            bwd_sums_short<act, T, V>(gy + t * D, x + t * D, D, S, mu, rs, ca.data(), cb.data(), s1, s2, dh);
+            if (!gx) continue;
+            A k2, k3;
+            gx_coefs(pr, n, g, Cg, S, rs, s1, s2, k1.data(), &k2, &k3);
+            bwd_gx_short<act, T, V>(gy + t * D, x + t * D, gx + t * D, D, S, mu, ca.data(), cb.data(), k1.data(),
+                                    k2, k3, dh);
+            continue;
+          }
           for (int64_t cl = 0; cl < Cg; ++cl) {
             const int64_t c = g * Cg + cl, o = t * D + cl * S;
             bwd_sums_run<act, T, V>(gy + o, x + o, S, mu, rs, pr.coef_a(n, c, rs), pr.coef_b(n, c),
@@ -906,41 +1004,34 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
       }
     }
   }
-  // Parameter gradients from the per-(n, c) sums.
-  for (int64_t c = 0; c < C; ++c) {
-    double w_acc = 0.0, b_acc = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      const double f = static_cast<double>(pr.film(n, c));
-      w_acc += f * S2[n * C + c];
-      b_acc += f * S1[n * C + c];
-      if (gs) gs[n * C + c] = static_cast<A>(static_cast<double>(pr.weight(c)) * S2[n * C + c] +
-                                             static_cast<double>(pr.bias(c)) * S1[n * C + c]);
-      if (gsh) gsh[n * C + c] = static_cast<A>(S1[n * C + c]);
-    }
-    if (gw) gw[c] = static_cast<A>(w_acc);
-    if (gb) gb[c] = static_cast<A>(b_acc);
+  // Parameter gradients from the per-(n, c) sums, sample by sample along contiguous rows.
+  std::vector<double> wacc(gw ? C : 0, 0.0), bacc(gb ? C : 0, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    const double* s1 = &S1[n * C];
+    const double* s2 = &S2[n * C];
+    const A* sc = pr.s ? pr.s + n * C : nullptr;
+    if (gw || gb)
+      for (int64_t c = 0; c < C; ++c) {
+        const double f = sc ? 1.0 + static_cast<double>(sc[c]) : 1.0;
+        if (gw) wacc[c] += f * s2[c];
+        if (gb) bacc[c] += f * s1[c];
+      }
+    if (gs)
+      for (int64_t c = 0; c < C; ++c)
+        gs[n * C + c] = static_cast<A>((pr.w ? static_cast<double>(pr.w[c]) : 1.0) * s2[c] +
+                                       (pr.b ? static_cast<double>(pr.b[c]) : 0.0) * s1[c]);
+    if (gsh)
+      for (int64_t c = 0; c < C; ++c) gsh[n * C + c] = static_cast<A>(s1[c]);
   }
+  for (int64_t c = 0; gw && c < C; ++c) gw[c] = static_cast<A>(wacc[c]);
+  for (int64_t c = 0; gb && c < C; ++c) gb[c] = static_cast<A>(bacc[c]);
 }
 
-// ---------------------------------------------------------------------- binding
-void check_common(int64_t N, int64_t C, int64_t S, int64_t G, int dtype, int activation) {
-  if (N <= 0 || C <= 0 || S <= 0 || G <= 0)
-    throw std::invalid_argument("group_norm: N, C, S and G must be positive (got N=" + std::to_string(N) +
-                                ", C=" + std::to_string(C) + ", S=" + std::to_string(S) +
-                                ", G=" + std::to_string(G) + ")");
-  if (C % G != 0) throw std::invalid_argument("group_norm: G must divide C");
-  if (dtype < 0 || dtype > 3) throw std::invalid_argument("group_norm: unknown dtype code " + std::to_string(dtype));
-  if (activation < 0 || activation > 2)
-    throw std::invalid_argument("group_norm: unknown activation code " + std::to_string(activation));
-}
+}  // namespace
 
 void group_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t mean, uintptr_t rstd, uintptr_t w, uintptr_t b,
                     uintptr_t s, uintptr_t sh, int64_t N, int64_t C, int64_t S, int64_t G, double eps,
                     bool channels_last, int dtype, int activation, int threads) {
-  check_common(N, C, S, G, dtype, activation);
-  if (!x || !y || !mean || !rstd) throw std::invalid_argument("group_norm_fwd: x, y, mean and rstd are required");
-  if (!(eps > 0.0)) throw std::invalid_argument("group_norm_fwd: eps must be > 0");
-  py::gil_scoped_release nogil;
   with_activation(activation, [&](auto tag) {
     constexpr Activation act = decltype(tag)::value;
     auto run = [&](auto type_tag, auto acc_tag) {
@@ -958,10 +1049,6 @@ void group_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t mean, uintptr_t rstd, u
                     uintptr_t s, uintptr_t sh, uintptr_t gx, uintptr_t gw, uintptr_t gb, uintptr_t gs,
                     uintptr_t gsh, int64_t N, int64_t C, int64_t S, int64_t G, bool channels_last, int dtype,
                     int activation, int threads) {
-  check_common(N, C, S, G, dtype, activation);
-  if (!gy || !x || !mean || !rstd)
-    throw std::invalid_argument("group_norm_bwd: grad_y, x, mean and rstd are required");
-  py::gil_scoped_release nogil;
   with_activation(activation, [&](auto tag) {
     constexpr Activation act = decltype(tag)::value;
     auto run = [&](auto type_tag, auto acc_tag) {
@@ -976,24 +1063,8 @@ void group_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t mean, uintptr_t rstd, u
   });
 }
 
-}  // namespace
+}  // namespace IMAGEN_FAST_ISA_NS
 }  // namespace cpu
 }  // namespace imagen_fast
 
-void register_cpu_group_norm(py::module_& m) {
-  using namespace imagen_fast::cpu;
-  m.def("group_norm_fwd", &group_norm_fwd,
-        "GroupNorm + FiLM + activation forward on CPU buffers (data pointers). "
-        "Writes y (x's dtype and layout) and mean/rstd (N, G) in float32 (float64 for float64).",
-        py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
-        py::arg("scale"), py::arg("shift"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
-        py::arg("eps"), py::arg("channels_last"), py::arg("dtype"), py::arg("activation"),
-        py::arg("threads") = 0);
-  m.def("group_norm_bwd", &group_norm_bwd,
-        "GroupNorm + FiLM + activation backward on CPU buffers (data pointers; 0 = absent). "
-        "Writes any of grad_x, grad_weight, grad_bias, grad_scale, grad_shift whose pointer is non-zero.",
-        py::arg("grad_y"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
-        py::arg("scale"), py::arg("shift"), py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
-        py::arg("grad_scale"), py::arg("grad_shift"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
-        py::arg("channels_last"), py::arg("dtype"), py::arg("activation"), py::arg("threads") = 0);
-}
+#include "isa_end.h"

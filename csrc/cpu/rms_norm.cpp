@@ -7,7 +7,7 @@
 // Layouts: contiguous (N, C, S) and channels-last (N, S, C), S = prod(spatial).
 // Storage float / double / Half / BFloat16; arithmetic in float (double for double).
 //
-// Contiguous: a block of kBlockVecs vectors of positions is walked channel by channel
+// Contiguous: a block of 64 positions (block_vecs vectors) is walked channel by channel
 // twice (sum of squares, then y); the block's C rows stay in L2 between the passes.
 // Channels-last: each position's C channels are contiguous; sum of squares, then y.
 //
@@ -16,26 +16,18 @@
 //   P1_nc = sum_s dh, P2_nc = sum_s dh xh  ->  g_shift = P1, g_scale = w P2,
 //   g_weight = sum_n (1 + scale) P2.
 // dh is kept per block (or row) between the two passes, so act' is evaluated once.
-#include <pybind11/pybind11.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <stdexcept>
-#include <string>
-#include <vector>
-
-#include "binding.h"
-#include "parallel.h"
+#include "isa_begin.h"
 #include "vec.h"
-
-namespace py = pybind11;
 
 namespace imagen_fast {
 namespace cpu {
+namespace IMAGEN_FAST_ISA_NS {
 namespace {
 
-constexpr int kBlockVecs = 4;  // contiguous layout: positions per block = 4 vectors
+// Contiguous layout: a block of 64 positions (4 vectors of AVX-512, 8 of the portable
+// path): each channel's run in a block is at least a 256-byte line pair for float32.
+// (float64, one-lane vectors: 4 positions).
+template <typename V> constexpr int block_vecs() { return V::W == 1 ? 4 : 64 / V::W; }
 
 template <typename A> struct RmsParams {
   const A *w, *s, *sh;  // any may be null
@@ -74,12 +66,12 @@ template <typename V, typename T> inline void store_k(T* p, V v, int n) {
 }
 
 // ---------------------------------------------------------------------- forward
-// Contiguous: positions [s0, s0 + len) of sample n (len <= kBlockVecs * W).
+// Contiguous: positions [s0, s0 + len) of sample n (len <= block_vecs<V>() * W).
 template <Activation act, typename T, typename V>
 void fwd_block(const T* x, T* y, typename V::A* rstd, int64_t C, int64_t S, int64_t s0, int64_t len,
                const typename V::A* a, const typename V::A* b, double eps) {
   using A = typename V::A;
-  constexpr int W = V::W, K = kBlockVecs;
+  constexpr int W = V::W, K = block_vecs<V>();
   int nk[K];
   for (int k = 0; k < K; ++k) nk[k] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(W, len - k * W)));
   V acc[K];
@@ -143,7 +135,7 @@ void rms_forward(const T* x, T* y, typename VecOf<T>::type::A* rstd, const RmsPa
   film_coefs(pr, N, a, b);
   threads = pick_threads(threads, N * C * S);
   if (!channels_last) {
-    const int64_t B = kBlockVecs * V::W, nb = (S + B - 1) / B;
+    const int64_t B = block_vecs<V>() * V::W, nb = (S + B - 1) / B;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < N * nb; ++t) {
       const int64_t n = t / nb, s0 = (t % nb) * B;
@@ -169,13 +161,13 @@ struct ChannelSums {
   }
 };
 
-// Contiguous block [s0, s0 + len) of sample n. dhb: C * kBlockVecs * W scratch.
+// Contiguous block [s0, s0 + len) of sample n. dhb: C * block_vecs<V>() * W scratch.
 template <Activation act, typename T, typename V>
 void bwd_block(const T* gy, const T* x, T* gx, const typename V::A* rstd, int64_t C, int64_t S, int64_t s0,
                int64_t len, const typename V::A* a, const typename V::A* b, double eps, double* p1, double* p2,
                typename V::A* dhb) {
   using A = typename V::A;
-  constexpr int W = V::W, K = kBlockVecs;
+  constexpr int W = V::W, K = block_vecs<V>();
   int nk[K];
   for (int k = 0; k < K; ++k) nk[k] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(W, len - k * W)));
   A rb[K * W];
@@ -272,7 +264,7 @@ void rms_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* rst
   {
     ChannelSums& mine = sums[thread_id()];
     if (!channels_last) {
-      const int64_t B = kBlockVecs * W, nb = (S + B - 1) / B;
+      const int64_t B = block_vecs<V>() * W, nb = (S + B - 1) / B;
       std::vector<A> dhb(gx ? C * B : 0);
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < N * nb; ++t) {
@@ -325,22 +317,10 @@ void rms_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* rst
     }
 }
 
-// ---------------------------------------------------------------------- binding
-void check_args(const char* fn, int64_t N, int64_t C, int64_t S, double eps, int dtype, int activation) {
-  if (N <= 0 || C <= 0 || S <= 0)
-    throw std::invalid_argument(std::string(fn) + ": N, C and S must be positive (got N=" + std::to_string(N) +
-                                ", C=" + std::to_string(C) + ", S=" + std::to_string(S) + ")");
-  if (!(eps > 0.0) || !std::isfinite(eps)) throw std::invalid_argument(std::string(fn) + ": eps must be finite and > 0");
-  if (dtype < 0 || dtype > 3) throw std::invalid_argument(std::string(fn) + ": unknown dtype code " + std::to_string(dtype));
-  if (activation < 0 || activation > 2)
-    throw std::invalid_argument(std::string(fn) + ": unknown activation code " + std::to_string(activation));
-}
+}  // namespace
 
 void rms_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t rstd, uintptr_t w, uintptr_t s, uintptr_t sh, int64_t N,
                   int64_t C, int64_t S, double eps, bool channels_last, int dtype, int activation, int threads) {
-  check_args("channel_rms_norm_fwd", N, C, S, eps, dtype, activation);
-  if (!x || !y || !rstd) throw std::invalid_argument("channel_rms_norm_fwd: x, y and rstd are required");
-  py::gil_scoped_release nogil;
   with_activation(activation, [&](auto tag) {
     with_storage(dtype, [&](auto type_tag, auto acc_tag) {
       using T = decltype(type_tag);
@@ -355,9 +335,6 @@ void rms_norm_fwd(uintptr_t x, uintptr_t y, uintptr_t rstd, uintptr_t w, uintptr
 void rms_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t rstd, uintptr_t w, uintptr_t s, uintptr_t sh, uintptr_t gx,
                   uintptr_t gw, uintptr_t gs, uintptr_t gsh, int64_t N, int64_t C, int64_t S, double eps,
                   bool channels_last, int dtype, int activation, int threads) {
-  check_args("channel_rms_norm_bwd", N, C, S, eps, dtype, activation);
-  if (!gy || !x || !rstd) throw std::invalid_argument("channel_rms_norm_bwd: grad_y, x and rstd are required");
-  py::gil_scoped_release nogil;
   with_activation(activation, [&](auto tag) {
     with_storage(dtype, [&](auto type_tag, auto acc_tag) {
       using T = decltype(type_tag);
@@ -370,23 +347,8 @@ void rms_norm_bwd(uintptr_t gy, uintptr_t x, uintptr_t rstd, uintptr_t w, uintpt
   });
 }
 
-}  // namespace
+}  // namespace IMAGEN_FAST_ISA_NS
 }  // namespace cpu
 }  // namespace imagen_fast
 
-void register_cpu_rms_norm(py::module_& m) {
-  using namespace imagen_fast::cpu;
-  m.def("channel_rms_norm_fwd", &rms_norm_fwd,
-        "Channel RMS norm + FiLM + activation forward on CPU buffers (data pointers). Writes y (x's dtype "
-        "and layout) and rstd (N, S) in float32 (float64 for float64).",
-        py::arg("x"), py::arg("y"), py::arg("rstd"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
-        py::arg("N"), py::arg("C"), py::arg("S"), py::arg("eps"), py::arg("channels_last"), py::arg("dtype"),
-        py::arg("activation"), py::arg("threads") = 0);
-  m.def("channel_rms_norm_bwd", &rms_norm_bwd,
-        "Channel RMS norm + FiLM + activation backward on CPU buffers (data pointers; 0 = absent). Writes any "
-        "of grad_x, grad_weight, grad_scale, grad_shift whose pointer is non-zero.",
-        py::arg("grad_y"), py::arg("x"), py::arg("rstd"), py::arg("weight"), py::arg("scale"), py::arg("shift"),
-        py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_scale"), py::arg("grad_shift"), py::arg("N"),
-        py::arg("C"), py::arg("S"), py::arg("eps"), py::arg("channels_last"), py::arg("dtype"),
-        py::arg("activation"), py::arg("threads") = 0);
-}
+#include "isa_end.h"

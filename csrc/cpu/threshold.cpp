@@ -19,26 +19,12 @@
 // Samples go whole to threads when there are enough of them; otherwise all threads
 // work on each sample (counts and candidates merged after barriers), so batch 1 uses
 // every core too.
-#include <pybind11/pybind11.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-#include <vector>
-
-#include "binding.h"
-#include "parallel.h"
+#include "isa_begin.h"
 #include "vec.h"
-
-namespace py = pybind11;
 
 namespace imagen_fast {
 namespace cpu {
+namespace IMAGEN_FAST_ISA_NS {
 namespace {
 
 template <typename T> using AccOf = typename VecOf<T>::type::A;
@@ -749,16 +735,7 @@ void sampler_step_impl(const StepArgs<T>& g, Thresh mode, double p, double min_v
   });
 }
 
-// ---------------------------------------------------------------------- bindings
-void check_sizes(const char* fn, int64_t N, int64_t L, int dtype, double p, double min_value) {
-  if (N <= 0 || L <= 0)
-    throw std::invalid_argument(std::string(fn) + ": N and L must be positive (got N=" + std::to_string(N) +
-                                ", L=" + std::to_string(L) + ")");
-  if (dtype < 0 || dtype > 3) throw std::invalid_argument(std::string(fn) + ": unknown dtype code " + std::to_string(dtype));
-  if (!(p >= 0.0 && p <= 1.0)) throw std::invalid_argument(std::string(fn) + ": percentile must be in [0, 1]");
-  if (!(min_value > 0.0) || !std::isfinite(min_value))
-    throw std::invalid_argument(std::string(fn) + ": min_value must be finite and > 0");
-}
+}  // namespace
 
 template <typename F> void with_dtype(int dtype, F&& f) {
   switch (static_cast<DType>(dtype)) {
@@ -771,10 +748,6 @@ template <typename F> void with_dtype(int dtype, F&& f) {
 
 void dynamic_threshold(uintptr_t x, uintptr_t y, int64_t N, int64_t L, int dtype, double percentile,
                        double min_value, double max_value, int threads) {
-  check_sizes("dynamic_threshold", N, L, dtype, percentile, min_value);
-  if (!(max_value > 0.0)) throw std::invalid_argument("dynamic_threshold: max_value must be > 0 (inf for none)");
-  if (!x || !y) throw std::invalid_argument("dynamic_threshold: x and y are required");
-  py::gil_scoped_release nogil;
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dynamic_threshold_impl<T>(ptr<const T>(x), ptr<T>(y), N, L, percentile, min_value, max_value, threads);
@@ -784,12 +757,6 @@ void dynamic_threshold(uintptr_t x, uintptr_t y, int64_t N, int64_t L, int dtype
 void sampler_step(uintptr_t z, uintptr_t cond, uintptr_t uncond, uintptr_t noise, uintptr_t out, uintptr_t coefs,
                   int64_t N, int64_t L, int dtype, double guidance_scale, int threshold, double percentile,
                   double min_value, int threads) {
-  check_sizes("sampler_step", N, L, dtype, percentile, min_value);
-  if (!z || !cond || !out || !coefs)
-    throw std::invalid_argument("sampler_step: z_t, pred_cond, out and coefs are required");
-  if (threshold < 0 || threshold > 2) throw std::invalid_argument("sampler_step: threshold must be 0, 1 or 2");
-  if (!std::isfinite(guidance_scale)) throw std::invalid_argument("sampler_step: guidance_scale must be finite");
-  py::gil_scoped_release nogil;
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     StepArgs<T> g{ptr<const T>(z), ptr<const T>(cond), ptr<const T>(uncond), ptr<const T>(noise), ptr<T>(out),
@@ -798,60 +765,30 @@ void sampler_step(uintptr_t z, uintptr_t cond, uintptr_t uncond, uintptr_t noise
   });
 }
 
-// The two order statistics themselves (for tests): values at ranks lo and lo + 1 of |x|.
-py::tuple quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double percentile, int threads,
-                       bool radix_only) {
-  check_sizes("quantile_abs", N, L, dtype, percentile, 1.0);
-  if (!x) throw std::invalid_argument("quantile_abs: x is required");
-  std::vector<double> out(static_cast<size_t>(N));
-  {
-    py::gil_scoped_release nogil;
-    with_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      using A = AccOf<T>;
-      using K = typename KeyOf<A>::K;
-      const T* xs = ptr<const T>(x);
-      const int th = pick_threads(threads, N * L);
-      const QuantileRank qr = quantile_rank(percentile, L);
-      const bool whole = whole_samples(N, th);
-      TeamState<K> shared(th);
-      std::vector<TeamState<K>> own;
-      if (whole) own.assign(th, TeamState<K>(1));
-      for_samples(N, L, th, [&](int64_t n, int64_t b, int64_t e, bool team, int tid, int nt) {
-        TeamState<K>& st = team ? shared : own[thread_id()];
-        K lo, hi;
-        select_sample(xs + n * L, L, b, e, qr, team, tid, nt, st, radix_only, &lo, &hi);
-        if (tid == 0) out[size_t(n)] = static_cast<double>(lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac));
-      });
+void quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double percentile, int threads, bool radix_only,
+                  double* out) {
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = AccOf<T>;
+    using K = typename KeyOf<A>::K;
+    const T* xs = ptr<const T>(x);
+    const int th = pick_threads(threads, N * L);
+    const QuantileRank qr = quantile_rank(percentile, L);
+    const bool whole = whole_samples(N, th);
+    TeamState<K> shared(th);
+    std::vector<TeamState<K>> own;
+    if (whole) own.assign(th, TeamState<K>(1));
+    for_samples(N, L, th, [&](int64_t n, int64_t b, int64_t e, bool team, int tid, int nt) {
+      TeamState<K>& st = team ? shared : own[thread_id()];
+      K lo, hi;
+      select_sample(xs + n * L, L, b, e, qr, team, tid, nt, st, radix_only, &lo, &hi);
+      if (tid == 0) out[n] = static_cast<double>(lerp_exact(key_value<K, A>(lo), key_value<K, A>(hi), qr.frac));
     });
-  }
-  py::list l;
-  for (double v : out) l.append(v);
-  return py::tuple(l);
+  });
 }
 
-}  // namespace
+}  // namespace IMAGEN_FAST_ISA_NS
 }  // namespace cpu
 }  // namespace imagen_fast
 
-void register_cpu_threshold(py::module_& m) {
-  using namespace imagen_fast::cpu;
-  m.def("dynamic_threshold", &dynamic_threshold,
-        "Per sample (N samples of L elements, any layout): s = min(max(quantile(|x|, percentile), min_value), "
-        "max_value) with torch.quantile's linear interpolation, exact; y = clamp(x, -s, s) / s.",
-        py::arg("x"), py::arg("y"), py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("percentile"),
-        py::arg("min_value"), py::arg("max_value") = std::numeric_limits<double>::infinity(),
-        py::arg("threads") = 0);
-  m.def("sampler_step", &sampler_step,
-        "Fused guided reverse-diffusion step: pred = uncond + w (cond - uncond) (cond if no uncond), "
-        "x0 = a z + b pred, threshold (0 none, 1 static, 2 dynamic), out = c_x0 x0 + c_z z + c_noise noise. "
-        "coefs: (N, 5) float64 [a, b, c_x0, c_z, c_noise]. uncond and noise may be 0.",
-        py::arg("z"), py::arg("cond"), py::arg("uncond"), py::arg("noise"), py::arg("out"), py::arg("coefs"),
-        py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("guidance_scale"), py::arg("threshold"),
-        py::arg("percentile"), py::arg("min_value"), py::arg("threads") = 0);
-  m.def("quantile_abs", &quantile_abs,
-        "Per-sample exact quantile of |x| (linear interpolation) as dynamic_threshold finds it: a tuple of N "
-        "floats. radix_only skips the sampled estimate (tests the fallback path).",
-        py::arg("x"), py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("percentile"), py::arg("threads") = 0,
-        py::arg("radix_only") = false);
-}
+#include "isa_end.h"

@@ -1,9 +1,10 @@
 // A small SIMD layer for the CPU kernels: VF (16 float lanes) and VD (1 double lane).
 //
-// With AVX-512 (F/BW/DQ/VL, chosen at compile time: the build uses -march=native) VF
-// is one __m512 register and exp/erfc are polynomial approximations accurate to a
-// few float ulps. Elsewhere VF is a plain array that the compiler vectorises for
-// whatever ISA it has, with the libm functions per lane. VD is the float64 path:
+// Two variants (see isa_begin.h): in the AVX-512 one VF is one __m512 register and
+// exp/erfc are polynomial approximations accurate to a few float ulps; in the portable
+// one VF is a plain array that the compiler vectorises for the base ISA (AVX2 on the
+// usual x86 machine), with the activations and the bfloat16 conversions written with
+// GCC/Clang vector extensions (never a libm call per lane). VD is the float64 path:
 // scalar double with libm, used where inputs are float64 (tests, gradcheck).
 //
 // Loads convert the storage type (float, double, Half, BFloat16) to the lane type;
@@ -11,23 +12,18 @@
 // only the first n lanes and zero the others on load.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-#include "imagen_fast/common.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VL__) && !defined(IMAGEN_FAST_PORTABLE)
-#define IMAGEN_FAST_AVX512 1
-#include <immintrin.h>
-#else
-#define IMAGEN_FAST_AVX512 0
+#ifndef IMAGEN_FAST_ISA_REGION
+#error "vec.h belongs inside a variant's region: include isa_begin.h first"
 #endif
+
+#define IMAGEN_FAST_AVX512 IMAGEN_FAST_ISA_AVX512
+// The vector helpers are a few instructions each and sit in the kernels' inner loops:
+// inline them always (GCC otherwise keeps exp_neg8 as a call per vector).
+#define IF_VINLINE inline __attribute__((always_inline))
 
 namespace imagen_fast {
 namespace cpu {
+namespace IMAGEN_FAST_ISA_NS {
 
 // ------------------------------------------------------------------ scalar helpers
 inline float to_acc(float v) { return v; }
@@ -105,7 +101,7 @@ inline VF widen_bf16(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline __m256i narrow_bf16(VF a) {
-#ifdef __AVX512BF16__
+#if IMAGEN_FAST_ISA_BF16
   // Round to nearest even in hardware (float32 denormals flush to zero, ~1e-38 away).
   return (__m256i)_mm512_cvtneps_pbh(a.v);
 #else
@@ -137,14 +133,14 @@ inline void store_n(Half* p, VF a, int n) {
 }
 
 // 1/d to ~1 ulp: 14-bit estimate and one Newton step.
-inline VF recip(VF d) {
+IF_VINLINE VF recip(VF d) {
   __m512 r = _mm512_rcp14_ps(d.v);
   return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d.v, r, _mm512_set1_ps(1.0f)), r);
 }
 
 // e^x: x = n ln2 + r, |r| <= ln2/2, minimax degree-6 polynomial (rel. error ~1e-7),
 // scaled by 2^n with vscalefps (overflow to inf, gradual underflow to 0).
-inline VF vexp(VF x) {
+IF_VINLINE VF vexp(VF x) {
   __m512 xc = _mm512_min_ps(_mm512_max_ps(x.v, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -165,7 +161,7 @@ inline VF vabs(VF a) { return _mm512_abs_ps(a.v); }
 // erfc(a) for a >= 0 given e = exp(-a^2): t = 1 / (1 + 0.47 a),
 // erfc(a) = e * t * P(t), P a degree-9 fit of erfc(a) exp(a^2) / t on a in [0, 10]
 // (relative error ~2e-7 in float arithmetic).
-inline VF erfc_pos(VF a, VF e) {
+IF_VINLINE VF erfc_pos(VF a, VF e) {
   VF t = recip(fmadd(a, VF::set1(0.47f), VF::set1(1.0f)));
   __m512 p = _mm512_set1_ps(-0.01830999f);
   p = _mm512_fmadd_ps(p, t.v, _mm512_set1_ps(0.04902491f));
@@ -180,9 +176,11 @@ inline VF erfc_pos(VF a, VF e) {
   return _mm512_mul_ps(_mm512_mul_ps(p, t.v), e.v);
 }
 
-// exp(-h) for the sigmoid, h clamped to [-100, 100] (so e.g. silu(1e30) stays 1e30).
-inline VF vexp_neg(VF h) {
-  __m512 hc = _mm512_range_ps(h.v, _mm512_set1_ps(100.0f), 0x2);  // sign(h) * min(|h|, 100)
+// exp(-h) for the sigmoid, h clamped to [-87, 100]: finite (<= 6e37, so 1 + exp(-h)
+// has a finite reciprocal), and silu(1e30) stays 1e30. A NaN h gives a finite value
+// (vminps returns its second operand): the caller's h keeps the NaN.
+IF_VINLINE VF vexp_neg(VF h) {
+  __m512 hc = _mm512_max_ps(_mm512_min_ps(h.v, _mm512_set1_ps(100.0f)), _mm512_set1_ps(-87.0f));
   // exp(-h) = 2^n exp(-(h + n ln2)), n = round(-h / ln2)
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(hc, _mm512_set1_ps(-1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -199,7 +197,7 @@ inline VF vexp_neg(VF h) {
 }
 
 // Phi(h) = 0.5 (1 + erf(h / sqrt 2)) and, optionally, its density, sharing exp(-h^2/2).
-inline VF gauss_cdf(VF h, VF* pdf) {
+IF_VINLINE VF gauss_cdf(VF h, VF* pdf) {
   VF a = vabs(h) * VF::set1(0.70710678118654752f);
   a = _mm512_min_ps(a.v, _mm512_set1_ps(10.0f));
   VF e = vexp(VF::zero() - a * a);
@@ -210,9 +208,8 @@ inline VF gauss_cdf(VF h, VF* pdf) {
 }
 
 // exp(-h) to ~1e-4 relative (degree-3 polynomial): enough for 16-bit outputs.
-inline VF vexp_neg_lo(VF h) {
-  // |h| clamped to 100 keeping its sign, in one vrangeps (min of magnitudes, sign of h)
-  __m512 hc = _mm512_range_ps(h.v, _mm512_set1_ps(100.0f), 0x2);
+IF_VINLINE VF vexp_neg_lo(VF h) {
+  __m512 hc = _mm512_max_ps(_mm512_min_ps(h.v, _mm512_set1_ps(100.0f)), _mm512_set1_ps(-87.0f));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(hc, _mm512_set1_ps(-1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(0.69314718055994531f), hc);
@@ -224,20 +221,24 @@ inline VF vexp_neg_lo(VF h) {
 }
 
 // LO: the result is rounded to a 16-bit type, so ~1e-4 relative error is invisible.
-template <Activation act, bool LO = false> inline VF act_fwd(VF h) {
+template <Activation act, bool LO = false> IF_VINLINE VF act_fwd(VF h) {
   if constexpr (act == Activation::SiLU && LO)
     return h * VF(_mm512_rcp14_ps((VF::set1(1.0f) + vexp_neg_lo(h)).v));
-  else if constexpr (act == Activation::SiLU) return h / (VF::set1(1.0f) + vexp_neg(h));
+  else if constexpr (act == Activation::SiLU) return h * recip(VF::set1(1.0f) + vexp_neg(h));
   else if constexpr (act == Activation::GELU) return h * gauss_cdf(h, nullptr);
   else return h;
 }
-template <Activation act, bool LO = false> inline VF act_grad(VF h) {
+template <Activation act, bool LO = false> IF_VINLINE VF act_grad(VF h) {
+  // silu'(h) = s (1 + h (1 - s)), s = 1 / (1 + e), e = exp(-h); 1 - s as e s keeps its
+  // relative accuracy where s rounds to 1 (large h).
   if constexpr (act == Activation::SiLU && LO) {
-    VF s = _mm512_rcp14_ps((VF::set1(1.0f) + vexp_neg_lo(h)).v);
-    return s * fmadd(h, VF::set1(1.0f) - s, VF::set1(1.0f));
+    VF e = vexp_neg_lo(h);
+    VF s = _mm512_rcp14_ps((VF::set1(1.0f) + e).v);
+    return s * fmadd(h, e * s, VF::set1(1.0f));
   } else if constexpr (act == Activation::SiLU) {
-    VF s = VF::set1(1.0f) / (VF::set1(1.0f) + vexp_neg(h));
-    return s * fmadd(h, VF::set1(1.0f) - s, VF::set1(1.0f));
+    VF e = vexp_neg(h);
+    VF s = recip(VF::set1(1.0f) + e);
+    return s * fmadd(h, e * s, VF::set1(1.0f));
   } else if constexpr (act == Activation::GELU) {
     VF pdf;
     VF cdf = gauss_cdf(h, &pdf);
@@ -249,76 +250,134 @@ template <Activation act, bool LO = false> inline VF act_grad(VF h) {
 
 #else  // portable
 
-struct VF {
-  static constexpr int W = 16;
-  using A = float;
-  float v[16];
-  static VF set1(float a) {
-    VF r;
-    for (int i = 0; i < 16; ++i) r.v[i] = a;
-    return r;
-  }
-  static VF zero() { return set1(0.0f); }
-};
-#define IF_VF_BINOP(op)                                   \
-  inline VF operator op(const VF& a, const VF& b) {       \
-    VF r;                                                 \
-    for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] op b.v[i]; \
-    return r;                                             \
-  }
-IF_VF_BINOP(+)
-IF_VF_BINOP(-)
-IF_VF_BINOP(*)
-IF_VF_BINOP(/)
-#undef IF_VF_BINOP
-inline VF fmadd(const VF& a, const VF& b, const VF& c) {
-  VF r;
-  for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
-  return r;
-}
-inline VF keep_first(const VF& a, int n) {
-  VF r;
-  for (int i = 0; i < 16; ++i) r.v[i] = i < n ? a.v[i] : 0.0f;
-  return r;
-}
-inline float hsum(const VF& a) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += a.v[i];
-  return s;
-}
-template <typename T> inline VF load(const T* p) {
-  VF r;
-  for (int i = 0; i < 16; ++i) r.v[i] = to_acc(p[i]);
-  return r;
-}
-template <typename T> inline VF load_n(const T* p, int n) {
-  VF r;
-  for (int i = 0; i < 16; ++i) r.v[i] = i < n ? to_acc(p[i]) : 0.0f;
-  return r;
-}
-template <typename T> inline void store(T* p, const VF& a) {
-  for (int i = 0; i < 16; ++i) p[i] = from_acc<T>(a.v[i]);
-}
-template <typename T> inline void store_n(T* p, const VF& a, int n) {
-  for (int i = 0; i < n && i < 16; ++i) p[i] = from_acc<T>(a.v[i]);
-}
-// exp(-h) for the sigmoid on 8 lanes, written with GCC/Clang vector extensions so it
-// compiles to the machine's SIMD (one ymm register on AVX2) with no libm call per lane
-// (SiLU through expf ran 3x slower than torch on AVX2). Same reduction and polynomial as
-// the AVX-512 vexp_neg; 2^n is built from exponent bits in two halves so that |n| up to
-// 145 overflows to inf / underflows gradually as vscalefps does.
-// 8 lanes, not 16: GCC scalarises compares on vectors wider than the hardware's.
+// 8 float lanes as a GCC/Clang vector extension: one ymm register on AVX2, two on
+// SSE2/NEON. Every operation is written on 8-lane vectors: GCC scalarises compares and
+// `?:` on vectors wider than the hardware's, and a libm call per lane (expf) made SiLU
+// 3x slower than torch's on AVX2. Selects use bit masks (GCC scalarises `?:` on floats).
 typedef float V8f __attribute__((vector_size(32)));
 typedef int32_t V8i __attribute__((vector_size(32)));
-inline V8f exp_neg8(V8f h) {
-  const V8f zero = {}, lo = zero - 100.0f, hi = zero + 100.0f;
-  // Selects by bit masks: GCC scalarises the vector ?: on floats.
-  auto pick = [](V8i m, V8f a, V8f b) {
-    return reinterpret_cast<V8f>((m & reinterpret_cast<V8i>(a)) | (~m & reinterpret_cast<V8i>(b)));
-  };
-  V8f hc = pick(h < lo, lo, h);
-  hc = pick(hc > hi, hi, hc);
-  hc = pick(hc == hc, hc, zero);  // NaN: any finite value, the caller's h keeps the NaN
+typedef uint32_t V8u __attribute__((vector_size(32)));
+typedef uint16_t V8h __attribute__((vector_size(16)));
+
+inline V8f bits_f(V8i a) { return reinterpret_cast<V8f>(a); }
+inline V8i bits_i(V8f a) { return reinterpret_cast<V8i>(a); }
+inline V8f pick(V8i m, V8f a, V8f b) { return bits_f((m & bits_i(a)) | (~m & bits_i(b))); }
+inline V8i lane_index() { return V8i{0, 1, 2, 3, 4, 5, 6, 7}; }
+
+struct VF {
+  static constexpr int W = 8;
+  using A = float;
+  V8f v;
+  VF() = default;
+  VF(V8f x) : v(x) {}
+  static VF set1(float a) { return VF(V8f{} + a); }
+  static VF zero() { return VF(V8f{}); }
+};
+inline VF operator+(VF a, VF b) { return a.v + b.v; }
+inline VF operator-(VF a, VF b) { return a.v - b.v; }
+inline VF operator*(VF a, VF b) { return a.v * b.v; }
+inline VF operator/(VF a, VF b) { return a.v / b.v; }
+inline VF fmadd(VF a, VF b, VF c) { return a.v * b.v + c.v; }  // contracted to FMA where there is one
+inline VF keep_first(VF a, int n) { return bits_f(bits_i(a.v) & (lane_index() < n)); }
+inline float hsum(VF a) {
+#ifdef __AVX__
+  const __m256 v = reinterpret_cast<__m256>(a.v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
+  const V8f& v = a.v;
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#endif
+}
+
+// Loads and stores: full vectors through memcpy (unaligned vector moves); the first n
+// lanes through a zeroed buffer (tails only).
+template <typename T> inline VF load(const T* p);
+template <typename T> inline void store(T* p, VF a);
+template <typename T> inline VF load_n(const T* p, int n) {
+  T buf[8];
+  std::memset(static_cast<void*>(buf), 0, sizeof(buf));
+  std::memcpy(static_cast<void*>(buf), p, sizeof(T) * static_cast<size_t>(std::max(0, std::min(n, 8))));
+  return keep_first(load(buf), n);
+}
+template <typename T> inline void store_n(T* p, VF a, int n) {
+  T buf[8];
+  store(buf, a);
+  std::memcpy(static_cast<void*>(p), buf, sizeof(T) * static_cast<size_t>(std::max(0, std::min(n, 8))));
+}
+template <> inline VF load<float>(const float* p) {
+  V8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <> inline void store<float>(float* p, VF a) { std::memcpy(p, &a.v, sizeof(a.v)); }
+// bfloat16: the upper half of a float32 (widen by a shift); narrow rounding to nearest
+// even, NaN to the canonical quiet NaN, as torch does. AVX2 intrinsics where the base ISA
+// has them (GCC splits the generic zero-extension and narrowing into several shuffles).
+template <> inline VF load<BFloat16>(const BFloat16* p) {
+#ifdef __AVX2__
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return VF(reinterpret_cast<V8f>(_mm256_slli_epi32(w, 16)));
+#else
+  V8h h;
+  std::memcpy(&h, p, sizeof(h));
+  return bits_f(reinterpret_cast<V8i>(__builtin_convertvector(h, V8u) << 16));
+#endif
+}
+template <> inline void store<BFloat16>(BFloat16* p, VF a) {
+  const V8u u = reinterpret_cast<V8u>(a.v);
+  const V8i nan = a.v != a.v;
+  const V8i r = (reinterpret_cast<V8i>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7fc0);
+#ifdef __AVX2__
+  const __m256i ri = reinterpret_cast<__m256i>(r);  // every lane <= 0xffff: packus keeps it
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(ri), _mm256_extracti128_si256(ri, 1)));
+#else
+  const V8h h = __builtin_convertvector(reinterpret_cast<V8u>(r), V8h);
+  std::memcpy(p, &h, sizeof(h));
+#endif
+}
+// float16: F16C where the base ISA has it (every AVX2 machine), else per lane.
+template <> inline VF load<Half>(const Half* p) {
+#ifdef __F16C__
+  return VF(reinterpret_cast<V8f>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#else
+  VF r;
+  for (int i = 0; i < 8; ++i) r.v[i] = f16_to_f32(p[i].bits);
+  return r;
+#endif
+}
+template <> inline void store<Half>(Half* p, VF a) {
+#ifdef __F16C__
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<__m256>(a.v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int i = 0; i < 8; ++i) p[i] = Half{f32_to_f16(a.v[i])};
+#endif
+}
+
+// h clamped to [lo, hi]; a NaN h gives a finite value (its caller keeps the NaN).
+IF_VINLINE V8f clamp8(V8f h, float lo, float hi) {
+#ifdef __AVX__
+  // vminps / vmaxps return the second operand when either is NaN
+  const __m256 m = _mm256_min_ps(reinterpret_cast<__m256>(h), _mm256_set1_ps(hi));
+  return reinterpret_cast<V8f>(_mm256_max_ps(m, _mm256_set1_ps(lo)));
+#else
+  const V8f zero = {};
+  V8f c = pick(h < zero + lo, zero + lo, h);
+  c = pick(c > zero + hi, zero + hi, c);
+  return pick(c == c, c, zero);
+#endif
+}
+
+// exp(-h), the reduction and polynomial of the AVX-512 vexp_neg. Wide: h clamped to
+// [-87, 100], 2^n built from exponent bits in two halves so that n down to -145
+// underflows gradually as vscalefps does (the Gaussian tails). Else h in [-87, 87] and
+// one 2^n: enough for the sigmoid, whose 1 / (1 + exp(-h)) is 1 beyond h = 17.
+template <bool kWide = true> IF_VINLINE V8f exp_neg8(V8f h) {
+  const V8f zero = {};
+  const V8f hc = clamp8(h, -87.0f, kWide ? 100.0f : 87.0f);
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   V8f n = (hc * -1.44269504088896341f + kRound) - kRound;
   V8f r = n * 0.693145751953125f + hc;
@@ -331,17 +390,42 @@ inline V8f exp_neg8(V8f h) {
   p = 1.0f - p * r;
   p = 1.0f - p * r;
   V8i ni = __builtin_convertvector(n, V8i);
+  if constexpr (!kWide) return p * bits_f((ni + 127) << 23);
   V8i n1 = ni >> 1;
-  return p * reinterpret_cast<V8f>((n1 + 127) << 23) *
-         reinterpret_cast<V8f>((ni - n1 + 127) << 23);
+  return p * bits_f((n1 + 127) << 23) * bits_f((ni - n1 + 127) << 23);
 }
+// exp(-h) to ~1e-4 relative for 16-bit outputs (the AVX-512 vexp_neg_lo), h in [-87, 87].
+IF_VINLINE V8f exp_neg8_lo(V8f h) {
+  const V8f zero = {};
+  const V8f hc = clamp8(h, -87.0f, 87.0f);
+  const float kRound = 12582912.0f;
+  V8f n = (hc * -1.44269504088896341f + kRound) - kRound;
+  V8f r = n * 0.69314718055994531f + hc;
+  V8f p = zero + 0.16566828f;
+  p = 0.50496328f - p * r;
+  p = 1.00016415f - p * r;
+  p = 0.99992806f - p * r;
+  return p * bits_f((__builtin_convertvector(n, V8i) + 127) << 23);
+}
+
+// 1/d: on x86 the 12-bit vrcpps estimate, refined by a Newton step unless LO (16-bit
+// outputs); a division elsewhere. d must be finite and non-zero.
+template <bool LO> IF_VINLINE V8f recip8(V8f d) {
+#ifdef __AVX__
+  const V8f r = reinterpret_cast<V8f>(_mm256_rcp_ps(reinterpret_cast<__m256>(d)));
+  if constexpr (LO) return r;
+  return r * (1.0f - d * r) + r;
+#else
+  return 1.0f / d;
+#endif
+}
+
 // Phi(h) = 0.5 (1 + erf(h / sqrt 2)) and, optionally, its density: the AVX-512
-// gauss_cdf's erfc fit on 8 lanes, sharing exp(-h^2/2).
-inline V8f gauss_cdf8(V8f h, V8f* pdf) {
+// gauss_cdf's erfc fit, sharing exp(-h^2/2).
+IF_VINLINE V8f gauss_cdf8(V8f h, V8f* pdf) {
   const V8f zero = {}, ten = zero + 10.0f;
-  V8f a = reinterpret_cast<V8f>(reinterpret_cast<V8i>(h) & 0x7fffffff) * 0.70710678118654752f;
-  V8i big = a > ten;
-  a = reinterpret_cast<V8f>((big & reinterpret_cast<V8i>(ten)) | (~big & reinterpret_cast<V8i>(a)));
+  V8f a = bits_f(bits_i(h) & 0x7fffffff) * 0.70710678118654752f;
+  a = pick(a > ten, ten, a);
   V8f e = exp_neg8(a * a);
   V8f t = 1.0f / (a * 0.47f + 1.0f);
   V8f p = zero - 0.01830999f;
@@ -350,51 +434,30 @@ inline V8f gauss_cdf8(V8f h, V8f* pdf) {
     p = p * t + c;
   V8f tail = p * t * e * 0.5f;  // Phi(-|h|)
   if (pdf) *pdf = e * 0.39894228040143267794f;
-  V8i neg = h < zero;
-  return reinterpret_cast<V8f>((neg & reinterpret_cast<V8i>(tail)) |
-                               (~neg & reinterpret_cast<V8i>(1.0f - tail)));
+  return pick(h < zero, tail, 1.0f - tail);
 }
 
-// f applied to each 8-lane half of a.
-template <typename F> inline VF by_halves(const VF& a, F f) {
-  VF r;
-  for (int k = 0; k < 16; k += 8) {
-    V8f x;
-    std::memcpy(&x, a.v + k, sizeof(x));
-    x = f(x);
-    std::memcpy(r.v + k, &x, sizeof(x));
-  }
-  return r;
-}
+// e^x for x <= 87 (below -100 it returns e^-100, not 0: callers exclude such terms).
+IF_VINLINE VF vexp(VF x) { return exp_neg8<true>(-x.v); }
 
-template <Activation act, bool LO = false> inline VF act_fwd(const VF& h) {
-  VF r;
-  if constexpr (act == Activation::SiLU) {
-    return by_halves(h, [](V8f x) { return x / (1.0f + exp_neg8(x)); });
-  } else if constexpr (act == Activation::GELU) {
-    return by_halves(h, [](V8f x) { return x * gauss_cdf8(x, nullptr); });
-  } else {
-    for (int i = 0; i < 16; ++i) r.v[i] = activate<float>(h.v[i], act);
-  }
-  return r;
+template <Activation act, bool LO = false> IF_VINLINE VF act_fwd(VF h) {
+  if constexpr (act == Activation::SiLU && LO) return h.v * recip8<true>(1.0f + exp_neg8_lo(h.v));
+  else if constexpr (act == Activation::SiLU) return h.v * recip8<false>(1.0f + exp_neg8<false>(h.v));
+  else if constexpr (act == Activation::GELU) return h.v * gauss_cdf8(h.v, nullptr);
+  else return h;
 }
-template <Activation act, bool LO = false> inline VF act_grad(const VF& h) {
-  VF r;
-  if constexpr (act == Activation::SiLU) {
-    return by_halves(h, [](V8f x) {
-      V8f s = 1.0f / (1.0f + exp_neg8(x));
-      return s * (x * (1.0f - s) + 1.0f);
-    });
+template <Activation act, bool LO = false> IF_VINLINE VF act_grad(VF h) {
+  if constexpr (act == Activation::SiLU) {  // as the AVX-512 act_grad: 1 - s as e s
+    const V8f e = LO ? exp_neg8_lo(h.v) : exp_neg8<false>(h.v);
+    const V8f s = recip8<LO>(1.0f + e);
+    return s * (h.v * (e * s) + 1.0f);
   } else if constexpr (act == Activation::GELU) {
-    return by_halves(h, [](V8f x) {
-      V8f pdf;
-      V8f cdf = gauss_cdf8(x, &pdf);
-      return x * pdf + cdf;
-    });
+    V8f pdf;
+    V8f cdf = gauss_cdf8(h.v, &pdf);
+    return h.v * pdf + cdf;
   } else {
-    for (int i = 0; i < 16; ++i) r.v[i] = activate_grad<float>(h.v[i], act);
+    return VF::set1(1.0f);
   }
-  return r;
 }
 
 #endif
@@ -411,13 +474,10 @@ inline VF clamp_sym(VF x, VF s) {
   return _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), s.v), m);
 }
 #else
-inline VF clamp_sym(const VF& x, const VF& s) {
-  VF r;
-  for (int i = 0; i < 16; ++i) {
-    float m = s.v[i] < x.v[i] ? s.v[i] : x.v[i];
-    r.v[i] = -s.v[i] > m ? -s.v[i] : m;
-  }
-  return r;
+inline VF clamp_sym(VF x, VF s) {
+  // NaN x stays NaN: both compares are false for it.
+  const V8f m = pick(s.v < x.v, s.v, x.v);
+  return pick(-s.v > m, -s.v, m);
 }
 #endif
 
@@ -433,5 +493,6 @@ template <int nbytes> inline void prefetch_span(const void* p) {
 template <typename T> struct VecOf { using type = VF; };
 template <> struct VecOf<double> { using type = VD; };
 
+}  // namespace IMAGEN_FAST_ISA_NS
 }  // namespace cpu
 }  // namespace imagen_fast

@@ -403,7 +403,8 @@ def main(argv=None) -> int:
         r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(0)).strip("_").lower())
 
     t0 = time.perf_counter()
-    load_before = os.getloadavg()
+    watch = harness.Watch(device)           # a busy run is written only as a draft
+    watch.start()
     rows: List[dict] = []
     e2e: List[dict] = []
     skipped: List[str] = []
@@ -417,20 +418,15 @@ def main(argv=None) -> int:
         return args.budget_s is not None and elapsed + last_case_s[0] > args.budget_s
 
     def write():
-        load_after = os.getloadavg()
+        watch.stop()                        # the probe at this point of the run
         machine = harness.machine_info(device)
-        machine.update(quiet=args.quiet, elapsed_s=round(time.perf_counter() - t0, 1),
+        machine.update(watch.fields(), quiet=args.quiet, elapsed_s=round(time.perf_counter() - t0, 1),
                        compile_backend=args.backend or "inductor")
         tables = _tables(rows, e2e, steps, rounds, gpu, args.backend)
         notes = tables[0].notes
-        notes.append(f"load average before/after: {tuple(round(x, 2) for x in load_before)} / "
-                     f"{tuple(round(x, 2) for x in load_after)}; quiet machine (other work paused): {args.quiet}")
+        notes.append(f"quiet machine (other work paused): {args.quiet}; busy: {machine['busy'] or 'no'}")
         notes += [f"not run: {s}" for s in skipped]
-        warning = None if gpu else harness.load_warning([load_before[0], load_after[0]])
-        if warning:
-            notes.append(warning)
-        raw = dict(rows=rows, e2e=e2e, skipped=skipped, steps=steps, rounds=rounds, modes=list(modes),
-                   load_before=load_before, load_after=load_after)
+        raw = dict(rows=rows, e2e=e2e, skipped=skipped, steps=steps, rounds=rounds, modes=list(modes))
         return harness.write_results(args.results_dir, name, machine, tables, raw), tables
 
     for preset in harness.progress(presets, desc=f"bench compile ({device.type})"):

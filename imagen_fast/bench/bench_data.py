@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     n_batches, min_s = (2, 0.5) if args.quick else (6, 2.0)
     batch = 16 if args.quick else args.batch
     machine = harness.machine_info()
+    watch = harness.Watch()
+    watch.start()
     raw = {"batch": batch, "rounds": rounds, "min_timed_batches": n_batches, "min_timed_s": min_s,
            "loader": {}, "train": {}}
 
@@ -212,6 +214,8 @@ def main(argv=None) -> int:
                 "costs training nothing)",
             ]
             tables.append(train_tab)
+    watch.stop()
+    machine.update(watch.fields())
     path = harness.write_results(args.results_dir, args.out, machine, tables, raw)
     for t in tables:
         print(t.markdown())

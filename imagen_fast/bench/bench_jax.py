@@ -181,6 +181,8 @@ def main(argv=None) -> None:
     with_torch = not args.no_torch and platform == "cpu"
     if args.batch % jax.device_count():
         raise SystemExit(f"--batch {args.batch} must be divisible by the {jax.device_count()} devices")
+    watch = harness.Watch()
+    watch.start()
     load_before = os.getloadavg()
     runners = {"train": {"jax": JaxTrain(args.preset, args.batch)},
                "sample": {"jax": JaxSample(args.preset, args.batch, args.steps)}}
@@ -196,6 +198,7 @@ def main(argv=None) -> None:
             timings[(lib, mode)] = (t, per_step)
             raw[f"{lib}/{mode}"] = t.as_dict()
     load_after = os.getloadavg()
+    watch.stop()
     devices = jax.devices()
     table = harness.Table(
         f"{args.preset}, batch {args.batch}, {TEXT_LEN} text tokens: JAX on {len(devices)} x "
@@ -224,7 +227,7 @@ def main(argv=None) -> None:
         "jobs (interleaved rounds spread their load over both libraries).",
     ]
     machine = dict(harness.machine_info(), jax=jax.__version__, jax_platform=platform,
-                   jax_devices=f"{len(devices)} x {devices[0].device_kind}")
+                   jax_devices=f"{len(devices)} x {devices[0].device_kind}", **watch.fields())
     raw.update(compile_s=compile_s, load_before=load_before, load_after=load_after,
                preset=args.preset, batch=args.batch, steps=args.steps)
     path = harness.write_results(args.results_dir, args.out or f"bench_jax_{platform}", machine, [table], raw)

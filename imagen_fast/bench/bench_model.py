@@ -419,6 +419,8 @@ def main(argv=None) -> int:
     have_ip, ip_status, ip_n = _imagen_pytorch_status()
 
     t0 = time.perf_counter()
+    watch = harness.Watch(device)
+    watch.start()
     load_before = os.getloadavg()
     throughput, memory, skipped, params = [], {}, [], {}
     for preset in harness.progress(presets, desc=f"bench model ({device.type})"):
@@ -452,8 +454,9 @@ def main(argv=None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
     load_after = os.getloadavg()
+    watch.stop()
     machine = harness.machine_info(device)
-    machine.update(quiet=args.quiet, elapsed_s=round(time.perf_counter() - t0, 1))
+    machine.update(watch.fields(), quiet=args.quiet, elapsed_s=round(time.perf_counter() - t0, 1))
     table = _table(throughput, memory, params, device, rounds)
     table.notes += [
         f"imagen-pytorch: {ip_status}; compared at {MATCHED} (its Unet: {IP_UNET})",

@@ -8,9 +8,11 @@ on a CPU or a CUDA GPU with the same harness.
                                    [--resume] [--out NAME] [--results-dir DIR]
 
 Shapes come from imagen_fast/bench/shapes.py (recorded from the presets): for group_norm_silu the
-call moving the most bytes at every stage (resolution) of every preset, for attention every distinct call at text
-lengths 64/128/256 (with and without the key padding mask), for thresholding and the
-sampler step each preset's output image; plus a batch sweep 1/8/64 at one shape per op.
+call moving the most bytes at every stage (resolution) of every preset (channel_rms_norm_silu,
+the norm of imagen-pytorch's U-Nets that imagen_fast.accelerate fuses, at the same tensors),
+for attention every distinct call at text lengths 64/128/256 (with and without the key
+padding mask), for thresholding and the sampler step each preset's output image; plus a
+batch sweep 1/8/64 at one shape per op.
 A CPU runs the small presets at batch 8 and the paper presets at batch 1 (calls up to
 2^24 elements); a GPU runs every preset at batch 8.
 
@@ -21,8 +23,9 @@ Candidates, all timed in one process, interleaved round by round (imagen_fast/be
                   choice table (the package's gpu_choice.json with this GPU's entries
                   merged in) to --choice-table, default <results-dir>/gpu_choice.json;
                   IMAGEN_FAST_GPU_CHOICE=<that file> makes ops/gpu_choice.py read it.
-  eager           stock PyTorch (F.group_norm + FiLM + F.silu; reference attention;
-                  torch.quantile thresholding), imagen_fast/bench/baselines.py
+  eager           stock PyTorch (F.group_norm + FiLM + F.silu; imagen-pytorch's
+                  ChanRMSNorm + FiLM + F.silu; reference attention; torch.quantile
+                  thresholding), imagen_fast/bench/baselines.py
   compile         torch.compile of the reference, static shapes, compiled per shape
   sdpa*           F.scaled_dot_product_attention with the same boolean mask: the default
                   pick and each backend forced (math, efficient, flash, cudnn) where it runs
@@ -33,6 +36,7 @@ than the caches; medians with 10th/90th percentiles in the JSON.
 Counted (the minimum any implementation moves; next to every table):
   group_norm_silu fwd      bytes = read x + write y                         2 numel size
   group_norm_silu fwd+bwd  fwd, then read x, dy; write dx                   5 numel size
+  channel_rms_norm_silu    the same as group_norm_silu
   attention fwd            FLOPs = 4 B H Lq Lk D (QK^T and PV, every key counted)
   attention fwd+bwd        FLOPs = 3.5 x fwd (2 forward matmuls + 5 backward)
   dynamic_threshold        bytes = read x0 + write out                      2 numel size
@@ -65,13 +69,14 @@ from imagen_fast.bench import harness
 from imagen_fast.bench import shapes as shape_table
 from imagen_fast.bench.baselines import (
     STEP,
+    eager_chan_rms_norm,
     eager_group_norm,
     eager_sampler_step,
     quantile_threshold,
 )
 from imagen_fast.ops import gpu_choice, reference
 
-OPS = ("gn", "attn", "thr", "step")
+OPS = ("gn", "rms", "attn", "thr", "step")
 SMALL_PRESETS = ("base64-small-efficient", "base64-small")
 PAPER_PRESETS = ("base64", "sr256", "sr1024")
 # size caps per device: tensor elements, and attention score-matrix elements (B H Lq Lk)
@@ -126,7 +131,8 @@ def build_cases(device: torch.device, quick: bool, which, presets=None) -> List[
     chosen = _presets_for(device, presets)[:1 if quick else None]
     main = torch.float32 if cpu else torch.bfloat16
     if cpu:          # (dtype, layout) per rank; the paper presets only at rank 0 on a CPU
-        gn_variants = [(torch.float32, "NHWC"), (torch.bfloat16, "NHWC"), (torch.float32, "NCHW")]
+        gn_variants = [(torch.float32, "NHWC"), (torch.bfloat16, "NHWC"), (torch.float32, "NCHW"),
+                       (torch.bfloat16, "NCHW")]
     else:
         gn_variants = [(torch.bfloat16, "NHWC"), (torch.bfloat16, "NCHW"), (torch.float16, "NHWC"),
                        (torch.float32, "NHWC")]
@@ -149,6 +155,8 @@ def build_cases(device: torch.device, quick: bool, which, presets=None) -> List[
                 for mode in ("fwd", "fwd+bwd"):
                     add(min(rank, 1), Case("gn", mode, c.shape, dt, layout, f"{preset} {c.h}px",
                                            groups=c.groups, film=c.film))
+                    add(min(rank, 1), Case("rms", mode, c.shape, dt, layout, f"{preset} {c.h}px",
+                                           groups=1, film=c.film))
         for tl in text_lens[:1] if paper_on_cpu else text_lens:
             calls = shape_table.attn_shapes([preset], (tl,))
             if quick:
@@ -293,6 +301,43 @@ def _gn_candidates(case: Case, device, with_compile: bool):
     return {k: wrap(f) for k, f in funcs.items()}, ("bytes", work), xs[0]
 
 
+def _rms_candidates(case: Case, device, with_compile: bool):
+    n, c = case.shape[:2]
+    fmt = torch.channels_last if case.layout == "NHWC" else torch.contiguous_format
+    size = case.dtype.itemsize
+    grad = case.mode == "fwd+bwd"
+    copies = harness.copies_for((5 if grad else 2) * case.numel * size, device=device)
+    xs = [torch.randn(case.shape, device=device, dtype=case.dtype).contiguous(memory_format=fmt)
+          .requires_grad_(grad) for _ in range(copies)]
+    gys = [torch.randn_like(x) for x in xs] if grad else None
+
+    def rnd(*s, scale=1.0):
+        return (scale * torch.randn(*s, device=device, dtype=case.dtype)).requires_grad_(grad)
+    w, s, sh = rnd(c), rnd(n, c, scale=0.3), rnd(n, c)
+    if not case.film:
+        s = sh = None
+    params = [p for p in (w, s, sh) if p is not None]
+    eps = 1e-12 / c ** 0.5        # ChanRMSNorm's bound (see reference.channel_rms_norm_silu)
+    funcs: Dict[str, Callable] = {}
+    for name, (backend, env) in kernel_variants(device, "rms").items():
+        funcs[name] = _forced(backend, lambda x: ops.channel_rms_norm_silu(x, w, eps, scale=s, shift=sh), **env)
+    funcs["eager"] = lambda x: eager_chan_rms_norm(x, w, s, sh)
+    if with_compile:
+        compiled = harness.fresh_compile(reference.channel_rms_norm_silu)
+        funcs["compile"] = lambda x: compiled(x, w, eps, s, sh, "silu")
+
+    def wrap(fn):
+        if not grad:
+            return lambda i: fn(xs[i % copies])
+
+        def run(i):
+            x = xs[i % copies]
+            torch.autograd.grad(fn(x), [x, *params], gys[i % copies])
+        return run
+    work = (5 if grad else 2) * case.numel * size
+    return {k: wrap(f) for k, f in funcs.items()}, ("bytes", work), xs[0]
+
+
 def _attn_mask(case: Case, device):
     if not case.masked:
         return None
@@ -384,19 +429,23 @@ def _step_candidates(case: Case, device, with_compile: bool):
             ("bytes", 5 * case.numel * size), sets[0][0])
 
 
-CANDIDATES = {"gn": _gn_candidates, "attn": _attn_candidates, "thr": _thr_candidates,
+CANDIDATES = {"gn": _gn_candidates, "rms": _rms_candidates, "attn": _attn_candidates, "thr": _thr_candidates,
               "step": _step_candidates}
 TITLES = {
     ("gn", "fwd"): "group_norm_silu forward (GroupNorm + FiLM + SiLU); bytes = 2 numel size",
     ("gn", "fwd+bwd"): "group_norm_silu forward + backward (grads of x, weight, bias, scale, "
                        "shift); bytes = 5 numel size",
+    ("rms", "fwd"): "channel_rms_norm_silu forward (RMS norm over channels + FiLM + SiLU); "
+                    "bytes = 2 numel size",
+    ("rms", "fwd+bwd"): "channel_rms_norm_silu forward + backward (grads of x, weight, scale, shift); "
+                        "bytes = 5 numel size",
     ("attn", "fwd"): "attention over image + text tokens (key padding mask where 'mask'); "
                      "FLOPs = 4 B H Lq Lk D",
     ("attn", "fwd+bwd"): "attention forward + backward (grads of q, k, v); FLOPs = 3.5 x forward",
     ("thr", "fwd"): "dynamic_threshold p=0.995 (eager = torch.quantile); bytes = 2 numel size",
     ("step", "fwd"): "sampler_step: guided DDPM step with dynamic thresholding; bytes = 5 numel size",
 }
-OP_NAMES = {"gn": "group_norm_silu", "attn": "attention", "thr": "dynamic_threshold",
+OP_NAMES = {"gn": "group_norm_silu", "rms": "channel_rms_norm_silu", "attn": "attention", "thr": "dynamic_threshold",
             "step": "sampler_step"}
 
 
@@ -620,7 +669,9 @@ def all_tables(records, device_type: str, rounds, threads, runs) -> List[harness
 def _runs_note(runs: List[dict]) -> str:
     return "Runs: " + "; ".join(
         f"{r['date']} commit {r['git_commit']}, copy {r['copy_gbs']}->{r['copy_gbs_end']} GB/s, "
-        f"load {r['load_average'][0]}->{r['load_average_end'][0]}, quiet machine: {r['quiet']}"
+        f"load {r['load_average'][0]}->{r['load_average_end'][0]}, others' CPU share "
+        f"{r.get('others_cpu_share', 'n/a')}, quiet machine: {r['quiet']}"
+        + (f", BUSY: {'; '.join(r['busy'])}" if r.get("busy") else "")
         for r in runs) + "."
 
 
@@ -679,7 +730,8 @@ def main(argv=None) -> int:
     cases = build_cases(device, args.quick, which, presets)
 
     mm_dtypes = sorted({DTYPE_NAMES[c.dtype] for c in cases if c.op == "attn"})
-    copy_gbs = harness.measure_copy_bandwidth(device)
+    watch = harness.Watch(device, threads)
+    copy_gbs = watch.start()["copy_gbs"]
     matmul = {dt: harness.measure_matmul_rate(device, dtype=getattr(torch, dt), rounds=5)
               for dt in mm_dtypes}
     roof = {"copy_gbs": copy_gbs, "matmul_gflops": matmul}
@@ -712,12 +764,12 @@ def main(argv=None) -> int:
             skipped.append(f"{case.label()}: {type(e).__name__}: {str(e)[:160]}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    copy_end = harness.measure_copy_bandwidth(device)
-    machine.update(copy_gbs_end=round(copy_end, 2), elapsed_s=round(time.perf_counter() - t0, 1),
-                   load_average_end=[round(v, 2) for v in os.getloadavg()], rounds=rounds,
+    watch.stop()
+    machine.update(watch.fields(), elapsed_s=round(time.perf_counter() - t0, 1), rounds=rounds,
                    quiet=args.quiet)
-    runs.append({k: machine[k] for k in ("date", "git_commit", "copy_gbs", "copy_gbs_end",
-                                         "load_average", "load_average_end", "elapsed_s", "quiet")})
+    runs.append({k: machine.get(k) for k in ("date", "git_commit", "copy_gbs", "copy_gbs_end",
+                                             "load_average", "load_average_end", "elapsed_s", "quiet",
+                                             "others_cpu_share", "busy")})
     tables = all_tables(records, device.type, rounds, threads, runs)
     raw = {"cases": records, "skipped": skipped, "runs": runs}
     if device.type == "cuda":

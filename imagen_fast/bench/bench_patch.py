@@ -204,6 +204,8 @@ def main(argv=None) -> None:
         ["library", "model", "params (M)", "mode", "unpatched ms", "patched ms",
          "patched p10-p90 ms", "speedup", "max |diff| first call", "replaced / left alone"])
     raw = {}
+    watch = harness.Watch()
+    watch.start()
     load_before = os.getloadavg()
     for lib, make in pairs.items():
         for mode in ("train", "sample"):
@@ -226,6 +228,7 @@ def main(argv=None) -> None:
                                        max_abs_diff=diff, report=report.summary())
             del slow, fast, model
     load_after = os.getloadavg()
+    watch.stop()
     table.notes += [
         "unpatched: the library's own model; patched: imagen_fast.accelerate on a deep copy "
         "(same weights), both in this process, rounds interleaved in random order.",
@@ -243,7 +246,7 @@ def main(argv=None) -> None:
     raw.update(load_before=load_before, load_after=load_after, if_unet=IF_UNET,
                if_scheduler=IF_SCHEDULER,
                imagen_pytorch_unet={k: list(v) if isinstance(v, tuple) else v for k, v in IP_SMALL.items()})
-    machine = dict(harness.machine_info(), quiet=args.quiet)
+    machine = dict(harness.machine_info(), quiet=args.quiet, **watch.fields())
     path = harness.write_results(args.results_dir, args.out, machine, [table], raw)
     print(table.markdown())
     print(f"wrote {path}")

@@ -131,7 +131,7 @@ def compare(candidates: Dict[str, Callable[[int], object]], *, rounds: int = 21,
             counter += k
     out = {}
     for name, s in samples.items():
-        q = statistics.quantiles(s, n=10)
+        q = statistics.quantiles(s, n=10, method="inclusive")   # within the samples, also for few rounds
         out[name] = Timing(statistics.median(s), q[0], q[-1], len(s))
     return out
 
@@ -161,6 +161,60 @@ def measure_matmul_rate(device: torch.device = torch.device("cpu"), n: Optional[
     return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e9
 
 
+# ------------------------------------------------------------------ busy machine
+# A result measured while other work ran is not a result: torch's OpenMP threads wait
+# for a descheduled one, and an interleaved comparison on a loaded machine punishes
+# whichever side uses more threads. Every benchmark watches its run (Watch) and
+# write_results writes a busy run only as a draft under results/drafts/ (git-ignored,
+# never quoted). The limits:
+QUIET_OTHERS_CPU = 0.10    # others' share of all cores' time during the run (incl. steal)
+QUIET_COPY_DRIFT = 0.15    # relative change of the copy bandwidth from start to end
+QUIET_EXTRA_LOAD = 0.5     # 1-min load average above this process's threads, per core
+DRAFTS = "drafts"           # a busy run's results: <results dir>/drafts/
+
+
+def cpu_times() -> Optional[tuple]:
+    """(busy seconds of all CPUs incl. steal, seconds used by this process and its
+    waited-for children), or None where /proc/stat does not exist."""
+    import resource
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    busy = sum(ticks[:3]) + sum(ticks[5:8])
+    hz = os.sysconf("SC_CLK_TCK")
+    own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return busy / hz, own
+
+
+def busy_reasons(before: dict, after: dict, cores: int, threads: int) -> List[str]:
+    """Why a run between two probes (dicts with time_s, load1, copy_gbs and cpu = the
+    cpu_times() pair or None) was not on a quiet machine; [] when it was."""
+    why = []
+    if before.get("copy_gbs") and after.get("copy_gbs"):
+        a, b = before["copy_gbs"], after["copy_gbs"]
+        drift = abs(b - a) / max(a, b)
+        if drift > QUIET_COPY_DRIFT:
+            why.append(f"copy bandwidth {a:.1f} -> {b:.1f} GB/s ({100 * drift:.0f}% apart; limit "
+                       f"{100 * QUIET_COPY_DRIFT:.0f}%)")
+    limit = threads + QUIET_EXTRA_LOAD * cores
+    worst = max(before["load1"], after["load1"])
+    if worst > limit:
+        why.append(f"load average {worst:.2f} on {cores} cores with {threads} benchmark threads "
+                   f"(limit {limit:.2f})")
+    wall = after["time_s"] - before["time_s"]
+    if before.get("cpu") and after.get("cpu") and wall > 0:
+        others = (after["cpu"][0] - before["cpu"][0]) - (after["cpu"][1] - before["cpu"][1])
+        share = others / (wall * cores)
+        if share > QUIET_OTHERS_CPU:
+            why.append(f"other processes took {100 * share:.0f}% of the {cores} cores' time "
+                       f"(limit {100 * QUIET_OTHERS_CPU:.0f}%)")
+    return why
+
+
 def load_warning(load_averages: Sequence[float], cpu_count: Optional[int] = None) -> Optional[str]:
     """A warning for the results when the 1-minute load average exceeded the core count
     at any of the given moments: timings are then dominated by scheduling (threads of
@@ -171,6 +225,49 @@ def load_warning(load_averages: Sequence[float], cpu_count: Optional[int] = None
         return None
     return (f"LOADED MACHINE: load average up to {worst:.1f} on {cores} cores while timing; "
             "these numbers measure the scheduler as much as the code (rerun on a quiet machine)")
+
+
+class Watch:
+    """Watches one benchmark run for other work on the machine: a probe (copy bandwidth,
+    load average, CPU time of everything vs this process) at start() and at stop().
+    ``fields()`` goes into the machine description; write_results reads its "busy"."""
+
+    def __init__(self, device: torch.device = torch.device("cpu"), threads: Optional[int] = None,
+                 measure_copy: Callable[[torch.device], float] = None):
+        self.device = device
+        self.cores = os.cpu_count() or 1
+        self.threads = threads or torch.get_num_threads()
+        self._copy = measure_copy or measure_copy_bandwidth
+        self.before: Optional[dict] = None
+        self.after: Optional[dict] = None
+
+    def _probe(self) -> dict:
+        copy = self._copy(self.device)
+        return {"time_s": time.time(), "load1": os.getloadavg()[0], "copy_gbs": copy, "cpu": cpu_times()}
+
+    def start(self) -> dict:
+        self.before = self._probe()
+        return self.before
+
+    def stop(self) -> List[str]:
+        self.after = self._probe()
+        return self.reasons()
+
+    def reasons(self) -> List[str]:
+        if self.before is None or self.after is None:
+            raise RuntimeError("Watch: call start() before the run and stop() after it")
+        return busy_reasons(self.before, self.after, self.cores, self.threads)
+
+    def fields(self) -> dict:
+        """copy_gbs, copy_gbs_end, load_average(_end), others' CPU share and the verdict."""
+        b, a = self.before, self.after
+        out = {"copy_gbs": round(b["copy_gbs"], 2), "copy_gbs_end": round(a["copy_gbs"], 2),
+               "load_average_start": round(b["load1"], 2), "load_average_end": [round(v, 2) for v in os.getloadavg()],
+               "busy": self.reasons()}
+        if b["cpu"] and a["cpu"] and a["time_s"] > b["time_s"]:
+            others = (a["cpu"][0] - b["cpu"][0]) - (a["cpu"][1] - b["cpu"][1])
+            out["others_cpu_share"] = round(others / ((a["time_s"] - b["time_s"]) * self.cores), 3)
+        return out
 
 
 def fresh_compile(fn: Callable) -> Callable:
@@ -287,16 +384,30 @@ def add_results_arg(ap) -> None:
 
 
 def write_results(results_dir: Path, name: str, machine: dict, tables: Sequence[Table], raw: dict) -> Path:
-    """<results_dir>/<name>.json (machine, tables, raw numbers) and <name>.md."""
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    """Writes <results_dir>/<name>.json and .md. ``machine["busy"]`` (Watch.fields()) must
+    say whether the machine was quiet: when it lists reasons, the run goes to
+    <results_dir>/drafts/<name>.* instead, flagged, and is never a result."""
+    if "busy" not in machine:
+        raise ValueError("write_results: machine['busy'] is missing: watch the run with harness.Watch "
+                         "and merge its fields() into the machine description")
+    busy = list(machine["busy"])
+    out_dir = Path(results_dir) / DRAFTS if busy else Path(results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine, "tables": [
         {"title": t.title, "columns": list(t.columns), "rows": t.rows, "notes": t.notes}
         for t in tables], "raw": raw}
-    json_path = results_dir / f"{name}.json"
+    if busy:
+        payload["draft"] = "measured on a busy machine: not a result, never quote it"
+    json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=1))
-    md = [f"# {name}", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()
-                                                     if k != "imagen_fast_build"), ""]
+    md = [f"# {name}", ""]
+    if busy:
+        md += ["**DRAFT: measured on a busy machine; not a result, never quote it.** " + "; ".join(busy), ""]
+    md += ["Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items() if k != "imagen_fast_build"), ""]
     md += [t.markdown() for t in tables]
-    (results_dir / f"{name}.md").write_text("\n".join(md))
+    (out_dir / f"{name}.md").write_text("\n".join(md))
+    if busy:
+        import sys
+        print(f"BUSY MACHINE: {'; '.join(busy)}. Wrote a draft to {json_path}, not a result "
+              "(rerun on a quiet machine).", file=sys.stderr)
     return json_path

@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-OP_TITLES = {"gn": "group_norm_silu", "attn": "attention", "thr": "dynamic_threshold",
+OP_TITLES = {"gn": "group_norm_silu", "rms": "channel_rms_norm_silu", "attn": "attention", "thr": "dynamic_threshold",
              "step": "sampler_step"}
 # (label, baseline candidates: the fastest of them is the one compared with)
 SPEEDUPS = [("vs PyTorch eager", ("eager",)), ("vs torch.compile", ("compile",)),

@@ -40,10 +40,35 @@ def alpha_sigma_at(schedule: Mapping[str, Any], t: float) -> Tuple[float, float]
     return float(a), float(s)
 
 
+class _Floats:
+    """The array namespace of step_coefficients for plain Python floats (a step whose
+    times are numbers: ops.sampler_step's common case, where a few tensor operations on
+    (N,) arrays would cost more than the fused step itself)."""
+
+    sqrt = staticmethod(math.sqrt)
+
+    @staticmethod
+    def any(condition) -> bool:
+        return bool(condition)
+
+    @staticmethod
+    def clip(value, low, high):
+        """np.clip of one number (a NaN stays NaN)."""
+        if low is not None and value < low:
+            return low
+        if high is not None and value > high:
+            return high
+        return value
+
+
+FLOATS = _Floats()
+
+
 def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddpm",
                       eta: float = 0.0, prediction: str = "eps", xp=np):
     """(a, b, c_x0, c_z, c_noise) of one step t -> s, each of the inputs' shape (numpy
-    float64 scalars or arrays by default; ``xp=torch`` for float64 tensors).
+    float64 scalars or arrays by default; ``xp=torch`` for float64 tensors, ``xp=FLOATS``
+    for Python floats).
 
     Variance-preserving diffusion z_t = alpha_t x + sigma_t eps (alpha^2 + sigma^2 = 1).
       x0 = a z_t + b pred: eps-prediction a = 1/alpha_t, b = -sigma_t/alpha_t;

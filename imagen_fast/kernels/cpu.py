@@ -4,17 +4,22 @@ Tensors cross as data pointers, sizes, a layout flag and a dtype code; outputs a
 allocated here with torch and written completely by the kernels. The kernels run
 with torch's thread count (torch.get_num_threads()) and release the GIL.
 
-Attention on CPU runs torch's flash-attention CPU kernel
-(aten._scaled_dot_product_flash_attention_for_cpu and its backward) with the key
-padding mask as an additive 0 / -inf mask; batches whose keys are all masked get
-zero output and zero gradients (the kernel itself would produce NaN there). Dtypes
-that kernel does not take (float64) run the torch backend's maths, looked up in the
-registry (imagen_fast.ops registers it when it loads, before any backend runs).
+The module holds two variants of the kernels, chosen at run time: "avx512" (x86-64
+CPUs with AVX-512 F/BW/DQ/VL) and "portable" (the build's base ISA: AVX2 on the usual
+x86 machine). IMAGEN_FAST_CPU_ISA=auto|portable|avx512 picks one when this module
+loads (auto: the best this CPU runs); `use_cpu_isa` switches inside a block (tests and
+benchmarks run both paths in one process).
+
+Attention: see the comment above `SMALL_QUERIES` below. Dtypes the kernels do not take
+(float64) run the torch backend's maths, looked up in the registry (imagen_fast.ops
+registers it when it loads, before any backend runs).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+import os
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -29,8 +34,34 @@ from .layout import stats_dtype as _stat_dtype
 from .registry import implementation, register
 
 _C = load_extension()
-if _C is None or not hasattr(_C, "group_norm_fwd") or not hasattr(_C, "channel_rms_norm_fwd"):
-    raise ImportError("imagen_fast._C is not built (or was built without the CPU kernels)")
+if _C is None or not hasattr(_C, "group_norm_fwd") or not hasattr(_C, "set_cpu_isa"):
+    raise ImportError("imagen_fast._C is not built (or is an older build without the CPU kernel variants)")
+
+ISA_ENV = "IMAGEN_FAST_CPU_ISA"
+# Read once, here: a bad value raises ValueError (naming the variable) at the first op.
+_C.set_cpu_isa(os.environ.get(ISA_ENV, "auto").strip().lower() or "auto")
+
+
+def cpu_isa() -> str:
+    """The variant of the CPU kernels that runs now: "portable" or "avx512"."""
+    return _C.cpu_isa()
+
+
+def cpu_isas() -> Dict[str, str]:
+    """Every variant: "available" or why not (not built, or a CPU feature missing)."""
+    return dict(_C.cpu_isas())
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[str]:
+    """Run the CPU kernels of variant `name` ("auto", "portable", "avx512") inside the
+    block (process-wide, not per thread). Yields the variant's name."""
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(name)
+    try:
+        yield _C.cpu_isa()
+    finally:
+        _C.set_cpu_isa(before)
 
 
 def _threads() -> int:
@@ -42,7 +73,7 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _layout_reason(t: torch.Tensor, name: str) -> Optional[str]:
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         return f"{name} must be a CPU tensor, got {t.device.type}"
     if t.dtype not in _DTYPE_CODES:
         return f"{name} has dtype {t.dtype}; the cpu kernels take float32/float64/float16/bfloat16"
@@ -55,6 +86,15 @@ def _param(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tens
     if t is None or (t.dtype == dtype and t.is_contiguous()):
         return t
     return t.to(dtype).contiguous()
+
+
+def _as_param(grad: Optional[torch.Tensor], p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A parameter's gradient (computed in the statistics dtype, flat) in p's dtype and shape."""
+    if grad is None:
+        return None
+    if grad.dtype != p.dtype:
+        grad = grad.to(p.dtype)
+    return grad if grad.shape == p.shape else grad.reshape(p.shape)
 
 
 # ----------------------------------------------------------------- group_norm_silu
@@ -75,7 +115,7 @@ def _gn_geometry(x: torch.Tensor, num_groups: int):
 def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activation):
     pdt = _stat_dtype(x)
     n, c, s, g, cl = _gn_geometry(x, num_groups)
-    w, b, sc, sh = (_param(t, pdt) for t in (weight, bias, scale, shift))
+    w, b, sc, sh = _param(weight, pdt), _param(bias, pdt), _param(scale, pdt), _param(shift, pdt)
     y = torch.empty_like(x)
     mean = torch.empty((n, g), dtype=pdt)
     rstd = torch.empty((n, g), dtype=pdt)
@@ -91,9 +131,8 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
     pdt = _stat_dtype(x)
     n, c, s, g, cl = _gn_geometry(x, num_groups)
     grad_y = _same_layout(grad_y, x)
-    mean = mean.to(pdt).contiguous()
-    rstd = rstd.to(pdt).contiguous()
-    w, b, sc, sh = (_param(t, pdt) for t in (weight, bias, scale, shift))
+    mean, rstd = _param(mean, pdt), _param(rstd, pdt)
+    w, b, sc, sh = _param(weight, pdt), _param(bias, pdt), _param(scale, pdt), _param(shift, pdt)
     need_x, need_w, need_b, need_s, need_sh = needs
     gx = torch.empty_like(x) if need_x else None
     gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
@@ -104,10 +143,7 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
                       _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), _ptr(gx), _ptr(gw), _ptr(gb),
                       _ptr(gs), _ptr(gsh), n, c, s, g, cl, _DTYPE_CODES[x.dtype],
                       _ACTIVATION_CODES[activation], _threads())
-    params = (weight, bias, scale, shift)
-    grads = (gw, gb, gs, gsh)
-    return (gx,) + tuple(None if gr is None else gr.to(p.dtype).reshape(p.shape)
-                         for gr, p in zip(grads, params))
+    return (gx, _as_param(gw, weight), _as_param(gb, bias), _as_param(gs, scale), _as_param(gsh, shift))
 
 
 # ------------------------------------------------------------ channel_rms_norm_silu
@@ -115,7 +151,7 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
 def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
     pdt = _stat_dtype(x)
     n, c, s, _, cl = _gn_geometry(x, 1)
-    w, sc, sh = (_param(t, pdt) for t in (weight, scale, shift))
+    w, sc, sh = _param(weight, pdt), _param(scale, pdt), _param(shift, pdt)
     y = torch.empty_like(x)
     rstd = torch.empty((n, s), dtype=pdt)
     _C.channel_rms_norm_fwd(x.data_ptr(), y.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc), _ptr(sh),
@@ -129,8 +165,8 @@ def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activa
     pdt = _stat_dtype(x)
     n, c, s, _, cl = _gn_geometry(x, 1)
     grad_y = _same_layout(grad_y, x)
-    rstd = rstd.to(pdt).contiguous()
-    w, sc, sh = (_param(t, pdt) for t in (weight, scale, shift))
+    rstd = _param(rstd, pdt)
+    w, sc, sh = _param(weight, pdt), _param(scale, pdt), _param(shift, pdt)
     need_x, need_w, need_s, need_sh = needs
     gx = torch.empty_like(x) if need_x else None
     gw = torch.empty(c, dtype=pdt) if need_w and w is not None else None
@@ -139,23 +175,23 @@ def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activa
     _C.channel_rms_norm_bwd(grad_y.data_ptr(), x.data_ptr(), rstd.data_ptr(), _ptr(w), _ptr(sc),
                             _ptr(sh), _ptr(gx), _ptr(gw), _ptr(gs), _ptr(gsh), n, c, s, float(eps),
                             cl, _DTYPE_CODES[x.dtype], _ACTIVATION_CODES[activation], _threads())
-    params = (weight, scale, shift)
-    return (gx,) + tuple(None if gr is None else gr.to(p.dtype).reshape(p.shape)
-                         for gr, p in zip((gw, gs, gsh), params))
+    return gx, _as_param(gw, weight), _as_param(gs, scale), _as_param(gsh, shift)
 
 
 # ------------------------------------------------------------ dynamic thresholding
 def _flat_reason(*tensors) -> Optional[str]:
     """All given tensors on the CPU, same supported dtype and identical dense strides."""
     ref = tensors[0]
+    why = _layout_reason(ref, "tensor 0")
+    if why is not None:
+        return why
+    dtype, shape, stride = ref.dtype, ref.shape, ref.stride()
     for i, t in enumerate(tensors):
-        if t is None:
+        if t is None or t is ref:
             continue
-        why = _layout_reason(t, f"tensor {i}")
-        if why is not None:
-            return why
-        if t.dtype != ref.dtype or t.shape != ref.shape or t.stride() != ref.stride():
-            return "tensors must share dtype, shape and memory layout"
+        # ref passed: a CPU tensor with its dtype and strides passes too (checked on every call)
+        if not t.is_cpu or t.dtype != dtype or t.shape != shape or t.stride() != stride:
+            return _layout_reason(t, f"tensor {i}") or "tensors must share dtype, shape and memory layout"
     return None
 
 
@@ -192,6 +228,19 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
 
 
 # ----------------------------------------------------------------------- attention
+# Three paths, each keeping the contract (a query whose batch masks every key gets zeros
+# and zero gradients):
+#  - short query sequences (Lq <= SMALL_QUERIES, float32/16-bit): csrc/cpu/attention.cpp,
+#    where torch's flash kernel is mostly fixed cost (Imagen's text pooling: one query);
+#  - otherwise torch's flash-attention CPU kernel (aten._scaled_dot_product_flash_attention
+#    _for_cpu and its backward) with an additive 0 / -inf mask, for the custom ops that
+#    torch.compile and export see (they return the log-sum-exp too);
+#  - in eager mode, ops.attention asks `attention` below for a differentiable result:
+#    F.scaled_dot_product_attention with the boolean mask and its own autograd (the
+#    custom op's Python autograd costs more than the whole tiny call), or the small
+#    kernel through an autograd.Function.
+SMALL_QUERIES = 16
+_SMALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -199,11 +248,103 @@ _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _attention_supports(q, k, v, mask=None) -> Optional[str]:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             return f"{name} must be a CPU tensor"
         if t.dtype not in _DTYPE_CODES:
             return f"{name} has unsupported dtype {t.dtype}"
     return None
+
+
+def _small(q, k, v) -> bool:
+    return (q.shape[2] <= SMALL_QUERIES and q.dtype in _SMALL_DTYPES and q.stride(-1) == 1
+            and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
+def _bhl_strides(*ts) -> list:
+    return [st for t in ts for st in t.stride()[:3]]
+
+
+def _small_fwd(q, k, v, mask, scale):
+    b, h, lq, d = q.shape
+    out = torch.empty((b, h, lq, d), dtype=q.dtype)
+    lse = torch.empty((b, h, lq), dtype=torch.float32)
+    _C.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), lse.data_ptr(),
+                     b, h, lq, k.shape[2], d, float(scale), _bhl_strides(q, k, v), _DTYPE_CODES[q.dtype],
+                     _threads())
+    return out, lse
+
+
+def _small_bwd(grad_out, q, k, v, mask, out, lse, scale):
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    out, lse = out.contiguous(), lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    b, h, lq, d = q.shape
+    _C.attention_bwd(grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
+                     lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, lq, k.shape[2], d,
+                     float(scale), _bhl_strides(q, k, v, grad_out), _DTYPE_CODES[q.dtype], _threads())
+    return dq, dk, dv
+
+
+class _SmallAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = _small_fwd(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        return (*_small_bwd(grad_out, q, k, v, mask, out, lse, ctx.scale), None, None)
+
+
+_SDPA_ZEROES_EMPTY: Dict[torch.dtype, bool] = {}
+
+
+def _sdpa_zeroes_empty_rows(dtype: torch.dtype) -> bool:
+    """Whether this torch's SDPA already gives a query with every key masked zeros and zero
+    gradients (it does from torch 2.5 on): asked once per dtype on a tiny problem."""
+    known = _SDPA_ZEROES_EMPTY.get(dtype)
+    if known is None:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 1, 2, 4, generator=g).to(dtype).requires_grad_() for _ in range(3))
+        mask = torch.tensor([[True, False, True], [False, False, False]])[:, None, None, :]
+        k2, v2 = (t.detach()[:, :, :1].expand(2, 1, 3, 4).contiguous().requires_grad_() for t in (k, v))
+        with torch.enable_grad():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
+            grads = torch.autograd.grad(out.float().sum(), [q, k2, v2])
+        known = bool((out[1] == 0).all()) and all(bool(torch.isfinite(t).all() and (t[1] == 0).all())
+                                                  for t in grads)
+        _SDPA_ZEROES_EMPTY[dtype] = known
+    return known
+
+
+def _sdpa(q, k, v, mask, scale):
+    F = torch.nn.functional
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if _sdpa_zeroes_empty_rows(q.dtype):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    empty = ~mask.any(dim=1)
+    if not bool(empty.any()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    keep = (mask | empty[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    return out * (~empty).to(out.dtype)[:, None, None, None]   # zeros, and zero gradients
+
+
+@register("attention", "cpu", supports=_attention_supports)
+def attention(q, k, v, mask, scale):
+    """Differentiable attention for ops.attention in eager mode (see above)."""
+    if _small(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _SmallAttention.apply(q, k, v, mask, scale)
+        return _small_fwd(q, k, v, mask, scale)[0]
+    return _sdpa(q, k, v, mask, scale)
 
 
 def _use_flash(q) -> bool:
@@ -227,6 +368,8 @@ def _zero_batches(t, empty, value=0.0):
 
 @register("attention_fwd", "cpu", supports=_attention_supports)
 def attention_fwd(q, k, v, mask, scale):
+    if _small(q, k, v):
+        return _small_fwd(q, k, v, mask, scale)
     if not _use_flash(q):
         return implementation("attention_fwd", "torch")(q, k, v, mask, scale)
     add, empty = _additive_mask(mask, q)
@@ -240,6 +383,8 @@ def attention_fwd(q, k, v, mask, scale):
 
 @register("attention_bwd", "cpu", supports=_attention_supports)
 def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
+    if _small(q, k, v):
+        return _small_bwd(grad_out, q, k, v, mask, out, lse, scale)
     if not _use_flash(q):
         return implementation("attention_bwd", "torch")(grad_out, q, k, v, mask, out, lse, scale)
     add, empty = _additive_mask(mask, q)

@@ -16,11 +16,17 @@ ACTIVATION_CODES = {"none": 0, "silu": 1, "gelu": 2}
 THRESHOLD_CODES = {"none": 0, "static": 1, "dynamic": 2}
 
 
+_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     """True when x is dense with channels innermost ((N, *spatial, C) in memory) and not
     also plain contiguous."""
     if x.ndim < 3 or x.is_contiguous():
         return False
+    fmt = _CL_FORMATS.get(x.ndim)
+    if fmt is not None:       # the cheap check (no view): it runs on every op call
+        return x.is_contiguous(memory_format=fmt)
     perm = (0,) + tuple(range(2, x.ndim)) + (1,)
     return x.permute(perm).is_contiguous()
 

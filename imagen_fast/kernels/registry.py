@@ -5,7 +5,10 @@ themselves here, and the op API above them (imagen_fast/ops/dispatch.py) reads i
 pick a backend, so neither layer imports the other the wrong way.
 
 Op keys have one form: the public op's name (``imagen_fast.ops.<name>``), with ``_fwd``
-/ ``_bwd`` for the ops that have a backward pass.
+/ ``_bwd`` for the ops that have a backward pass. Such an op's bare name (``attention``) is
+the key of a backend's optional eager path: a differentiable function that
+``imagen_fast.ops`` calls outside torch.compile instead of the custom op and its Python
+autograd (``dispatch.resolve_eager``).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 OPS = (
     "group_norm_silu_fwd", "group_norm_silu_bwd",
     "channel_rms_norm_silu_fwd", "channel_rms_norm_silu_bwd",
-    "attention_fwd", "attention_bwd",
+    "attention_fwd", "attention_bwd", "attention",
     "dynamic_threshold", "sampler_step",
 )
 

@@ -36,8 +36,38 @@ _AUTO_ORDER = {
 
 _loaded = False
 _load_lock = threading.Lock()
-_state = threading.local()
+
+
+class _State(threading.local):
+    backend: Optional[str] = None       # use_backend's choice in this thread
+
+
+_state = _State()
 _logged: set = set()
+
+# IMAGEN_FAST_BACKEND is read at every call (it may change while a process runs), from
+# os.environ's own dict where CPython has one: os.environ.get raises and catches a KeyError
+# when the variable is unset, which costs more than the rest of the backend choice.
+ENV = "IMAGEN_FAST_BACKEND"
+_env_data = getattr(os.environ, "_data", None)
+_env_key = os.environ.encodekey(ENV) if _env_data is not None else None
+_env_parsed: Dict[object, Optional[str]] = {}     # raw value -> validated name (valid values only)
+
+
+def _env_backend() -> Optional[str]:
+    if _env_data is not None:
+        raw = _env_data.get(_env_key)
+        if raw is None:
+            return None
+    else:
+        raw = os.environ.get(ENV)
+    name = _env_parsed.get(raw)
+    if name is None:
+        text = os.environ.decodevalue(raw) if _env_data is not None else raw
+        text = text.strip()
+        name = _validate_backend_name(text, ENV) if text else "auto"
+        _env_parsed[raw] = name
+    return name
 
 
 def _load_backends() -> None:
@@ -71,18 +101,17 @@ def _validate_backend_name(name: str, what: str) -> str:
 
 def requested_backend() -> Optional[str]:
     """The explicitly requested backend, or None for automatic selection."""
-    name = getattr(_state, "backend", None)
+    name = _state.backend
     if name is None:
-        env = os.environ.get("IMAGEN_FAST_BACKEND", "").strip()
-        name = _validate_backend_name(env, "IMAGEN_FAST_BACKEND") if env else None
-    return None if name in (None, "auto") else name
+        name = _env_backend()
+    return None if name is None or name == "auto" else name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force every op inside the block onto one backend ("auto" restores selection)."""
     name = _validate_backend_name(name, "backend")
-    previous = getattr(_state, "backend", None)
+    previous = _state.backend
     _state.backend = name
     try:
         yield
@@ -108,40 +137,49 @@ def available_backends() -> Dict[str, str]:
     return out
 
 
-def _reason(op: str, backend: str, device: torch.device, args) -> Optional[str]:
+def _reason(op: str, backend: str, kind: str, args) -> Optional[str]:
+    """None when ``backend`` can run ``op`` on these args (on a device of type ``kind``),
+    else why not."""
     if backend in _unavailable:
         return _unavailable[backend]
     impl = _registry.get((op, backend))
     if impl is None:
         return f"backend {backend!r} has no implementation of {op}"
-    if backend == "cuda" and device.type != "cuda":
-        return f"backend 'cuda' needs CUDA tensors, got {device.type}"
-    if backend == "triton" and device.type != "cuda" and not triton_interpreter():
-        return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device.type}"
-    if backend == "cpu" and device.type != "cpu":
-        return f"backend 'cpu' needs CPU tensors, got {device.type}"
+    if backend == "cuda" and kind != "cuda":
+        return f"backend 'cuda' needs CUDA tensors, got {kind}"
+    if backend == "triton" and kind != "cuda" and not triton_interpreter():
+        return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {kind}"
+    if backend == "cpu" and kind != "cpu":
+        return f"backend 'cpu' needs CPU tensors, got {kind}"
     return impl.supports(*args)
 
 
 def resolve(op: str, device: torch.device, *args) -> Callable:
     """The implementation of ``op`` for this call (args go to ``supports``)."""
-    _load_backends()
-    wanted = requested_backend()
-    if wanted is not None:
-        why = _reason(op, wanted, device, args)
+    return _registry[(op, _pick(op, device, args))].fn
+
+
+def _pick(op: str, device: torch.device, args) -> str:
+    """The backend that runs ``op`` for this call."""
+    if not _loaded:
+        _load_backends()
+    kind = device.type
+    wanted = _state.backend or _env_backend()
+    if wanted is not None and wanted != "auto":
+        why = _reason(op, wanted, kind, args)
         if why is not None:
             raise ValueError(f"{op}: requested backend {wanted!r} cannot run this call: {why}")
-        return _registry[(op, wanted)].fn
-    order = _AUTO_ORDER.get(device.type, ("torch",))
+        return wanted
+    order = _AUTO_ORDER.get(kind, ("torch",))
     reasons: Dict[str, Optional[str]] = {}
-    if device.type == "cuda" and op in gpu_choice.CHOSEN_OPS:
-        reasons = {b: _reason(op, b, device, args) for b in gpu_choice.GPU_BACKENDS}
+    if kind == "cuda" and op in gpu_choice.CHOSEN_OPS:
+        reasons = {b: _reason(op, b, kind, args) for b in gpu_choice.GPU_BACKENDS}
         if all(r is None for r in reasons.values()):
             first = gpu_choice.pick_for_device(op, device, args[0])
             order = (first,) + tuple(b for b in order if b != first)
     skipped = []
     for backend in order:
-        why = reasons[backend] if backend in reasons else _reason(op, backend, device, args)
+        why = reasons[backend] if backend in reasons else _reason(op, backend, kind, args)
         if why is None:
             if skipped:
                 key = (backend, tuple(skipped))
@@ -149,15 +187,18 @@ def resolve(op: str, device: torch.device, *args) -> Callable:
                     _logged.add(key)
                     log.warning("imagen_fast.%s (and other ops like it): using backend %r (%s)", op, backend,
                                 "; ".join(f"{b}: {r}" for b, r in skipped))
-            return _registry[(op, backend)].fn
+            return backend
         skipped.append((backend, why))
     raise ValueError(f"{op}: no backend can run this call: {skipped}")
 
 
+def resolve_eager(op: str, device: torch.device, *args) -> Optional[Callable]:
+    """The differentiable eager implementation ``op`` of the backend that ``resolve`` picks
+    for ``op + "_fwd"``, or None when that backend registers none (the custom op runs)."""
+    eager = _registry.get((op, _pick(op + "_fwd", device, args)))
+    return None if eager is None else eager.fn
+
+
 def selected_backend(op: str, device: torch.device, *args) -> str:
     """Name of the backend ``resolve`` would pick (for tests, info and benchmarks)."""
-    fn = resolve(op, device, *args)
-    for (o, b), impl in _registry.items():
-        if o == op and impl.fn is fn:
-            return b
-    raise AssertionError("unreachable")
+    return _pick(op, device, args)

@@ -84,12 +84,15 @@ def test_stage_calls_one_per_resolution_and_markdown():
 
 def test_case_lists_fit_the_device():
     quick = bench_ops.build_cases(torch.device("cpu"), True, bench_ops.OPS)
-    assert {c.op for c in quick} == set(bench_ops.OPS) and len(quick) <= 10
+    assert {c.op for c in quick} == set(bench_ops.OPS) and len(quick) <= 12
     full = bench_ops.build_cases(torch.device("cpu"), False, bench_ops.OPS)
     assert all(c.size_ok(bench_ops.CPU_MAX_NUMEL, bench_ops.CPU_MAX_SCORES) for c in full)
     assert {c.shape[0] for c in full if c.op == "gn"} >= {1, 8, 64}       # the batch sweep
     assert {c.text_len for c in full if c.op == "attn"} == {64, 256}
     assert {c.mode for c in full if c.op == "attn"} == {"fwd", "fwd+bwd"}
+    for op in ("gn", "rms"):                    # both layouts in float32 and bfloat16
+        assert {(c.dtype, c.layout) for c in full if c.op == op} == {
+            (dt, lay) for dt in (torch.float32, torch.bfloat16) for lay in ("NCHW", "NHWC")}
     keys = [(c.op, c.mode, c.shape, c.dtype, c.layout, c.masked, c.film) for c in full]
     assert len(keys) == len(set(keys))
     gpu = bench_ops.build_cases(torch.device("cuda"), False, ["gn"])
@@ -136,6 +139,11 @@ def test_choice_entries_pick_the_faster_backend_per_class():
 
 
 def test_run_case_records_every_candidate_on_cpu():
+    for op, mode in (("rms", "fwd+bwd"), ("gn", "fwd")):    # both norms' candidates run
+        case = bench_ops.Case(op, mode, (2, 8, 4, 4), torch.bfloat16, "NHWC", "test", groups=4)
+        rec = bench_ops.run_case(case, torch.device("cpu"), rounds=3, min_round_s=0.0,
+                                 roof={"copy_gbs": 10.0, "matmul_gflops": {}}, with_compile=False)
+        assert set(rec["timings"]) == {"imagen-fast", "eager"} and not rec["failed"], rec["failed"]
     case = bench_ops.Case("thr", "fwd", (2, 3, 8, 8), torch.float32, "NCHW", "test")
     rec = bench_ops.run_case(case, torch.device("cpu"), rounds=3, min_round_s=0.0,
                              roof={"copy_gbs": 10.0, "matmul_gflops": {}}, with_compile=False)
@@ -175,7 +183,7 @@ def test_results_go_to_the_named_directory(tmp_path):
     working directory, never the package's own folder)."""
     table = harness.Table("t", ["a"])
     table.add(1.5)
-    path = harness.write_results(tmp_path / "new" / "dir", "demo", {"cpu": "x"}, [table], {"k": 1})
+    path = harness.write_results(tmp_path / "new" / "dir", "demo", {"cpu": "x", "busy": []}, [table], {"k": 1})
     assert path == tmp_path / "new" / "dir" / "demo.json"
     assert json.loads(path.read_text())["raw"] == {"k": 1}
     assert "| 1.5 |" in path.with_suffix(".md").read_text()
@@ -185,9 +193,66 @@ def test_results_go_to_the_named_directory(tmp_path):
     assert ap.parse_args([]).results_dir == harness.DEFAULT_RESULTS
 
 
+def test_model_kernels_plain_variant_runs_the_same_model():
+    """bench_model_kernels on the tiny preset: the plain-ops model computes what the
+    package's ops compute (guided forward, first training loss); the table's ratios."""
+    from imagen_fast.bench import bench_model_kernels as bmk
+    for mode in bmk.MODES:
+        runners = bmk.build_runners("tiny-base32", 1, mode, ("imagen-fast", "plain eager"))
+        ours, plain = (runners[v](0) for v in ("imagen-fast", "plain eager"))
+        assert bmk._diff(ours, ours) == 0.0 and bmk._diff(plain, ours) < 1e-3
+    row = dict(preset="p", mode="sample", batch=1, median_ms=2.0, p10_ms=1.9, p90_ms=2.1, first_call_s=1.0,
+               conv_share=0.5, max_abs_diff=0.0)
+    t = bmk.make_table([dict(row, variant="imagen-fast"), dict(row, variant="plain eager", median_ms=5.0),
+                        dict(preset="p", mode="sample", batch=1, variant="plain compiled", failed="x")], 3, 2)
+    assert [dict(zip(t.columns, r))["x plain eager"] for r in t.rows[:2]] == [2.5, 1.0]
+    assert any("plain compiled: not run" in n for n in t.notes)
+
+
 def test_load_warning_only_above_the_core_count():
     assert harness.load_warning([1.0, 1.9], cpu_count=2) is None
     assert "LOADED MACHINE" in harness.load_warning([1.0, 15.0], cpu_count=2)
+
+
+def _probe(t, load1, copy, busy_s, own_s):
+    return {"time_s": t, "load1": load1, "copy_gbs": copy, "cpu": (busy_s, own_s)}
+
+
+def test_busy_reasons_each_rule():
+    """2 cores, 2 benchmark threads, a 100 s run: quiet, then each rule tripped alone."""
+    quiet = harness.busy_reasons(_probe(0, 1.5, 24.5, 0, 0), _probe(100, 2.2, 22.0, 195, 190), 2, 2)
+    assert quiet == []
+    drift = harness.busy_reasons(_probe(0, 0.5, 24.5, 0, 0), _probe(100, 2.0, 18.0, 190, 190), 2, 2)
+    assert len(drift) == 1 and "copy bandwidth 24.5 -> 18.0" in drift[0]
+    load = harness.busy_reasons(_probe(0, 14.0, 24.5, 0, 0), _probe(100, 2.0, 24.0, 190, 190), 2, 2)
+    assert len(load) == 1 and "load average 14.00" in load[0]
+    # a training run on one core: others took 95 of the 200 core-seconds
+    others = harness.busy_reasons(_probe(0, 2.0, 24.5, 0, 0), _probe(100, 2.9, 24.0, 195, 100), 2, 2)
+    assert len(others) == 1 and "other processes took 48%" in others[0]
+    no_proc = harness.busy_reasons(dict(_probe(0, 1.0, 24.5, 0, 0), cpu=None),
+                                   dict(_probe(100, 1.0, 24.5, 0, 0), cpu=None), 2, 2)
+    assert no_proc == []
+
+
+def test_busy_run_is_written_only_as_a_draft(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(harness, "cpu_times", lambda: None)
+    table = harness.Table("t", ["a"], [[1]])
+    with pytest.raises(ValueError, match="machine\\['busy'\\] is missing"):
+        harness.write_results(tmp_path, "bench_x", {"cpu": "test"}, [table], {})
+    copies = iter([24.0, 12.0])                     # injected: the bandwidth halves during the run
+    w = harness.Watch(threads=2, measure_copy=lambda device: next(copies))
+    w.start()
+    assert len(w.stop()) == 1 and "copy bandwidth 24.0 -> 12.0" in w.reasons()[0]
+    path = harness.write_results(tmp_path, "bench_x", {"cpu": "test", **w.fields()}, [table], {})
+    assert path == tmp_path / "drafts" / "bench_x.json" and not (tmp_path / "bench_x.json").exists()
+    assert "DRAFT" in path.with_suffix(".md").read_text() and json.loads(path.read_text())["draft"]
+    steady = iter([24.0, 23.5])
+    w = harness.Watch(threads=2, measure_copy=lambda device: next(steady))
+    w.start()
+    assert w.stop() == []
+    path = harness.write_results(tmp_path, "bench_x", {"cpu": "test", **w.fields()}, [table], {})
+    assert path == tmp_path / "bench_x.json" and "DRAFT" not in path.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("lib", ["diffusers", "imagen-pytorch"])
@@ -212,3 +277,35 @@ def test_bench_patch_pairs_run_and_agree(lib, mode, monkeypatch):
     assert report.replaced, report.summary()
     diff = bench_patch._agreement(slow, fast)
     assert math.isfinite(diff) and diff < 1e-3, diff
+
+
+def test_bench_overhead_candidates_compute_the_same():
+    """bench_overhead: per case and mode, the op, the same call through the custom ops, the
+    bare kernel functions and stock PyTorch give the same result (so the differences it
+    reports are overhead, not different work); the table and its notes."""
+    from benchmarks import bench_overhead as bo
+    from support.device import require_backend
+    require_backend("cpu")
+    for case in bo.build_cases(quick=False):
+        for mode in case.modes:
+            cands = case.build(mode)
+            assert set(cands) == set(bo.CANDIDATES)
+            out = {name: fn(0) for name, fn in cands.items()}
+            kern = out["kernel"]
+            if mode == "fwd" and isinstance(kern, tuple):
+                kern = kern[:1]                                   # (y, statistics...) -> y
+            as_list = lambda r: list(r) if isinstance(r, (tuple, list)) else [r]  # noqa: E731
+            for name in ("custom op", "kernel", "torch"):
+                got = as_list(kern if name == "kernel" else out[name])
+                want = as_list(out["op"])
+                assert len(got) == len(want), (case.name, mode, name)
+                for g, w in zip(got, want):
+                    if name == "torch":
+                        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+                    else:
+                        assert torch.equal(g, w), (case.name, mode, name)
+    rows = bo.run(bo.build_cases(quick=True)[:1], rounds=2, min_round_s=0.0)
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert all(abs(r["overhead_us"] - (r["op_us"] - r["kernel_us"])) <= 0.02 for r in rows)
+    table = bo.make_table(rows, threads=1)
+    assert len(table.rows) == 2 and any("per 4-image sample" in n for n in table.notes)

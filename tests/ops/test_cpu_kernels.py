@@ -11,10 +11,14 @@ tolerance rule of tests/support/numerics.py (relative to PyTorch's own same-dtyp
 import itertools
 import math
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from support.device import CPU_ISAS, cpu_isa
 from imagen_fast._compiled import load_extension
 from imagen_fast.ops import dispatch, reference
 from imagen_fast.ops.api import step_coefficients
@@ -31,6 +35,13 @@ from imagen_fast.kernels import cpu as cb  # noqa: E402
 _C = load_extension()
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+@pytest.fixture(autouse=True, params=CPU_ISAS)
+def isa(request):
+    """Every test of this file runs on each variant of the kernels (avx512, portable)."""
+    with cpu_isa(request.param) as name:
+        yield name
 
 
 def _gen(seed):
@@ -148,6 +159,10 @@ GN_ODD = [  # shape, groups: odd channel counts hit the lcm(C, 16) period and ma
     ((2, 8, 1, 1), 4),        # no spatial extent
     ((3, 12, 11), 3),         # 1-D spatial
     ((2, 8, 3, 4, 5), 2),     # 3-D spatial (channels_last_3d)
+    ((2, 64, 4, 4), 32),      # channels of one to three vectors: the short-run paths
+    ((2, 48, 4, 8), 8),
+    ((2, 24, 6, 8), 4),
+    ((1, 16, 2, 2), 4),       # float64's one-lane vectors
 ]
 
 
@@ -415,6 +430,95 @@ def test_attention_fully_masked_batches(poisoned, dtype):
         assert_close_to_reference(gr, r, t, what=f"grad {name}")
 
 
+SMALL_ATTN = [  # B, H, Lq, Lk, D: Lq up to SMALL_QUERIES runs csrc/cpu/attention.cpp
+    (3, 2, 1, 64, 32),      # the text pooling of the small presets
+    (2, 3, 16, 77, 40),
+    (1, 1, 7, 5, 3),        # D below one vector
+    (2, 2, 4, 130, 129),    # D with a tail after full vectors
+]
+
+
+def _strided(t):
+    """t as a view with non-unit B/H/L strides (a slice of a fused projection)."""
+    b, h, l, d = t.shape
+    big = torch.zeros(b, l, h, 2 * d + 3, dtype=t.dtype)
+    view = big[..., 1:d + 1].permute(0, 2, 1, 3)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_small_query_kernel(poisoned, dtype):
+    """Forward (out, lse) and backward of the small-query kernel against float64 autograd,
+    strided inputs, a batch with every key masked, and the eager path agreeing with the
+    custom op."""
+    from imagen_fast import ops
+    g = _gen(40)
+    for case in SMALL_ATTN:
+        b, h, lq, lk, d = case
+        assert lq <= cb.SMALL_QUERIES
+        q, k, v = (_strided(randn(b, h, n, d, generator=g).to(dtype)) for n in (lq, lk, lk))
+        mask = torch.rand(b, lk, generator=g) > 0.3
+        mask[0, 0] = True
+        mask[-1] = False
+        for m in (mask, None):
+            scale = 0.7 / math.sqrt(d)
+            out, lse = cb.attention_fwd(q, k, v, m, scale)
+            ref = reference.attention(q.double(), k.double(), v.double(), m, scale)
+            assert_close_to_reference(out, ref, reference.attention(q, k, v, m, scale), what=f"out {case}")
+            scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+            if m is not None:
+                scores = scores.masked_fill(~m[:, None, None, :], float("-inf"))
+                assert torch.isneginf(lse[-1]).all() and (out[-1] == 0).all()
+            live = torch.isfinite(lse)
+            torch.testing.assert_close(lse[live].double(), torch.logsumexp(scores, -1)[live], rtol=1e-5, atol=1e-5)
+            go = randn(b, h, lq, d, generator=g).to(dtype)
+            grads = cb.attention_bwd(go, q, k, v, m, out, lse, scale)
+            leaves = [t.double().requires_grad_() for t in (q, k, v)]
+            rg = torch.autograd.grad(reference.attention(*leaves, m, scale), leaves, go.double())
+            lp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            lg = torch.autograd.grad(reference.attention(*lp, m, scale), lp, go)
+            for name, gr, r, t in zip("qkv", grads, rg, lg):
+                assert gr.shape == r.shape and gr.dtype == dtype and gr.is_contiguous()
+                assert_close_to_reference(gr, r, t, what=f"grad {name} {case}")
+                if m is not None:
+                    assert (gr[-1] == 0).all()
+            # ops.attention in eager mode (the autograd.Function) gives the same numbers
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            eager = ops.attention(*leaves, m, scale)
+            torch.testing.assert_close(eager, out, rtol=0, atol=0)
+            for gr, ge in zip(grads, torch.autograd.grad(eager, leaves, go)):
+                torch.testing.assert_close(ge, gr, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("zeroes", [True, False])
+def test_attention_eager_sdpa_path_keeps_the_contract(zeroes, monkeypatch):
+    """Longer query sequences in eager mode run SDPA with its own autograd; where a torch's
+    SDPA would not zero a fully masked query, the fix-up must (forced with zeroes=False)."""
+    from imagen_fast import ops
+    monkeypatch.setitem(cb._SDPA_ZEROES_EMPTY, torch.float32, zeroes)
+    g = _gen(41)
+    b, h, lq, lk, d = 3, 2, cb.SMALL_QUERIES + 9, 19, 24
+    q, k, v = (randn(b, h, n, d, generator=g).requires_grad_() for n in (lq, lk, lk))
+    mask = torch.rand(b, lk, generator=g) > 0.4
+    mask[0, 0] = True
+    mask[1] = False
+    out = ops.attention(q, k, v, mask)
+    go = randn(b, h, lq, d, generator=g)
+    grads = torch.autograd.grad(out, [q, k, v], go)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*leaves, mask)
+    rg = torch.autograd.grad(ref, leaves, go.double())
+    lp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    lref = reference.attention(*lp, mask)
+    lg = torch.autograd.grad(lref, lp, go)
+    assert (out[1] == 0).all()
+    assert_close_to_reference(out.detach(), ref.detach(), lref.detach())
+    for gr, r, t in zip(grads, rg, lg):
+        assert torch.isfinite(gr).all() and (gr[1] == 0).all()
+        assert_close_to_reference(gr, r, t)
+
+
 def test_attention_without_mask():
     q, k, v = (randn(2, 3, n, 8, generator=_gen(11)) for n in (5, 7, 7))
     out, lse = cb.attention_fwd(q, k, v, None, 0.35)
@@ -555,3 +659,45 @@ def test_rms_norm_argument_checks():
                                 2, 4, 9, 1e-6, False, 0, 1)
     with pytest.raises(ValueError):
         _C.dynamic_threshold(x.data_ptr(), y.data_ptr(), 2, 36, 0, 0.5, 1.0, 0.0)
+
+
+# ------------------------------------------------------------------ the ISA switch
+def _cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_avx512_variant_present_where_the_cpu_has_it():
+    """A build or detection fault must not hide the AVX-512 kernels behind a skip."""
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        pytest.skip("this CPU has no AVX-512")
+    status = cb.cpu_isas()["avx512"]
+    assert status == "available" or ("avx512_bf16" not in flags and "avx512bf16" in status), status
+    assert _C.build_info()["cpu_kernel_variants"]["avx512"] == status
+
+
+def test_isa_switch_choices(isa):
+    assert cb.cpu_isa() == isa and _C.build_info()["cpu_kernels"] == isa
+    with pytest.raises(ValueError, match="IMAGEN_FAST_CPU_ISA must be auto, portable or avx512"):
+        _C.set_cpu_isa("avx2")
+    assert cb.cpu_isa() == isa, "a refused choice must leave the active variant alone"
+    with cb.use_cpu_isa("portable"):
+        assert cb.cpu_isa() == "portable" and _C.cpu_isa_flags()
+    assert cb.cpu_isa() == isa
+
+
+def test_isa_environment_variable(isa):
+    """IMAGEN_FAST_CPU_ISA is applied when the cpu backend loads (a bad value raises the
+    ValueError of test_isa_switch_choices, naming the variable)."""
+    code = ("from imagen_fast.kernels import cpu as cb; print(cb.cpu_isa()); import imagen_fast._C as C; "
+            "C.set_cpu_isa('auto'); print(C.cpu_isa())")
+    env = dict(os.environ, IMAGEN_FAST_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    best = "avx512" if cb.cpu_isas()["avx512"] == "available" else "portable"
+    assert out.stdout.split() == [isa, best]

@@ -251,3 +251,122 @@ def test_compiled_backward_through_strided_attention_inputs():
     (g_eager,) = torch.autograd.grad(f(proj), [proj])
     (g_comp,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(proj), [proj])
     torch.testing.assert_close(g_comp, g_eager)
+
+
+# ------------------------------------------------------------------ eager fast path
+# In eager mode the ops run their backend's function directly (ops/api.py: _eager); with
+# custom_ops_only() every call goes through the custom op, as torch.compile's graphs do.
+def _raised(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - the exception itself is compared
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("call,exc,words", BAD_CALLS, ids=[w for _, _, w in BAD_CALLS])
+def test_fast_path_raises_as_the_custom_op(call, exc, words):
+    eager = _raised(call)
+    with ops.api.custom_ops_only():
+        assert _raised(call) == eager
+    assert eager is not None and eager[0] is exc
+
+
+def test_fast_path_backend_errors_as_the_custom_op():
+    if DEVICE.type == "cuda":
+        pytest.skip("CPU-tensor check")
+    calls = [lambda: ops.group_norm_silu(x4, 2), lambda: ops.channel_rms_norm_silu(x4),
+             lambda: ops.dynamic_threshold(x4, 0.9),
+             lambda: ops.sampler_step(x4, x4, alpha_t=0.6, sigma_t=0.8, alpha_s=0.8, sigma_s=0.6)]
+    for call in calls:
+        with ops.use_backend("cuda"):
+            eager = _raised(call)
+            with ops.api.custom_ops_only():
+                assert _raised(call) == eager
+        assert eager[0] is ValueError and "requested backend 'cuda' cannot run this call" in eager[1]
+
+
+def _fast_and_custom(fn, leaves):
+    """fn()'s output and the gradients of its inputs (from a fixed output gradient), on the
+    eager fast path and through the custom ops."""
+    out = []
+    for custom in (False, True):
+        inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        with ops.api.custom_ops_only() if custom else torch.enable_grad():
+            y = fn(*inputs)
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = torch.autograd.grad(y, wanted, torch.linspace(-1, 1, y.numel()).reshape(y.shape)) if wanted else []
+        out.append((y.detach(), grads))
+    return out
+
+
+def _same(a, b):
+    assert torch.equal(a[0], b[0])
+    assert len(a[1]) == len(b[1]) and all(torch.equal(g, h) for g, h in zip(a[1], b[1]))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_fast_path_matches_the_custom_op(backend, grad):
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE).requires_grad_(grad)  # noqa: E731
+    x, w, b, s, sh = r(2, 6, 5, 3), r(6), r(6), r(2, 6), r(2, 6, 1, 1)
+    xcl = r(2, 6, 4, 5).contiguous(memory_format=torch.channels_last)
+    q, k, v = r(2, 2, 3, 8), r(2, 2, 7, 8), r(2, 2, 7, 8)
+    mask = torch.tensor([[True] * 7, [True, False, True] + [False] * 4], device=DEVICE)
+    cases = [
+        (lambda x, w, b, s, sh: ops.group_norm_silu(x, 3, w, b, 1e-5, s, sh), [x, w, b, s, sh]),
+        (lambda x, w: ops.group_norm_silu(x.half(), 2, w, activation="gelu").float(), [xcl, w]),
+        (lambda x, w, s, sh: ops.channel_rms_norm_silu(x, w, 1e-6, s, sh), [x, w, s, sh]),
+        (lambda x: ops.channel_rms_norm_silu(x, activation=None), [xcl]),
+        (lambda q, k, v: ops.attention(q, k, v, mask), [q, k, v]),     # the small-query kernel on cpu
+        (lambda x: ops.dynamic_threshold(x * 3, 0.9), [x.detach()]),
+    ]
+    with ops.use_backend(backend):
+        for fn, leaves in cases:
+            _same(*_fast_and_custom(fn, leaves))
+        z, c, u = (t.detach() for t in (x, r(2, 6, 5, 3), r(2, 6, 5, 3)))
+        for times in (dict(alpha_t=0.6, sigma_t=0.8, alpha_s=0.8, sigma_s=0.6),
+                      dict(alpha_t=torch.tensor([0.6, 0.7]), sigma_t=torch.tensor([0.8, 0.71414284]),
+                           alpha_s=0.8, sigma_s=0.6)):
+            step = lambda: ops.sampler_step(z, c, u, guidance_scale=4.0, generator=torch.Generator().manual_seed(1),  # noqa: E731
+                                            **times)
+            eager = step()
+            with ops.api.custom_ops_only():
+                assert torch.equal(step(), eager)
+
+
+def test_fast_path_gradients_fail_where_the_custom_op_has_none():
+    """dynamic_threshold and sampler_step have no backward: an input requiring grad takes the
+    custom op, whose backward fails loudly, on both paths."""
+    x = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True)
+    for custom in (False, True):
+        with ops.api.custom_ops_only() if custom else torch.enable_grad():
+            y = ops.dynamic_threshold(x, 0.9)
+            with pytest.raises(RuntimeError, match="no autograd formula"):
+                y.sum().backward()
+
+
+def test_fast_path_only_in_plain_eager_mode(monkeypatch):
+    """The custom op runs where something watches the call: under custom_ops_only, a dispatch
+    mode, torch.compile (test_torch_compile_*) and torch.export (test_torch_export_sees_the_ops)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    with Seen() as seen:
+        ops.group_norm_silu(x, 2)
+    assert "imagen_fast::group_norm_silu_fwd" in seen.ops
+    monkeypatch.setattr(ops.api, "_gn_fwd", None)      # the fast path never calls the custom op
+    ops.group_norm_silu(x, 2)
+    ops.group_norm_silu(x.requires_grad_(), 2).sum().backward()
+    with ops.api.custom_ops_only(), pytest.raises(TypeError):
+        ops.group_norm_silu(x, 2)

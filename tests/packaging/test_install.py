@@ -158,6 +158,8 @@ def test_bench_ops_writes_to_the_named_directory(installed):
     _run([bindir / "imagen-fast", "bench", "ops", "--quick"], work, _clean_env(), timeout=900,
          what="imagen-fast bench ops --quick")
     out = work / "bench-results"
+    if not (out / "cpu_ops.json").is_file():            # a busy machine: the run is a draft
+        out = out / "drafts"
     data = json.loads((out / "cpu_ops.json").read_text())
     assert {r["op"] for r in data["raw"]["cases"]} == {"gn", "attn", "thr", "step"}
     assert all("imagen-fast" in r["timings"] and "eager" in r["timings"] for r in data["raw"]["cases"])
