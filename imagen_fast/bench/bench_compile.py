@@ -58,10 +58,10 @@ from typing import Dict, List, Optional
 import torch
 
 from imagen_fast.bench import harness
+from imagen_fast.bench.bench_model import make_inputs
 
 GUIDANCE = 5.0
 PERCENTILE = 0.995
-TEXT_LEN = 64
 PROMPT = "two red circles above a blue square"
 E2E_IMAGES = 4                     # `imagen-fast sample`'s default --num-images
 # the shipped cascade's presets first, then bench_model's CPU presets; batch per preset
@@ -98,23 +98,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_inputs(config: dict, batch: int, device, dtype, seed: int = 0):
-    """Images in [-1, 1], text (B, L, text_dim) zero-padded, its mask, low-res or None."""
-    g = torch.Generator().manual_seed(seed)
-    res = config["image_size"]
-    images = torch.rand(batch, 3, res, res, generator=g) * 2 - 1
-    text = torch.randn(batch, TEXT_LEN, config["text_dim"], generator=g)
-    lengths = torch.randint(8, TEXT_LEN + 1, (batch,), generator=g)
-    mask = torch.arange(TEXT_LEN)[None, :] < lengths[:, None]
-    text = text * mask[..., None]
-    lowres = None
-    if config["stage"] == "sr":
-        lr = config["lowres_size"]
-        lowres = torch.rand(batch, 3, lr, lr, generator=g) * 2 - 1
-    move = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
-    return move(images), move(text), mask.to(device), move(lowres)
-
-
 class Sampling:
     """Seeded sampling runs of one preset (the model built once, shared by every mode)."""
 
@@ -129,7 +112,7 @@ class Sampling:
                 model = build_unet(preset).to(dtype).eval()
         self.model = model
         self.diffusion = GaussianDiffusion(noise_aug=self.config["stage"] == "sr")
-        _, self.text, self.mask, self.lowres = make_inputs(self.config, batch, device, dtype)
+        _, self.text, self.mask, self.lowres = make_inputs(self.config, batch, device, dtype=dtype)
         self.shape = (batch, 3, self.config["image_size"], self.config["image_size"])
         self.dtype = dtype
 
@@ -155,7 +138,7 @@ class Training:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.diffusion = GaussianDiffusion(noise_aug=config["stage"] == "sr")
         self.loss_fn = compiled_loss(compile)
-        images, self.text, self.mask, self.lowres = make_inputs(config, batch, device, torch.float32)
+        images, self.text, self.mask, self.lowres = make_inputs(config, batch, device, dtype=torch.float32)
         self.images = images.contiguous(memory_format=torch.channels_last)
         g = torch.Generator().manual_seed(1)
         self.draws = dict(t=torch.rand(batch, generator=g, dtype=torch.float64),

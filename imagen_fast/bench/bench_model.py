@@ -87,8 +87,9 @@ MMAP_THRESHOLD = 65536       # memory workers: every block above 64 KiB is its o
 
 
 # ------------------------------------------------------------------- inputs
-def make_inputs(config: dict, batch: int, device, seed: int = 0):
-    """images in [-1, 1], text (B, L, text_dim) zero-padded, mask, low-res image or None."""
+def make_inputs(config: dict, batch: int, device, seed: int = 0, dtype=None):
+    """images in [-1, 1], text (B, L, text_dim) zero-padded, mask, low-res image or None;
+    the floating tensors in dtype when given."""
     g = torch.Generator().manual_seed(seed)
     res = config["image_size"]
     images = torch.rand(batch, 3, res, res, generator=g) * 2 - 1
@@ -100,7 +101,7 @@ def make_inputs(config: dict, batch: int, device, seed: int = 0):
     if config["stage"] == "sr":
         lr = config["lowres_size"]
         lowres = torch.rand(batch, 3, lr, lr, generator=g) * 2 - 1
-    move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    move = lambda t: None if t is None else t.to(device, dtype if t.is_floating_point() else None)  # noqa: E731
     return move(images), move(text), move(mask), move(lowres)
 
 
