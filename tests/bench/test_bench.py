@@ -283,7 +283,7 @@ def test_bench_overhead_candidates_compute_the_same():
     """bench_overhead: per case and mode, the op, the same call through the custom ops, the
     bare kernel functions and stock PyTorch give the same result (so the differences it
     reports are overhead, not different work); the table and its notes."""
-    from benchmarks import bench_overhead as bo
+    from imagen_fast.bench import bench_overhead as bo
     from support.device import require_backend
     require_backend("cpu")
     for case in bo.build_cases(quick=False):
