@@ -176,7 +176,9 @@ def _flat_reason(*tensors) -> Optional[str]:
         why = _layout_reason(t, f"tensor {i}")
         if why is not None:
             return why
-        if t.dtype != ref.dtype or t.shape != ref.shape or t.stride() != ref.stride():
+        # strides of size-1 dims do not move through memory: only the others must match
+        if t.dtype != ref.dtype or t.shape != ref.shape or any(
+                a != b for size, a, b in zip(t.shape, t.stride(), ref.stride()) if size > 1):
             return "tensors must share dtype, shape and memory layout"
     return None
 

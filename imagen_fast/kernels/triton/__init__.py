@@ -1,6 +1,8 @@
 """Backend "triton": Triton kernels for every op (CUDA GPUs; CPU tensors under
-TRITON_INTERPRET=1). Importing this package registers them with the dispatcher;
-an ImportError (no triton) marks the backend unavailable.
+TRITON_INTERPRET=1). Importing this package registers them with the dispatcher.
+The dispatcher imports it only when the triton package is installed, and lets any
+error raised here propagate: a broken kernel module fails loudly, never turns into
+"backend unavailable".
 
 One op family per module:
     group_norm.py   group_norm_silu_fwd / _bwd   (fused, looped and split plans)
@@ -28,7 +30,7 @@ Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU):
 * It is ~4000x slower than a GPU: tests force the multi-block / split paths with the
   modules' force_plan / force_blocks / force_launch hooks at tiny shapes.
 """
-import triton  # noqa: F401  (ImportError -> backend unavailable)
+import triton  # noqa: F401
 
 from . import attention, group_norm, rms_norm, threshold  # noqa: F401,E402
 
