@@ -12,7 +12,7 @@ FLAX ?= flax==0.12.8
 TORCHVISION ?= torchvision==0.28.0
 PEERS ?= diffusers==0.42.1 imagen-pytorch==2.1.0
 
-.PHONY: venv build sample test bench bench-model lint clean
+.PHONY: venv build sample test bench bench-model gpu-compile lint clean
 
 # PEERS: the libraries imagen_fast.accelerate patches (tests/test_patch_*.py,
 # benchmarks/bench_patch.py), installed under constraints so they cannot swap this torch.
@@ -64,6 +64,15 @@ bench: venv
 bench-model: venv
 	$(PIP) install -q matplotlib
 	$(VPY) -m benchmarks.bench_model
+
+# Every Triton kernel launch of the shape table compiled for A100 (sm_80) and H100 (sm_90a),
+# and csrc/cuda through nvcc, on this machine (no GPU): fails on a compile error, a config
+# over the card's shared memory or a spill in a fixed/default config. Results are cached
+# (~/.cache/imagen_fast/gpu_compile); a cold run is hours on 2 cores (JOBS=N to widen).
+# Report: benchmarks/results/gpu_compile.md. The CI subset: tests/test_gpu_compile.py.
+JOBS ?= 2
+gpu-compile: venv
+	$(VPY) -m benchmarks.gpu_compile --check --jobs $(JOBS)
 
 lint: venv
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check imagen_fast tests benchmarks

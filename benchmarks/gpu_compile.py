@@ -682,104 +682,123 @@ def _scope_dict(scope: Scope) -> Dict:
 
 
 # ------------------------------------------------------------- on a real GPU
-def device_run(scope: Scope, log=print) -> List[Dict]:
-    """On a CUDA GPU: each captured specialisation of this card compiled, loaded and
-    launched once through the package's own wrappers at small real shapes, and the
-    driver's register and spill counts read back (CompiledKernel.n_regs / n_spills).
-    Here the capture is not needed: the real launches are made and their binaries read
-    from each kernel's cache afterwards."""
+def device_run(scope: Scope, budget_s: float = 300.0, log=print) -> Dict:
+    """On a CUDA GPU: the package's own wrappers run at real (batch 1-2) shapes of the
+    shape table, every autotuner candidate launched once besides the default, so each
+    config they reach is compiled, loaded and launched; then every loaded binary's
+    registers and local memory as the driver reports them (cuFuncGetAttribute, via
+    CompiledKernel.n_regs / n_spills), with the same config text as the ahead-of-time
+    rows (compare with results/gpu_compile_configs.json). Stops starting cases after
+    budget_s."""
     import torch
     from triton.runtime.jit import JITFunction
 
     from imagen_fast.kernels.triton import _common as cm
     if not torch.cuda.is_available():
         raise RuntimeError("--device-run needs a CUDA GPU")
-    cap = torch.cuda.get_device_capability()
-    dev = torch.device("cuda")
-    saved = cm.pick_config
-    launched: List[str] = []
+    cap = "".join(map(str, torch.cuda.get_device_capability()))
+    failures: List[str] = []
 
     def pick_config(name, key, device, candidates, run, default):
         for cfg in candidates:       # each candidate loaded and launched once
             try:
                 run(cfg)
-            except Exception as e:  # noqa: BLE001 - recorded, as the tuner would skip it
-                launched.append(f"{name} {cfg}: FAILED {error_line(e)}")
+            except Exception as e:  # noqa: BLE001 - a candidate that cannot run is a finding
+                failures.append(f"{name} candidate {cfg}: {type(e).__name__}: {error_line(e)}")
         return default
 
+    saved = cm.pick_config
     cm.pick_config = pick_config
-    failures: List[str] = []
+    t0, done, skipped = time.perf_counter(), 0, 0
     try:
-        for label, fn in _device_cases(scope, dev):
+        for label, fn in _device_cases(scope):
+            if time.perf_counter() - t0 > budget_s:
+                skipped += 1
+                continue
             try:
                 fn()
                 torch.cuda.synchronize()
+                done += 1
             except Exception as e:  # noqa: BLE001
-                failures.append(f"{label}: {type(e).__name__}: {error_line(e) or e}")
+                failures.append(f"{label}: {type(e).__name__}: {error_line(e)}")
     finally:
         cm.pick_config = saved
-    out = []
-    import gc
-    for obj in gc.get_objects():
-        if isinstance(obj, JITFunction):
-            for cache in obj.device_caches.values():
+    binaries = []
+    from imagen_fast.kernels.triton import attention, group_norm, rms_norm, threshold
+    for mod in (attention, group_norm, rms_norm, threshold):
+        for name, fn in vars(mod).items():
+            if not (isinstance(fn, JITFunction) and name.endswith("_kernel")):
+                continue
+            for cache in fn.device_caches.values():
                 for k in cache[0].values():
-                    if getattr(k, "function", None) is None:
+                    if getattr(k, "function", None) is None:      # never loaded
                         continue
                     md = k.metadata
-                    out.append(dict(kernel=obj.fn.__name__, num_warps=md.num_warps,
-                                    num_stages=md.num_stages, shared=md.shared, regs=k.n_regs,
-                                    spills=k.n_spills, cap=f"{cap[0]}{cap[1]}"))
-    for f in failures + [x for x in launched if "FAILED" in x]:
+                    spec = Spec(f"{mod.__name__.rsplit('.', 1)[-1]}.{name}", fn,
+                                dict(k.src.signature), dict(k.src.constants), dict(k.src.attrs),
+                                md.num_warps, md.num_stages)
+                    binaries.append(dict(kernel=spec.kernel, config=spec.config, regs=k.n_regs,
+                                         local_bytes=4 * k.n_spills, shared=md.shared))
+    for f in failures:
         log("FAILED " + f)
-    log(f"device run: {len(out)} binaries loaded and launched, {len(failures)} failures")
-    return out + [dict(failure=f) for f in failures]
+    log(f"device run on sm_{cap} ({torch.cuda.get_device_name()}): {done} cases run, {skipped} "
+        f"left for lack of time, {len(binaries)} binaries loaded and launched, max regs "
+        f"{max((b['regs'] for b in binaries), default=0)}, "
+        f"{sum(b['local_bytes'] > 0 for b in binaries)} with local memory, "
+        f"{len(failures)} failures")
+    return dict(device=torch.cuda.get_device_name(), cap=cap, cases_run=done,
+                cases_skipped=skipped, failures=failures, binaries=binaries)
 
 
-def _device_cases(scope: Scope, dev) -> Iterator[Tuple[str, Callable[[], None]]]:
-    """The same wrappers as `cases`, on real CUDA tensors at one small shape per
-    feature-map/attention/image class (the compiled binaries do not depend on sizes
-    beyond what the plans choose, which the capture covers)."""
+def _device_cases(scope: Scope) -> Iterator[Tuple[str, Callable[[], None]]]:
+    """The ops on CUDA tensors (backend triton) at every distinct feature map, attention
+    shape and image size of the shape table at batch 1-2, largest first, every dtype."""
     import torch
 
+    from benchmarks.shapes import attn_shapes, image_shape
     from imagen_fast import ops
-    g = torch.Generator(device=dev).manual_seed(0)
-    for dn in scope.dtypes:
-        dt = _dt(dn)
-        for c, h, w, groups, act, _film in _norm_maps(scope)[:40]:
-            n = 2
+    dev = torch.device("cuda")
 
-            def gn(c=c, h=h, w=w, groups=groups, act=act, dt=dt):
-                for cl in (False, True):
-                    x = torch.randn(n, c, h, w, device=dev, dtype=dt, generator=g)
-                    if cl:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    x.requires_grad_()
-                    s = torch.randn(n, c, device=dev, generator=g, requires_grad=True)
-                    wt = torch.randn(c, device=dev, generator=g, requires_grad=True)
-                    with ops.use_backend("triton"):
-                        y = ops.group_norm_silu(x, groups, wt, wt, scale=s, shift=s,
-                                                activation=None if act == "none" else act)
-                        y.float().sum().backward()
-            yield f"gn {c}x{h}x{w} {dn}", gn
-        for d in (32, 64, 128):
-            def attn(d=d, dt=dt):
-                q = torch.randn(2, 4, 256, d, device=dev, dtype=dt, generator=g, requires_grad=True)
-                kv = torch.randn(2, 4, 320, d, device=dev, dtype=dt, generator=g, requires_grad=True)
-                mask = torch.rand(2, 320, device=dev, generator=g) > 0.3
+    def rnd(*shape, dt):
+        return torch.randn(*shape, device=dev, dtype=torch.float32).to(dt)
+
+    maps = sorted(_norm_maps(scope), key=lambda m: -m[0] * m[1] * m[2])
+    for (c, h, w, groups, act, film), dn in itertools.product(maps, scope.dtypes):
+        def gn(c=c, h=h, w=w, groups=groups, act=act, film=film, dt=_dt(dn)):
+            for cl in (False, True):
+                x = rnd(2, c, h, w, dt=dt)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_()
+                wt = torch.randn(c, device=dev, requires_grad=True)
+                s = torch.randn(2, c, device=dev, requires_grad=True) if film else None
+                a = None if act == "none" else act
                 with ops.use_backend("triton"):
-                    o = ops.attention(q, kv, kv, mask)
-                    o.float().sum().backward()
-            yield f"attn d{d} {dn}", attn
-
-        def image(dt=dt):
-            z = torch.randn(2, 3, 64, 64, device=dev, dtype=dt, generator=g)
+                    ops.group_norm_silu(x, groups, wt, wt, scale=s, shift=s,
+                                        activation=a).float().sum().backward()
+                    ops.channel_rms_norm_silu(x, wt, scale=s, shift=s,
+                                              activation=a).float().sum().backward()
+        yield f"norm {c}x{h}x{w} g{groups} {dn}", gn
+    shapes = {(a.heads, a.lq, a.lk, a.d) for a in attn_shapes(scope.presets, scope.text_lens)}
+    for (heads, lq, lk, d), dn in itertools.product(sorted(shapes, key=lambda t: -t[1] * t[2]),
+                                                    scope.dtypes):
+        def attn(heads=heads, lq=lq, lk=lk, d=d, dt=_dt(dn)):
+            q = rnd(1, heads, lq, d, dt=dt).requires_grad_()
+            kv = rnd(1, heads, lk, d, dt=dt).requires_grad_()
+            for mask in (torch.rand(1, lk, device=dev) > 0.3, None):
+                with ops.use_backend("triton"):
+                    ops.attention(q, kv, kv, mask).float().sum().backward()
+        yield f"attention {heads}x{lq}x{lk}x{d} {dn}", attn
+    for r, dn in itertools.product(sorted({image_shape(p).h for p in scope.presets}, reverse=True),
+                                   scope.dtypes):
+        def image(r=r, dt=_dt(dn)):
+            z = rnd(2, 3, r, r, dt=dt)
             with ops.use_backend("triton"):
                 ops.dynamic_threshold(z * 3)
                 for thr in ("dynamic", "static", "none"):
                     ops.sampler_step(z, z * 0.5, z * 0.3, alpha_t=0.5, sigma_t=0.8, alpha_s=0.7,
                                      sigma_s=0.6, noise=z.clone(), threshold=thr)
-        yield f"image {dn}", image
+        yield f"image {r}x{r} {dn}", image
 
 
 # -------------------------------------------------------------------------- main
@@ -823,20 +842,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "(default results/<out>_before.json when it exists)")
     ap.add_argument("--device-run", action="store_true",
                     help="on a CUDA GPU: load and launch each config, registers from the driver")
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="--device-run: stop starting cases after this many seconds")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return _reexec_without_interpreter(argv)
+    partial = (args.subset == "ci" or args.kernels or args.launched_only or args.presets
+               or args.dtypes != ",".join(DTYPES) or args.targets != "80,90")
+    if partial and args.out == "gpu_compile":
+        args.out = "gpu_compile_partial"   # never overwrite the full audit's report
     root = Path(__file__).resolve().parents[1]
     scope = full_scope()
     scope = Scope(tuple(p for p in args.presets.split(",") if p) if args.presets else scope.presets,
                   scope.text_lens, scope.gn_batches, scope.attn_batches, scope.image_batches,
                   tuple(d for d in args.dtypes.split(",") if d))
     if args.device_run:
-        res = device_run(scope)
+        import torch
+        if not torch.cuda.is_available():
+            print("gpu_compile: --device-run but no CUDA GPU is visible (torch.cuda.is_available() "
+                  "is False); the ahead-of-time audit runs without one", file=sys.stderr)
+            return 2
+        res = device_run(scope, args.budget_s)
         if not args.no_report:
             RESULTS.mkdir(exist_ok=True)
             (RESULTS / f"{args.out}_device.json").write_text(json.dumps(res, indent=1))
-        return 1 if any("failure" in r for r in res) and args.check else 0
+        return 1 if res["failures"] and args.check else 0
     try:
         targets = [TARGETS[int(t)] for t in args.targets.split(",")]
     except (KeyError, ValueError):

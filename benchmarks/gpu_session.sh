@@ -3,16 +3,27 @@
 #   1 info        nvidia-smi, versions
 #   2 build       imagen_fast._C with the CUDA kernels for this card's architecture only
 #   3 tests       tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py at full shapes
-#   4 sanitizer   compute-sanitizer memcheck + racecheck on the small-shape cuda tests
+#   4 kernels     the compile audit's kernels for real (benchmarks/gpu_compile.py --device-run):
+#                 every config the Triton wrappers reach at shape-table shapes (each autotuner
+#                 candidate too) compiled, loaded and launched once; registers and local
+#                 memory as the driver reports them -> results/gpu_compile_device.json
 #   5 ops         python -m benchmarks.bench_ops --device cuda (every op; triton vs cuda;
 #                 writes imagen_fast/ops/gpu_choice.json)
 #   6 model       python -m benchmarks.bench_model --device cuda (paper-size presets)
+#   7 sanitizer   compute-sanitizer memcheck + racecheck on the small-shape cuda tests
 # Each part runs under its own hard time limit (`timeout`), inside what is left of the
 # total; a part that fails or times out is recorded and the next one runs. Nothing here
 # stops on an error.
 #
 #   bash benchmarks/gpu_session.sh                       # from the repository root
 #   OUT=/some/dir TOTAL_S=540 bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_session.sh --dry-run             # any machine, no GPU (CI runs it:
+#                                                        # tests/test_gpu_session.py)
+# The dry run makes every part run or be skipped with its reason, so that a lent GPU is
+# never lost to an error in this script: info runs as is; build configures CMake only;
+# tests collects the test files; kernels, ops and model run their real command lines,
+# which check their arguments and then refuse without a GPU (exit 2: skipped, with that
+# message); sanitizer checks its script. The summary and archives come out as on a GPU.
 # With the device tool:  run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
 # (add carry [".whl"] and IMAGEN_FAST_WHEELS=.whl to bring imagen-pytorch, see
 # benchmarks/fetch_gpu_wheels.sh). Back on the development machine:
@@ -21,8 +32,8 @@
 #
 # What comes back (at most 8 files, the device tool's limit): summary.md (one line per
 # part with status and seconds, the test summary, the tables), logs.tar.gz (every log
-# and the pytest junit files), results.tar.gz (benchmark JSON/markdown/PNG files) and
-# gpu_choice.json.
+# and the pytest junit files), results.tar.gz (benchmark JSON/markdown/PNG files, the
+# device run's JSON) and gpu_choice.json.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -36,6 +47,8 @@ if [ "${1:-}" = "--unpack" ]; then
   exit 0
 fi
 
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; fi
 PY=${PY:-python3}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu_session}
 TOTAL_S=${TOTAL_S:-540}
@@ -49,7 +62,7 @@ SUMMARY=$WORK/summary.md
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 IMAGEN_FAST_WHEELS=${IMAGEN_FAST_WHEELS:-}
-echo "# GPU session $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$SUMMARY"
+echo "# GPU session $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([ "$DRY_RUN" = 1 ] && echo ', DRY RUN (no GPU)')" > "$SUMMARY"
 echo "" >> "$SUMMARY"
 echo "| part | status | seconds | limit |" >> "$SUMMARY"
 echo "|---|---|---|---|" >> "$SUMMARY"
@@ -68,11 +81,12 @@ part() {
   echo "=== $name (limit ${limit}s)"
   t0=$(date +%s)
   # the part's functions run in a child bash (timeout cannot run a shell function)
-  PART_LIMIT=$limit timeout --kill-after=15 "$limit" bash -c '"$@"' "$name" "$@" \
+  PART_LIMIT=$limit PART_LOG=$LOGS/$name.log timeout --kill-after=15 "$limit" bash -c '"$@"' "$name" "$@" \
     > "$LOGS/$name.log" 2>&1
   rc=$?
   case $rc in
     0) status=ok ;;
+    77) status="skipped ($(sed -n 's/^SKIP: //p' "$LOGS/$name.log" | head -n 1))" ;;
     124|137) status="TIMEOUT after ${limit}s" ;;
     *) status="FAILED (exit $rc)" ;;
   esac
@@ -81,9 +95,27 @@ part() {
   return 0
 }
 
+# skip REASON: ends the part as "skipped (REASON)" in the summary
+skip() { echo "SKIP: $*"; exit 77; }
+
+# gpu_only CMD...: on a GPU, the command; in the dry run the same command, which checks
+# its arguments and refuses without a GPU (exit 2): that refusal is a skip, with its message
+gpu_only() {
+  if [ "$DRY_RUN" = 1 ]; then
+    local rc msg
+    "$@" 2> "$PART_LOG.err"; rc=$?
+    cat "$PART_LOG.err" >&2
+    msg=$(grep -i -m1 "gpu" "$PART_LOG.err")
+    if [ "$rc" = 2 ] && [ -n "$msg" ]; then skip "dry run: $msg"; fi
+    echo "dry run: expected exit 2 and a no-GPU message from: $*" >&2
+    exit 1
+  fi
+  "$@"
+}
+
 info() {
-  nvidia-smi || true
-  "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+  nvidia-smi || echo "nvidia-smi: not available"
+  "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device', torch.cuda.get_device_capability(0) if torch.cuda.is_available() else '')"
   "$PY" -c "import triton; print('triton', triton.__version__)" || true
   command -v nvcc && nvcc --version | tail -n 2
   command -v compute-sanitizer || true
@@ -94,19 +126,37 @@ info() {
 }
 
 build() {
-  local arch
-  arch=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(0); print(f'{p[0]}{p[1]}' + ('a' if p[0] == 9 else ''))")
+  local arch bdir=build/gpu cmake_bin ninja_bin
+  cmake_bin=$(command -v cmake || echo "$(dirname "$(command -v "$PY")")/cmake")
+  [ -x "$cmake_bin" ] || skip "cmake not found"
+  ninja_bin=$(command -v ninja || true)
+  if [ -z "$ninja_bin" ] && [ -x "$(dirname "$cmake_bin")/ninja" ]; then ninja_bin=$(dirname "$cmake_bin")/ninja; fi
+  local extra=()
+  if [ "$DRY_RUN" = 1 ]; then
+    # configure only, without nvcc's slow compiler probe: checks this command line (CI
+    # builds csrc/cuda itself wherever nvcc exists)
+    arch=90a; bdir=$WORK/build-dry; extra=(-DIMAGEN_FAST_CUDA=OFF)
+  else
+    arch=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(0); print(f'{p[0]}{p[1]}' + ('a' if p[0] == 9 else ''))")
+  fi
   echo "building for CUDA architecture $arch"
-  cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  "$cmake_bin" -S . -B "$bdir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_ARCHITECTURES="$arch" -DPython_EXECUTABLE="$(command -v "$PY")" \
     -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
-    -DIMAGEN_FAST_OUTPUT_DIR="$ROOT/imagen_fast" &&
-  cmake --build build/gpu --parallel "$(nproc)" &&
+    ${ninja_bin:+-DCMAKE_MAKE_PROGRAM="$ninja_bin"} \
+    -DIMAGEN_FAST_OUTPUT_DIR="$ROOT/imagen_fast" "${extra[@]}" || return 1
+  if [ "$DRY_RUN" = 1 ]; then echo "dry run: configured only"; return 0; fi
+  "$cmake_bin" --build "$bdir" --parallel "$(nproc)" &&
   "$PY" -m imagen_fast.cli info
 }
 
 tests() {
   local opts=()
+  if [ "$DRY_RUN" = 1 ]; then
+    "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_ops.py tests/test_triton.py \
+      tests/test_cuda_kernels.py | tail -n 3
+    return "${PIPESTATUS[0]}"
+  fi
   "$PY" -c "import pytest_timeout" 2> /dev/null && opts+=(--timeout=120)
   # the tests are mostly Triton compilation: 8 workers on the 16 cores share the GPU
   "$PY" -c "import xdist" 2> /dev/null && opts+=(-n 8)
@@ -114,31 +164,41 @@ tests() {
     --junitxml="$LOGS/tests.xml" tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py
 }
 
+# the ahead-of-time audit's kernels on the real card: load, launch once, driver registers
+kernels() {
+  gpu_only "$PY" -m benchmarks.gpu_compile --device-run --check --budget-s "$(( PART_LIMIT - 30 ))"
+}
+
 # the real-GPU kernel tests (test_cuda_kernels.py -k gpu_) at small shapes: the whole
 # contract suite under the sanitizer takes longer than one call allows
 sanitizer() {
+  if [ "$DRY_RUN" = 1 ]; then
+    bash -n tests/gpu/run_sanitizer.sh || return 1
+    skip "dry run: compute-sanitizer needs a CUDA GPU (tests/gpu/run_sanitizer.sh parses)"
+  fi
   SANITIZER_K=gpu_ TOOLS="memcheck racecheck" PY="$PY" bash tests/gpu/run_sanitizer.sh
 }
 
 # the benchmarks stop starting new cases in time to write their results
 ops_bench() {
-  "$PY" -m benchmarks.bench_ops --device cuda --compile-limit 2 --budget-s "$(( PART_LIMIT - 40 ))"
+  gpu_only "$PY" -m benchmarks.bench_ops --device cuda --compile-limit 2 --budget-s "$(( PART_LIMIT - 40 ))"
 }
 
 model_bench() {
   if [ -d /tmp/ipsite ]; then export PYTHONPATH=$PYTHONPATH:/tmp/ipsite; fi
-  "$PY" -m benchmarks.bench_model --device cuda --budget-s "$(( PART_LIMIT - 25 ))"
+  gpu_only "$PY" -m benchmarks.bench_model --device cuda --budget-s "$(( PART_LIMIT - 25 ))"
 }
 
-export PY ROOT LOGS PYTHONPATH IMAGEN_FAST_WHEELS
-export -f info build tests sanitizer ops_bench model_bench
+export PY ROOT LOGS WORK PYTHONPATH IMAGEN_FAST_WHEELS DRY_RUN
+export -f skip gpu_only info build tests kernels sanitizer ops_bench model_bench
 
 part info 30 info
-part build 110 build
-part tests 110 tests
-part ops 150 ops_bench
-part model 90 model_bench
-part sanitizer 80 sanitizer
+part build 100 build
+part tests 100 tests
+part kernels 70 kernels
+part ops 130 ops_bench
+part model 80 model_bench
+part sanitizer 60 sanitizer
 
 # ---------------------------------------------------------------- pack it up
 {
@@ -148,6 +208,9 @@ part sanitizer 80 sanitizer
   echo "## tests"
   grep -E "passed|failed|error" "$LOGS/tests.log" 2>/dev/null | tail -n 5 | sed 's/^/    /'
   echo ""
+  echo "## kernels (the compile audit's configs on this card)"
+  grep -E "device run on|^FAILED" "$LOGS/kernels.log" 2>/dev/null | tail -n 12 | sed 's/^/    /'
+  echo ""
   echo "## sanitizer"
   grep -E "ERROR SUMMARY|!!!|passed|failed" "$LOGS/sanitizer.log" 2>/dev/null | tail -n 12 | sed 's/^/    /'
 } >> "$SUMMARY"
@@ -156,7 +219,8 @@ NEW=$(find . -maxdepth 1 -newer "$WORK/start.marker" -type f \( -name 'gpu_*' -o
 for f in $NEW; do
   case $f in *.md) { echo ""; cat "$f"; } >> "$SUMMARY" ;; esac
 done
-if [ -n "$NEW" ]; then tar -czf "$OUT/results.tar.gz" $NEW; fi
+# (always an archive, empty when no part wrote results: the dry run, or every part failed)
+if [ -n "$NEW" ]; then tar -czf "$OUT/results.tar.gz" $NEW; else tar -czf "$OUT/results.tar.gz" -T /dev/null; fi
 cp "$ROOT/imagen_fast/ops/gpu_choice.json" "$OUT/gpu_choice.json"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
 cp "$SUMMARY" "$OUT/summary.md"

@@ -99,6 +99,10 @@ def cmd_bench(args) -> int:
         from benchmarks import shapes
         shapes.main([])
         return 0
+    if args.what == "compile":
+        from benchmarks import gpu_compile
+        extra = ["--subset", args.subset, "--targets", args.targets] + (["--check"] if args.check else [])
+        return gpu_compile.main(extra + (["--device-run"] if args.device == "cuda" else []))
     from benchmarks import harness
     harness.set_allocator_env()        # re-executes this command with fixed allocator settings
     extra = ["--device", args.device] + (["--quick"] if args.quick else [])
@@ -165,11 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
     s = sub.add_parser("bench", help="benchmarks (results under benchmarks/results/)")
-    s.add_argument("what", choices=["ops", "model", "all", "shapes"], nargs="?", default="ops",
+    s.add_argument("what", choices=["ops", "model", "all", "shapes", "compile"], nargs="?",
+                   default="ops",
                    help="ops: every op over the shape table; model: every preset's training and "
-                        "sampling vs imagen-pytorch; shapes: print the shape table")
+                        "sampling vs imagen-pytorch; shapes: print the shape table; compile: the "
+                        "ahead-of-time GPU compile audit of every Triton kernel for sm_80/sm_90 "
+                        "and of csrc/cuda (no GPU needed; report in benchmarks/results/"
+                        "gpu_compile.md; with --device cuda: launch each config on this GPU)")
     s.add_argument("--quick", action="store_true", help="a short smoke run (under 2 minutes on CPU)")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument("--subset", choices=["full", "ci"], default="full",
+                   help="compile: the whole shape table (hours on 2 cores, cached) or the CI subset")
+    s.add_argument("--targets", default="80,90", help="compile: compute capabilities")
+    s.add_argument("--check", action="store_true", help="compile: exit 1 on any rule violation")
     s.set_defaults(func=cmd_bench)
     s = sub.add_parser("train", help="train one stage of the cascade from a TOML config")
     s.add_argument("--config", required=True, help="TOML file (see imagen_fast/train_config.py)")
