@@ -27,6 +27,9 @@ Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU):
   group_norm._as_float.
 * triton.autotune / do_bench need a driver: configs are fixed under the interpreter
   (_common.pick_config returns the default).
+* A name assigned before a loop and again inside it is loop-carried: on a GPU it must
+  keep one type (threshold._hist_kernel's `_` did not, and compiled for no card).
+  benchmarks/gpu_compile.py compiles every launch for sm_80/sm_90 (CI: a subset).
 * It is ~4000x slower than a GPU: tests force the multi-block / split paths with the
   modules' force_plan / force_blocks / force_launch hooks at tiny shapes.
 """
