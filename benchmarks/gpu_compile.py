@@ -840,6 +840,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--baseline", default=None,
                     help="an earlier audit's compact JSON for the before/after table "
                          "(default results/<out>_before.json when it exists)")
+    ap.add_argument("--from-configs", default=None, metavar="PATH",
+                    help="write the report from an earlier run's <out>_configs.json, compiling nothing")
     ap.add_argument("--device-run", action="store_true",
                     help="on a CUDA GPU: load and launch each config, registers from the driver")
     ap.add_argument("--budget-s", type=float, default=300.0,
@@ -871,6 +873,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         targets = [TARGETS[int(t)] for t in args.targets.split(",")]
     except (KeyError, ValueError):
         ap.error(f"--targets must be a comma list of {sorted(TARGETS)}, got {args.targets!r}")
+    if args.from_configs:        # rewrite the report from an earlier run's rows
+        audit = json.loads(Path(args.from_configs).read_text())
+        write_report(audit, audit.get("cuda", {}), args.out, args.baseline)
+        return 1 if (args.check and problems(audit["rows"])) else 0
     picks: List[Dict] = []
     if args.subset == "ci" and (RESULTS / "gpu_compile.json").exists():
         picks = json.loads((RESULTS / "gpu_compile.json").read_text()).get("ci_picks", [])
@@ -892,14 +898,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"max shared {s['max_shared']} B")
     print(f"audit done in {time.perf_counter() - t0:.0f} s")
     if not args.no_report:
-        baseline = Path(args.baseline) if args.baseline else RESULTS / f"{args.out}_before.json"
-        before = json.loads(baseline.read_text()) if baseline.exists() else None
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{args.out}_configs.json").write_text(json.dumps(audit["rows"]))
-        (RESULTS / f"{args.out}.json").write_text(json.dumps(compact(audit, cuda), indent=1) + "\n")
-        (RESULTS / f"{args.out}.md").write_text(markdown(audit, cuda, before))
-        print(f"report: {RESULTS / (args.out + '.md')}")
+        audit["cuda"] = cuda
+        write_report(audit, cuda, args.out, args.baseline)
     return 1 if (args.check and probs) else 0
+
+
+def write_report(audit: Dict, cuda: Dict, out: str, baseline: Optional[str]) -> None:
+    """results/<out>.md and <out>.json (compact, committed) and <out>_configs.json (every
+    row); the before/after table from ``baseline`` (default results/<out>_before.json)."""
+    path = Path(baseline) if baseline else RESULTS / f"{out}_before.json"
+    before = json.loads(path.read_text()) if path.exists() else None
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{out}_configs.json").write_text(json.dumps(audit))
+    (RESULTS / f"{out}.json").write_text(json.dumps(compact(audit, cuda), indent=1) + "\n")
+    (RESULTS / f"{out}.md").write_text(markdown(audit, cuda, before))
+    print(f"report: {RESULTS / (out + '.md')}")
 
 
 if __name__ == "__main__":

@@ -342,7 +342,8 @@ def _block_list(mask_u8: torch.Tensor, lk: int, bn: int):
     nblk = cm.cdiv(lk, bn)
     blocks = torch.empty((b, nblk), dtype=torch.int32, device=mask_u8.device)
     count = torch.empty((b,), dtype=torch.int32, device=mask_u8.device)
-    ch = min(64, cm.next_pow2(nblk))
+    # [CH, BN] mask tiles of at most 2048 bytes: 16 a thread (wider tiles spilled)
+    ch = min(64, cm.next_pow2(nblk), max(1, 2048 // bn))
     _kv_blocks_kernel[(b,)](mask_u8, blocks, count, lk, nblk, BN=bn, CH=ch, num_warps=4)
     return blocks, count, nblk
 

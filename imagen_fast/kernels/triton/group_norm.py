@@ -464,8 +464,10 @@ class _Plan:
         return "_Plan(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
 
 
-# (loop tile elements, largest single tile for the fused plan, num_warps); the first
-# of each list is the default (valid on sm_80 and sm_90).
+# (loop tile elements, largest single tile for the fused plan, num_warps; make_plan
+# doubles the warps, up to 16, while a tile has over 16 elements a thread); the first of
+# each list is the default: it compiles without spills on sm_80 and sm_90
+# (benchmarks/gpu_compile.py).
 MIN_CHUNK = 8192
 _FWD_CONFIGS = [(4096, 8192, 8), (2048, 4096, 4), (4096, 8192, 16), (8192, 16384, 16)]
 _BWD_CONFIGS = [(2048, 4096, 8), (1024, 2048, 4), (4096, 4096, 8), (2048, 8192, 16)]
@@ -521,6 +523,10 @@ def make_plan(N: int, C: int, S: int, G: int, channels_last: bool, sms: int, cfg
     else:
         chunk = S
     mode = "fused" if fused else ("looped" if split == 1 else "split")
+    # at most 16 elements of a tile per thread (a fused tile may be twice the loop tile):
+    # 32 spilled registers on sm_80 (benchmarks/gpu_compile.py)
+    while num_warps < 16 and rows * bs > 16 * 32 * num_warps:
+        num_warps *= 2
     return _Plan(GB=gb, CB=cb, NCB=ncb, BS=bs, GBLK=gblk, SPLIT=split, CHUNK=chunk,
                  mode=mode, num_warps=num_warps)
 
