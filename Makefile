@@ -14,7 +14,7 @@ PEERS ?= diffusers==0.42.1 imagen-pytorch==2.1.0
 
 .PHONY: venv build sample test bench bench-model gpu-compile lint clean
 
-# PEERS: the libraries imagen_fast.accelerate patches (tests/test_patch_*.py,
+# PEERS: the libraries imagen_fast.accelerate patches (tests/patch/,
 # benchmarks/bench_patch.py), installed under constraints so they cannot swap this torch.
 # PyPI's torchvision is a CUDA build whose compiled ops cannot load beside the CPU torch;
 # its import then fails registering meta kernels for them (also when transformers imports
@@ -69,7 +69,7 @@ bench-model: venv
 # and csrc/cuda through nvcc, on this machine (no GPU): fails on a compile error, a config
 # over the card's shared memory or a spill in a fixed/default config. Results are cached
 # (~/.cache/imagen_fast/gpu_compile); a cold run is hours on 2 cores (JOBS=N to widen).
-# Report: benchmarks/results/gpu_compile.md. The CI subset: tests/test_gpu_compile.py.
+# Report: benchmarks/results/gpu_compile.md. The CI subset: tests/ops/test_gpu_compile.py.
 JOBS ?= 2
 gpu-compile: venv
 	$(VPY) -m benchmarks.gpu_compile --check --jobs $(JOBS)

@@ -82,7 +82,7 @@ class TorchSample:
     @torch.no_grad()
     def __call__(self, i=0):
         return self.sample(self.model, self.diffusion, self.shape, text_embeds=self.text,
-                           text_mask=self.mask, lowres=self.lowres, guidance_scale=GUIDANCE,
+                           text_mask=self.mask, lowres=self.lowres, guidance=GUIDANCE,
                            sampler="ddpm", steps=self.steps, percentile=PERCENTILE,
                            generator=torch.Generator().manual_seed(i))
 
@@ -153,7 +153,7 @@ class JaxSample:
         self.text, self.mask, self.lowres = (jnp.asarray(text.numpy()), jnp.asarray(mask.numpy()),
                                              nhwc(lowres))
         self.run = compile_sampler(model, diffusion, shape=(batch, c["image_size"], c["image_size"], 3),
-                                   guidance_scale=GUIDANCE, sampler="ddpm", steps=steps,
+                                   guidance=GUIDANCE, sampler="ddpm", steps=steps,
                                    percentile=PERCENTILE)
         t0 = time.perf_counter()
         self(0)

@@ -179,7 +179,7 @@ class OursSampleE2E(_Ours):
         with _autocast(self.device):
             return self.sample(self.model, self.diffusion, tuple(self.images.shape),
                                text_embeds=self.text, text_mask=self.mask, lowres=self.lowres,
-                               guidance_scale=GUIDANCE, sampler="ddpm", steps=E2E_STEPS,
+                               guidance=GUIDANCE, sampler="ddpm", steps=E2E_STEPS,
                                threshold="dynamic", percentile=PERCENTILE, generator=self.gen,
                                device=self.device)
 

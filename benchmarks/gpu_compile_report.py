@@ -7,7 +7,7 @@ of its result rows, one row per (target, specialisation):
 Files: results/gpu_compile.md (summary, rule violations, before/after, csrc/cuda, the
 per-kernel table per target, the heaviest configurations of every kernel) and
 results/gpu_compile.json (the same, compact, plus the CI picks: the shape-table cases
-whose configs use the most registers, which tests/test_gpu_compile.py recompiles).
+whose configs use the most registers, which tests/ops/test_gpu_compile.py recompiles).
 Every row goes to results/gpu_compile_configs.json (not committed: tens of MB).
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ def heaviest(rows: Sequence[Dict], cap: int, per_kernel: int = 2) -> List[Dict]:
 
 def ci_picks(rows: Sequence[Dict], caps: Sequence[int]) -> List[Dict]:
     """What the CI test recompiles: the heaviest configs' kernel, role class and the
-    shape-table case that launches them (tests/test_gpu_compile.py)."""
+    shape-table case that launches them (tests/ops/test_gpu_compile.py)."""
     return [dict(target=r["target"], kernel=r["kernel"], launched=launched(r), group=r["group"],
                  config=r["config"]) for cap in caps for r in heaviest(rows, cap)]
 

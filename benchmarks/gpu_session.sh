@@ -2,7 +2,7 @@
 # Everything a lent CUDA GPU (H100/H200) is needed for, in ONE call of under ~9 minutes:
 #   1 info        nvidia-smi, versions
 #   2 build       imagen_fast._C with the CUDA kernels for this card's architecture only
-#   3 tests       tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py at full shapes
+#   3 tests       tests/ops/test_ops.py tests/ops/test_triton.py tests/ops/test_cuda_kernels.py at full shapes
 #   4 kernels     the compile audit's kernels for real (benchmarks/gpu_compile.py --device-run):
 #                 every config the Triton wrappers reach at shape-table shapes (each autotuner
 #                 candidate too) compiled, loaded and launched once; registers and local
@@ -18,7 +18,7 @@
 #   bash benchmarks/gpu_session.sh                       # from the repository root
 #   OUT=/some/dir TOTAL_S=540 bash benchmarks/gpu_session.sh
 #   bash benchmarks/gpu_session.sh --dry-run             # any machine, no GPU (CI runs it:
-#                                                        # tests/test_gpu_session.py)
+#                                                        # tests/bench/test_gpu_session.py)
 # The dry run makes every part run or be skipped with its reason, so that a lent GPU is
 # never lost to an error in this script: info runs as is; build configures CMake only;
 # tests collects the test files; kernels, ops and model run their real command lines,
@@ -153,15 +153,15 @@ build() {
 tests() {
   local opts=()
   if [ "$DRY_RUN" = 1 ]; then
-    "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_ops.py tests/test_triton.py \
-      tests/test_cuda_kernels.py | tail -n 3
+    "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/ops/test_ops.py tests/ops/test_triton.py \
+      tests/ops/test_cuda_kernels.py | tail -n 3
     return "${PIPESTATUS[0]}"
   fi
   "$PY" -c "import pytest_timeout" 2> /dev/null && opts+=(--timeout=120)
   # the tests are mostly Triton compilation: 8 workers on the 16 cores share the GPU
   "$PY" -c "import xdist" 2> /dev/null && opts+=(-n 8)
   "$PY" -m pytest -q -p no:cacheprovider "${opts[@]}" -o junit_family=xunit2 \
-    --junitxml="$LOGS/tests.xml" tests/test_ops.py tests/test_triton.py tests/test_cuda_kernels.py
+    --junitxml="$LOGS/tests.xml" tests/ops/test_ops.py tests/ops/test_triton.py tests/ops/test_cuda_kernels.py
 }
 
 # the ahead-of-time audit's kernels on the real card: load, launch once, driver registers
@@ -173,10 +173,10 @@ kernels() {
 # contract suite under the sanitizer takes longer than one call allows
 sanitizer() {
   if [ "$DRY_RUN" = 1 ]; then
-    bash -n tests/gpu/run_sanitizer.sh || return 1
-    skip "dry run: compute-sanitizer needs a CUDA GPU (tests/gpu/run_sanitizer.sh parses)"
+    bash -n tests/ops/run_sanitizer.sh || return 1
+    skip "dry run: compute-sanitizer needs a CUDA GPU (tests/ops/run_sanitizer.sh parses)"
   fi
-  SANITIZER_K=gpu_ TOOLS="memcheck racecheck" PY="$PY" bash tests/gpu/run_sanitizer.sh
+  SANITIZER_K=gpu_ TOOLS="memcheck racecheck" PY="$PY" bash tests/ops/run_sanitizer.sh
 }
 
 # the benchmarks stop starting new cases in time to write their results

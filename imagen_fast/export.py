@@ -25,7 +25,7 @@ def stage_from_run(run_dir, *, name: Optional[str] = None, ema: bool = True,
     from . import checkpoint as ck
     from .diffusion import GaussianDiffusion
     from .models import unet_from_config
-    from .pipeline import SamplingConfig, Stage
+    from .cascade import SamplingConfig, Stage
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     if step is None:
@@ -53,18 +53,32 @@ def stage_from_run(run_dir, *, name: Optional[str] = None, ema: bool = True,
 
 def cascade_from_runs(run_dirs: Sequence, *, names: Optional[Sequence[str]] = None, ema: bool = True,
                       sampling: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
-                      steps: Optional[Sequence[Optional[int]]] = None) -> tuple:
-    """(ImagenCascade, [checkpoint step per stage]) from one run directory per stage."""
-    from .pipeline import ImagenCascade
+                      steps: Optional[Sequence[Optional[int]]] = None,
+                      extend: Optional[str] = None) -> tuple:
+    """(ImagenCascade, [checkpoint step per stage]) from one run directory per stage.
+
+    ``extend``: a cascade directory whose stages (weights, diffusion and sampling settings
+    as saved) come first, the runs' stages after them (e.g. a super-resolution stage
+    added to a trained cascade); ``names``, ``sampling`` and ``steps`` then index the runs
+    only, and the step list has None for the extended cascade's stages."""
+    from .core import normalize_names
+    from .cascade import ImagenCascade
     if not run_dirs:
         raise ValueError("run_dirs: need one training run per stage")
     stages, texts, got = [], [], []
+    if extend is not None:
+        base = ImagenCascade.load(str(extend))
+        if not base.text:
+            raise ValueError(f"{extend}: the cascade names no text encoder (config 'text')")
+        stages += list(base.stages)
+        texts.append({k: base.text[k] for k in ("encoder", "max_length") if k in base.text})
+        got += [None] * len(base.stages)
     for i, run in enumerate(run_dirs):
         stage, text, step = stage_from_run(
             run, name=names[i] if names else None, ema=ema,
             step=steps[i] if steps and i < len(steps) else None)
         if sampling and i < len(sampling) and sampling[i]:
-            stage.sampling = stage.sampling.replace(**sampling[i])
+            stage.sampling = stage.sampling.replace(**normalize_names(sampling[i]))
         stages.append(stage)
         texts.append(text)
         got.append(step)
@@ -86,7 +100,7 @@ def cmd_export(args) -> int:
         if sampling is not None and not isinstance(sampling, list):
             raise ValueError("--sampling: expected a JSON list with one object (or null) per stage")
         cascade, steps = cascade_from_runs(args.run, names=args.name or None, ema=not args.no_ema,
-                                           sampling=sampling)
+                                           sampling=sampling, extend=args.extend)
         cascade.save(args.out, dtype=dtypes[args.dtype])
     except (ValueError, ck.CheckpointError, json.JSONDecodeError, OSError) as e:
         print(f"imagen-fast: error: {e}", file=sys.stderr)
@@ -101,11 +115,13 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--run", action="append", required=True,
                    help="a training run's out_dir, one per stage, base first (repeat)")
     s.add_argument("--name", action="append", help="stage names (repeat; default: preset names)")
+    s.add_argument("--extend", help="a cascade directory whose stages come first, the runs' after "
+                                    "(--name/--sampling then index the runs)")
     s.add_argument("--out", required=True, help="cascade directory to write")
     s.add_argument("--dtype", choices=_DTYPES, default="fp16", help="weights in the file")
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     s.add_argument("--sampling", help='default sampling per stage as JSON, e.g. '
-                                      '\'[{"guidance_scale": 4, "steps": 32}, {"steps": 16}]\'')
+                                      '\'[{"guidance": 4, "steps": 32}, {"steps": 16}]\'')
     s.set_defaults(func=cmd_export)
     return s
 

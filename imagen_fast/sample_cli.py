@@ -20,54 +20,35 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp")          # dpmpp = DPM-Solver++(2M)
-_SAMPLER_NAMES = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp2m", "dpmpp2m": "dpmpp2m"}
-THRESHOLDS = ("none", "static", "dynamic")
+from .core import SettingError, check_setting
+
+# The per-stage options: (setting, how a value is read). The values are checked by
+# SamplingConfig's rules (imagen_fast.core.check_setting), as everywhere else.
+_OPTIONS = {"guidance": float, "steps": int, "sampler": str, "threshold": str,
+            "percentile": float, "aug_level": float}
 
 
 class SampleError(ValueError):
     """A user mistake: printed as one line."""
 
 
-def _per_stage(text: Optional[str], name: str, parse, check=None):
+def _per_stage(text: Optional[str], name: str, parse):
     """'4' -> 4 (every stage), '4,2' -> [4, 2] (per stage); None stays None."""
     if text is None:
         return None
+    flag = "--" + name.replace("_", "-")
     values = []
     for part in text.split(","):
         part = part.strip()
         try:
-            v = parse(part)
+            value = parse(part)
         except ValueError:
-            raise SampleError(f"--{name}: cannot read {part!r}") from None
-        if check is not None:
-            problem = check(v)
-            if problem:
-                raise SampleError(f"--{name}: {problem}, got {part!r}")
-        values.append(v)
+            raise SampleError(f"{flag}: cannot read {part!r}") from None
+        try:
+            values.append(check_setting(name, value))
+        except SettingError as e:
+            raise SampleError(f"{flag}: {e.rule}, got {part!r}") from None
     return values[0] if len(values) == 1 else values
-
-
-def _positive_int(v):
-    return None if v >= 1 else "must be a positive integer"
-
-
-def _non_negative(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def _fraction(v):
-    return None if 0.0 < v <= 1.0 else "must be a fraction in (0, 1] (the paper's 99.5% is 0.995)"
-
-
-def _unit(v):
-    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
-
-
-def _choice(options):
-    def check(v):
-        return None if v in options else f"must be one of {', '.join(options)}"
-    return check
 
 
 def read_prompts_file(path: str) -> List[str]:
@@ -135,23 +116,13 @@ def _run(args) -> int:
             raise SampleError("empty prompt")
     if args.num_images < 1:
         raise SampleError(f"--num-images: must be a positive integer, got {args.num_images}")
-    settings = dict(
-        guidance=_per_stage(args.guidance, "guidance", float, _non_negative),
-        steps=_per_stage(args.steps, "steps", int, _positive_int),
-        sampler=_per_stage(args.sampler, "sampler", str, _choice(SAMPLERS + ("dpmpp2m",))),
-        threshold=_per_stage(args.threshold, "threshold", str, _choice(THRESHOLDS)),
-        percentile=_per_stage(args.percentile, "percentile", float, _fraction),
-        aug_level=_per_stage(args.aug_level, "aug-level", float, _unit),
-    )
-    if settings["sampler"] is not None:
-        s = settings["sampler"]
-        settings["sampler"] = [_SAMPLER_NAMES[x] for x in s] if isinstance(s, list) else _SAMPLER_NAMES[s]
+    settings = {name: _per_stage(getattr(args, name), name, parse) for name, parse in _OPTIONS.items()}
     files = _outputs(args.output, prompts, args.num_images, args.grid)
 
     import torch
 
     from .data.transforms import image_grid
-    from .sample import load_pipeline
+    from .pipeline import load_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,10 +11,17 @@ So a run killed at any moment (SIGKILL included) and resumed from its last check
 recomputes the same steps with the same data and noise, and N ranks whose local
 batches make up a global batch follow a single process given that global batch (up to
 floating-point reduction order).
+
+A super-resolution stage can train on crops (``data.crop_size``, aligned crops of the
+image and its low-res version, see ``imagen_fast.data.transforms``) and still sample at
+``data.resolution`` (the preset's ``image_size``): the U-Nets are convolutional. Its
+model config then records the crop as ``train_size``, and its sample grids are drawn at
+the full resolution (see ``save_sample_grid``).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -23,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,7 +38,7 @@ import torch.distributed as dist
 from . import checkpoint as ck
 from .data import StreamDataset, StreamPosition, make_loader, open_dataset, transform_for_stage
 from .diffusion import GaussianDiffusion
-from .models import build_unet
+from .models import preset_config, unet_from_config
 from .train_config import Config
 
 log = logging.getLogger("imagen_fast.train")
@@ -114,15 +121,17 @@ class EMA:
 
 
 # ----------------------------------------------------------------------- data
-def build_dataset(cfg: Config, d: Dist) -> StreamDataset:
-    """The configured image-caption stream, split over this rank."""
+def build_dataset(cfg: Config, d: Dist, *, whole: bool = False, shuffle: bool = True) -> StreamDataset:
+    """The configured image-caption stream, split over this rank (``whole``: whole images
+    even when training on crops, for the sample grids)."""
     dc = cfg.data
     transform = transform_for_stage(dc.resolution, dc.lowres_resolution or None,
-                                    random_crop=dc.random_crop)
-    source = dc.path
+                                    random_crop=dc.random_crop and not whole,
+                                    crop_size=None if whole else dc.crop_size)
+    kw = dict(seed=cfg.train.seed, rank=d.rank, world_size=d.world, shuffle=shuffle)
     if dc.kind == "shapes" and dc.path.startswith("shapes:"):
-        return open_dataset(dc.path, transform, seed=cfg.train.seed, rank=d.rank, world_size=d.world)
-    return StreamDataset(source, transform, seed=cfg.train.seed, rank=d.rank, world_size=d.world)
+        return open_dataset(dc.path, transform, **kw)
+    return StreamDataset(dc.path, transform, **kw)
 
 
 def build_text_source(tc, model_config: Dict[str, Any]):
@@ -142,16 +151,47 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 1) * 1_000_000_007 + step)
 
 
+def stage_model_config(cfg: Config) -> Dict[str, Any]:
+    """The U-Net config of the stage: the preset with its overrides, plus ``train_size``
+    (the training crop's side) when the stage trains on crops."""
+    config = preset_config(cfg.model.preset, **cfg.model.overrides)
+    if cfg.data.crop_size:
+        config["train_size"] = cfg.data.crop_size
+    return config
+
+
+def _halvings(model_config: Dict[str, Any]) -> int:
+    """How many times the U-Net halves its input (sides must be multiples of 2**this)."""
+    if model_config["arch"] == "efficient":
+        return len(model_config["channels"])
+    return len(model_config["channel_mult"]) - 1
+
+
 def check_stage(cfg: Config, model_config: Dict[str, Any]) -> str:
-    """The model's stage ("base" or "sr"), after checking the data settings fit it."""
+    """The model's stage ("base" or "sr"), after checking the data settings fit it.
+
+    ``data.resolution`` is the stage's sampling resolution and must be the preset's
+    ``image_size`` (and ``data.lowres_resolution`` its ``lowres_size``); the training
+    resolution is ``data.crop_size`` when set, independent of both."""
+    dc = cfg.data
     stage = model_config["stage"]
-    if stage == "sr" and not cfg.data.lowres_resolution:
+    if stage == "sr" and not dc.lowres_resolution:
         raise ValueError("data.lowres_resolution must be set for a super-resolution preset")
-    if stage == "base" and cfg.data.lowres_resolution:
+    if stage == "base" and dc.lowres_resolution:
         raise ValueError("data.lowres_resolution must be 0 for a base preset")
-    if model_config["image_size"] != cfg.data.resolution:
-        raise ValueError(f"data.resolution={cfg.data.resolution} differs from the preset's "
-                         f"image_size={model_config['image_size']}")
+    if model_config["image_size"] != dc.resolution:
+        raise ValueError(f"data.resolution={dc.resolution} differs from the preset's "
+                         f"image_size={model_config['image_size']} (data.resolution is the "
+                         f"resolution the stage samples at; data.crop_size trains on crops)")
+    lowres = model_config.get("lowres_size")
+    if stage == "sr" and lowres and lowres != dc.lowres_resolution:
+        raise ValueError(f"data.lowres_resolution={dc.lowres_resolution} differs from the "
+                         f"preset's lowres_size={lowres}")
+    if dc.crop_size:
+        n = _halvings(model_config)
+        if dc.crop_size % 2 ** n:
+            raise ValueError(f"data.crop_size={dc.crop_size} must be a multiple of {2 ** n}: "
+                             f"preset {model_config['name']!r} halves its input {n} times")
     return stage
 
 
@@ -219,6 +259,26 @@ class TrainLoop:
     def skipped(self) -> int:
         return self.dataset.skips.skipped if self.dataset is not None else 0
 
+    def grid_conditioning(self, prompts: List[str]) -> Tuple[torch.Tensor, List[str]]:
+        """(low-res images (B, 3, s, s), prompts) an SR stage's sample grid upsamples.
+        Trained on whole images: the last batch's low-res images with the log's prompts.
+        Trained on crops: whole low-res images at data.lowres_resolution, so the grid is
+        sampled at the full data.resolution as the stage is used, not at the crop size:
+        the first len(prompts) records of the data in order (the same at every grid),
+        each with its own caption."""
+        if not self.cfg.data.crop_size:
+            if self.last_lowres is None:
+                raise RuntimeError("no low-res batch seen yet")
+            lowres = torch.as_tensor(self.last_lowres[: len(prompts)])
+            return lowres, prompts[: len(lowres)]
+        cached = getattr(self, "_grid_examples", None)
+        if cached is None or len(cached[1]) != len(prompts):
+            ds = build_dataset(self.cfg, Dist(), whole=True, shuffle=False)
+            samples = list(itertools.islice(iter(ds), len(prompts)))
+            cached = (torch.stack([s["lowres"] for s in samples]), [s["caption"] for s in samples])
+            self._grid_examples = cached
+        return cached
+
 
 class Trainer(TrainLoop):
     def __init__(self, cfg: Config, *, text_source=None, batches=None, resume: bool = False):
@@ -239,7 +299,7 @@ class Trainer(TrainLoop):
         self.ckpt_dir = self.out_dir / "checkpoints"
 
         torch.manual_seed(tc.seed)
-        self.model = build_unet(cfg.model.preset, **cfg.model.overrides).to(self.device)
+        self.model = unet_from_config(stage_model_config(cfg)).to(self.device)
         self.stage = check_stage(cfg, self.model.config)
         self.diffusion = build_diffusion(cfg, self.stage)
         self.train_model = self._wrap(self.model)
@@ -345,14 +405,14 @@ class Trainer(TrainLoop):
     # ------------------------------------------------------------------ steps
     def _draws(self, lowres: bool) -> Dict[str, Any]:
         """Every random number of this step, for the global batch."""
-        tc, res = self.cfg.train, self.cfg.data.resolution
+        tc = self.cfg.train
+        res, lr = self.cfg.data.train_sizes()           # the crop's sizes when training on crops
         g = step_generator(tc.seed, self.step)
         b = tc.batch_size
         d = {"t": torch.rand(b, generator=g, dtype=torch.float64),
              "noise": torch.randn(b, 3, res, res, generator=g),
              "drop": torch.rand(b, generator=g, dtype=torch.float64)}
         if lowres:
-            lr = self.cfg.data.lowres_resolution
             d["aug_level"] = (torch.rand(b, generator=g, dtype=torch.float64)
                               * self.diffusion.aug_level_max if self.diffusion.noise_aug
                               else torch.zeros(b, dtype=torch.float64))
@@ -433,7 +493,8 @@ def image_grid(images: torch.Tensor, columns: int = 4):
 @torch.no_grad()
 def save_sample_grid(trainer: "Trainer", weights: Dict[str, torch.Tensor]) -> Path:
     """Sample the log's prompts with the EMA weights (or the live ones) into
-    <out_dir>/samples/step_XXXXXXXX.png. SR stages upsample the last batch's low-res images."""
+    <out_dir>/samples/step_XXXXXXXX.png, at data.resolution. SR stages upsample the
+    low-res images of ``grid_conditioning`` (whole ones when training on crops)."""
     from .diffusion import sample
     from .models import unet_from_config
 
@@ -442,17 +503,15 @@ def save_sample_grid(trainer: "Trainer", weights: Dict[str, torch.Tensor]) -> Pa
     model.load_state_dict(weights)
     model.eval()
     prompts = list(lc.sample_prompts)
-    emb, mask = trainer.text_source(prompts)
     res = trainer.cfg.data.resolution
     lowres = None
     if trainer.stage == "sr":
-        if trainer.last_lowres is None:
-            raise RuntimeError("no low-res batch seen yet")
-        lowres = trainer.last_lowres[: len(prompts)].to(trainer.device)
-        prompts, emb, mask = prompts[: len(lowres)], emb[: len(lowres)], mask[: len(lowres)]
+        lowres, prompts = trainer.grid_conditioning(prompts)
+        lowres = lowres.to(trainer.device)
+    emb, mask = trainer.text_source(prompts)
     g = torch.Generator(device=trainer.device).manual_seed(trainer.cfg.train.seed)
     images = sample(model, trainer.diffusion, (len(prompts), 3, res, res), text_embeds=emb.to(trainer.device),
-                    text_mask=mask.to(trainer.device), lowres=lowres, guidance_scale=lc.sample_guidance,
+                    text_mask=mask.to(trainer.device), lowres=lowres, guidance=lc.sample_guidance,
                     sampler="ddim", steps=lc.sample_steps, generator=g, device=trainer.device)
     out = trainer.out_dir / "samples" / f"step_{trainer.step:08d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)

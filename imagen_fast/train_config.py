@@ -2,7 +2,8 @@
 
     [model]      preset = "tiny-base32"; overrides = { ... } (any preset field)
     [diffusion]  schedule, prediction, cond_drop_prob, noise_aug, aug_level_max
-    [data]       kind = "shapes" | "folder" | "shards"; path; resolution; ...
+    [data]       kind = "shapes" | "folder" | "shards"; path; resolution; lowres_resolution;
+                 crop_size (SR stages trained on aligned crops); ...
     [text]       encoder = "minilm" | "t5:<dir>"; cache = "<dir>" (optional); max_length
     [train]      steps, batch_size, grad_accum, lr, warmup_steps, optimizer, ema_decay,
                  precision, grad_clip, channels_last, compile, seed, device, ...
@@ -66,9 +67,13 @@ class DiffusionConfig:
 class DataConfig:
     kind: str = "shapes"            # shapes | folder | shards
     path: str = ""
-    resolution: int = 32            # the stage's output resolution
+    resolution: int = 32            # the stage's output (sampling) resolution: the preset's image_size
     lowres_resolution: int = 0      # SR stages: conditioning resolution (0 = base stage)
     random_crop: bool = False       # SR stages: random crops of larger images
+    # SR stages: train on random crop_size x crop_size crops of the resolution-sized image
+    # (0 = the whole image); the low-res conditioning is made from the whole image and cut
+    # at the same place (offsets on the factor's grid). The stage still samples at resolution.
+    crop_size: int = 0
     num_workers: int = 0
 
     def validate(self, s: str) -> None:
@@ -78,7 +83,20 @@ class DataConfig:
         _need(self.resolution >= 8, f"{s}.resolution", f"must be >= 8, got {self.resolution}")
         _need(0 <= self.lowres_resolution < self.resolution, f"{s}.lowres_resolution",
               "must be 0 (base stage) or smaller than resolution")
+        if self.crop_size:
+            from .data.transforms import crop_grid_error
+            problem = crop_grid_error(self.resolution, self.lowres_resolution, self.crop_size)
+            _need(problem is None, f"{s}.crop_size",
+                  f"{problem} ({s}.resolution={self.resolution}, "
+                  f"{s}.lowres_resolution={self.lowres_resolution})")
         _need(self.num_workers >= 0, f"{s}.num_workers", "must be >= 0")
+
+    def train_sizes(self) -> tuple:
+        """(image side, low-res side or 0) of a training example: the crop's when
+        training on crops, else the whole image's."""
+        if not self.crop_size:
+            return self.resolution, self.lowres_resolution
+        return self.crop_size, self.crop_size * self.lowres_resolution // self.resolution
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Shared fixtures: the device, the backends under test, poisoned allocations."""
+"""Fixtures and hooks only (shared helpers live in tests/support/): the environment, the
+backends under test, poisoned allocations, the slow and gpu markers."""
 import os
 
 import pytest
@@ -16,34 +17,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from imagen_fast.ops import dispatch  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INTERPRETED = DEVICE.type == "cpu"
-
-
-def backend_available(name: str) -> str:
-    """'available' or why not."""
-    return dispatch.available_backends()[name]
-
-
-def backends_for_device():
-    if DEVICE.type == "cuda":
-        return ["torch", "triton", "cuda"]
-    return ["torch", "cpu", "triton"]
+from support.device import backends_for_device, use_backend_or_skip  # noqa: E402
 
 
 @pytest.fixture(params=backends_for_device())
 def backend(request):
     """Runs the test once per backend, inside use_backend(name)."""
-    name = request.param
-    status = backend_available(name)
-    if status != "available":
-        if name == "cpu" and os.environ.get("IMAGEN_FAST_REQUIRE_EXTENSION") == "1":
-            pytest.fail(f"backend cpu unavailable: {status}")
-        pytest.skip(f"backend {name}: {status}")
-    with dispatch.use_backend(name):
-        yield name
+    with use_backend_or_skip(request.param):
+        yield request.param
 
 
 @pytest.fixture
@@ -61,22 +42,14 @@ def poison(monkeypatch):
     yield
 
 
-def require_op(backend: str, op: str) -> None:
-    """Skip when a backend has no kernel for this op at all (e.g. attention on "cuda")."""
-    if (op, backend) not in dispatch._registry:
-        pytest.skip(f"backend {backend} has no {op} kernel")
-
-
-def small(backend: str) -> bool:
-    """True where shapes must stay tiny (Triton's interpreter is ~4000x slower)."""
-    return backend == "triton" and INTERPRETED
-
-
 def pytest_collection_modifyitems(config, items):
-    """@pytest.mark.slow tests run only with IMAGEN_FAST_SLOW=1."""
-    if os.environ.get("IMAGEN_FAST_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: set IMAGEN_FAST_SLOW=1 to run")
+    """@pytest.mark.slow tests run only with IMAGEN_FAST_SLOW=1; @pytest.mark.gpu tests
+    only where CUDA is available."""
+    slow = os.environ.get("IMAGEN_FAST_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: set IMAGEN_FAST_SLOW=1 to run")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)

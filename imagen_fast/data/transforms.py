@@ -3,8 +3,13 @@
 * base stage: resize the shorter side to ``size``, center crop ``size x size``.
 * super-resolution stages: resize the shorter side to ``resize`` (>= ``size``), take a random
   (or center) ``size x size`` crop, and make the low-resolution conditioning image on the fly
-  by downsampling that crop to ``lowres_size`` (bicubic with antialiasing). The 256->1024
-  model is trained this way on 256 crops of 1024 images with 64 px conditioning.
+  by downsampling that crop to ``lowres_size`` (bicubic with antialiasing).
+* super-resolution stages trained on crops (``crop_size``, as the paper's 256->1024 model,
+  trained on 256 crops of 1024 images with 64 px conditioning): the low-resolution image is
+  made from the WHOLE ``size`` image, as at sampling time, and both are cut at the same
+  place: a random ``crop_size`` crop at offsets that are multiples of the factor
+  ``size / lowres_size``, and the ``crop_size / factor`` crop of the low-res image at the
+  offsets divided by the factor, so the two pixel grids line up exactly.
 
 Images become float tensors in [-1, 1], (3, H, W). No horizontal flip: captions say "left" and
 "right", and a flip would make them wrong.
@@ -69,8 +74,31 @@ def to_pil(x: Tensor) -> "Image.Image":
     return Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), "RGB")
 
 
+def crop_grid_error(size: int, lowres_size: Optional[int], crop_size: int) -> Optional[str]:
+    """Why ``crop_size`` crops of a ``size`` image can not be cut in step with its
+    ``lowres_size`` low-res version (None when they can). The one home of this rule:
+    the transform and the training config both ask it."""
+    if not isinstance(crop_size, int) or isinstance(crop_size, bool) or crop_size < 0:
+        return f"must be an int >= 0 (0 = the whole image), got {crop_size!r}"
+    if crop_size == 0:
+        return None
+    if not lowres_size:
+        return "needs a low-res size: crops are for super-resolution stages"
+    if size % lowres_size:
+        return (f"needs the resolution ({size}) to be a multiple of the low-res resolution "
+                f"({lowres_size}), so crops can be aligned")
+    if crop_size > size:
+        return f"must be <= the resolution ({size}), got {crop_size}"
+    factor = size // lowres_size
+    if crop_size % factor:
+        return (f"must be a multiple of the super-resolution factor {factor} "
+                f"({size} / {lowres_size}), got {crop_size}")
+    return None
+
+
 class ImageTransform:
-    """PIL image -> (image (3, size, size), lowres (3, lowres_size, lowres_size) or None).
+    """PIL image -> (image (3, S, S), lowres (3, s, s) or None), where S = crop_size or
+    size and s = S * lowres_size / size.
 
     Args:
         size: output side.
@@ -79,10 +107,15 @@ class ImageTransform:
         crop: 'center' or 'random' (random crops for super-resolution training).
         lowres_size: side of the conditioning image (None = base stage, no low-res image).
         resample: 'bicubic' (default), 'bilinear', 'lanczos', 'box', 'nearest'.
+        crop_size: super-resolution training on crops (0 or None = the whole image): the
+            low-res image is made from the whole ``size`` image, then a random crop_size
+            crop of the image and the aligned crop of the low-res image are returned (see
+            the module docstring). Drawn from ``rng`` after the ``crop`` above.
     """
 
     def __init__(self, size: int, *, resize: Optional[int] = None, crop: str = "center",
-                 lowres_size: Optional[int] = None, resample: str = "bicubic"):
+                 lowres_size: Optional[int] = None, resample: str = "bicubic",
+                 crop_size: Optional[int] = None):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size: expected a positive int, got {size!r}")
         resize = size if resize is None else resize
@@ -94,8 +127,12 @@ class ImageTransform:
             raise ValueError(f"lowres_size: expected an int in [1, size={size}), got {lowres_size!r}")
         if resample not in _RESAMPLE:
             raise ValueError(f"resample: expected one of {sorted(_RESAMPLE)}, got {resample!r}")
+        crop_size = crop_size or 0
+        problem = crop_grid_error(size, lowres_size, crop_size)
+        if problem:
+            raise ValueError(f"crop_size: {problem}")
         self.size, self.resize, self.crop = size, resize, crop
-        self.lowres_size, self.resample = lowres_size, resample
+        self.lowres_size, self.resample, self.crop_size = lowres_size, resample, crop_size
 
     @property
     def draft_size(self) -> int:
@@ -121,16 +158,30 @@ class ImageTransform:
             img = img.crop((x0, y0, x0 + self.size, y0 + self.size))
         return img
 
+    def aligned_offset(self, rng: Optional[random.Random] = None) -> Tuple[int, int]:
+        """(x0, y0) of a random crop_size crop, both multiples of the factor."""
+        rng = rng or random
+        factor = self.size // self.lowres_size
+        last = (self.size - self.crop_size) // factor
+        return factor * rng.randint(0, last), factor * rng.randint(0, last)
+
     def __call__(self, img: "Image.Image", rng: Optional[random.Random] = None) -> Tuple[Tensor, Optional[Tensor]]:
         img = self.crop_image(img, rng)
         low = None
         if self.lowres_size:
-            low = to_tensor(img.resize((self.lowres_size, self.lowres_size), _RESAMPLE[self.resample]))
-        return to_tensor(img), low
+            low = img.resize((self.lowres_size, self.lowres_size), _RESAMPLE[self.resample])
+        if self.crop_size and self.crop_size != self.size:
+            x0, y0 = self.aligned_offset(rng)
+            c, factor = self.crop_size, self.size // self.lowres_size
+            img = img.crop((x0, y0, x0 + c, y0 + c))
+            lx, ly, lc = x0 // factor, y0 // factor, c // factor
+            low = low.crop((lx, ly, lx + lc, ly + lc))
+        return to_tensor(img), None if low is None else to_tensor(low)
 
     def __repr__(self) -> str:
         return (f"ImageTransform(size={self.size}, resize={self.resize}, crop={self.crop!r}, "
-                f"lowres_size={self.lowres_size}, resample={self.resample!r})")
+                f"lowres_size={self.lowres_size}, resample={self.resample!r}, "
+                f"crop_size={self.crop_size})")
 
 
 
@@ -148,8 +199,10 @@ def image_grid(images: Sequence["Image.Image"], columns: int) -> "Image.Image":
     return grid
 
 def transform_for_stage(size: int, lowres_size: Optional[int] = None, *, random_crop: Optional[bool] = None,
-                        resize: Optional[int] = None) -> ImageTransform:
+                        resize: Optional[int] = None, crop_size: Optional[int] = None) -> ImageTransform:
     """The usual transform of a cascade stage: base (``lowres_size=None``): center crop;
-    super-resolution: random crop and a low-res image (``random_crop`` overrides)."""
+    super-resolution: random crop and a low-res image (``random_crop`` overrides), and
+    with ``crop_size`` aligned random crops of the pair for training on crops."""
     rc = (lowres_size is not None) if random_crop is None else random_crop
-    return ImageTransform(size, resize=resize, crop="random" if rc else "center", lowres_size=lowres_size)
+    return ImageTransform(size, resize=resize, crop="random" if rc else "center", lowres_size=lowres_size,
+                          crop_size=crop_size)

@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .schedules import CosineSchedule, Schedule, get_schedule
-
-PREDICTIONS = ("eps", "v")
+from ..core import diffusion_config
+from .schedules import Schedule, get_schedule
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -61,18 +60,15 @@ def null_text(text_embeds: Tensor) -> Tuple[Tensor, Tensor]:
 class GaussianDiffusion:
     def __init__(self, schedule="cosine", prediction: str = "eps", cond_drop_prob: float = 0.1,
                  noise_aug: bool = False, aug_level_max: float = 1.0, aug_schedule=None):
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if not 0.0 <= cond_drop_prob <= 1.0:
-            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
-        if not 0.0 <= aug_level_max <= 1.0:
-            raise ValueError(f"aug_level_max must be in [0, 1], got {aug_level_max}")
-        self.schedule: Schedule = get_schedule(schedule)
-        self.prediction = prediction
-        self.cond_drop_prob = float(cond_drop_prob)
-        self.noise_aug = bool(noise_aug)
-        self.aug_level_max = float(aug_level_max)
-        self.aug_schedule: Schedule = get_schedule(aug_schedule or CosineSchedule())
+        as_spec = lambda s: s.config() if isinstance(s, Schedule) else s  # noqa: E731
+        cfg = diffusion_config(as_spec(schedule), prediction, cond_drop_prob, noise_aug,
+                               aug_level_max, as_spec(aug_schedule))
+        self.schedule: Schedule = get_schedule(cfg["schedule"])
+        self.prediction = cfg["prediction"]
+        self.cond_drop_prob = cfg["cond_drop_prob"]
+        self.noise_aug = cfg["noise_aug"]
+        self.aug_level_max = cfg["aug_level_max"]
+        self.aug_schedule: Schedule = get_schedule(cfg["aug_schedule"])
 
     # ------------------------------------------------------------------ config
     def config(self) -> Dict:

@@ -25,10 +25,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..core import SAMPLERS, THRESHOLDS, alpha_sigma_at, check_choice, time_grid
 from .gaussian import GaussianDiffusion, _draw, null_text
-
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-THRESHOLDS = ("dynamic", "static", "none")
 
 
 class GuidedDenoiser:
@@ -36,15 +34,15 @@ class GuidedDenoiser:
 
     The batch-doubled inputs (text | null text, low-res image twice) are built once;
     each call stacks [z, z] and returns (pred_cond, pred_uncond), pred_uncond None when
-    guidance is off (guidance_scale == 1 or no text).
+    guidance is off (guidance == 1 or no text).
     """
 
     def __init__(self, model: Callable, batch: int, text_embeds: Optional[Tensor],
-                 text_mask: Optional[Tensor], guidance_scale: float,
+                 text_mask: Optional[Tensor], guidance: float,
                  lowres: Optional[Tensor] = None, aug_level: Optional[Tensor] = None):
         self.model = model
         self.batch = batch
-        self.guided = text_embeds is not None and float(guidance_scale) != 1.0
+        self.guided = text_embeds is not None and float(guidance) != 1.0
         self.calls = 0
         if text_embeds is not None and text_mask is None:
             text_mask = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)
@@ -70,17 +68,8 @@ class GuidedDenoiser:
         return cond, uncond
 
 
-def time_grid(steps: int) -> List[float]:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    return [1.0 - i / steps for i in range(steps)] + [0.0]
-
-
 def _alpha_sigma(diffusion: GaussianDiffusion, t: float) -> Tuple[float, float]:
-    if t <= 0.0:
-        return 1.0, 0.0
-    a, s = diffusion.alpha_sigma(torch.tensor(t, dtype=torch.float64))
-    return float(a), float(s)
+    return alpha_sigma_at(diffusion.schedule.config(), t)
 
 
 def _prepare_lowres(diffusion, lowres, aug_level, batch, generator, device):
@@ -95,7 +84,7 @@ def _prepare_lowres(diffusion, lowres, aug_level, batch, generator, device):
 def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
            text_embeds: Optional[Tensor] = None, text_mask: Optional[Tensor] = None,
            lowres: Optional[Tensor] = None, aug_level: float = 0.0,
-           guidance_scale: float = 1.0, sampler: str = "ddpm", steps: int = 50,
+           guidance: float = 1.0, sampler: str = "ddpm", steps: int = 50,
            eta: float = 0.0, threshold: str = "dynamic", percentile: float = 0.995,
            generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
            device=None, dtype: torch.dtype = torch.float32,
@@ -104,17 +93,15 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
     """Draw samples of ``shape`` (B, C, H, W) from ``model`` (called as
     ``model(z, t, text_embeds, text_mask[, lowres=, aug_level=])``).
 
-    guidance_scale w: pred = w * pred(text) + (1 - w) * pred(no text).
+    guidance w: pred = w * pred(text) + (1 - w) * pred(no text).
     threshold: "dynamic" (percentile p of |x0|, the paper's p = 0.995), "static"
     (clip to [-1, 1]) or "none". For super-resolution, ``lowres`` is noise-augmented to
     the fixed ``aug_level`` before sampling and the level is given to the model.
     ``noise`` is the starting z_1 (default: standard normal from ``generator``).
     ``on_step(done, total)`` is called after every denoising step (progress bars).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if threshold not in THRESHOLDS:
-        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    check_choice(sampler, "sampler", SAMPLERS)
+    check_choice(threshold, "threshold", THRESHOLDS)
     grid = time_grid(steps)
     if device is None:
         device = noise.device if noise is not None else (
@@ -124,8 +111,8 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
          else _draw("normal", shape, generator, device, dtype))
     if denoiser is None:
         lowres_aug, level = _prepare_lowres(diffusion, lowres, aug_level, b, generator, device)
-        denoiser = GuidedDenoiser(model, b, text_embeds, text_mask, guidance_scale, lowres_aug, level)
-    step_kw = dict(guidance_scale=float(guidance_scale), threshold=threshold,
+        denoiser = GuidedDenoiser(model, b, text_embeds, text_mask, guidance, lowres_aug, level)
+    step_kw = dict(guidance_scale=float(guidance), threshold=threshold,
                    percentile=percentile, prediction=diffusion.prediction, generator=generator)
     if sampler == "dpmpp2m":
         return _dpmpp2m(denoiser, diffusion, z, grid, step_kw, on_step)
@@ -172,7 +159,7 @@ def _dpmpp2m(denoiser: GuidedDenoiser, diffusion: GaussianDiffusion, z: Tensor,
 def ddim_invert(model: Callable, diffusion: GaussianDiffusion, x0: Tensor, *, steps: int = 50,
                 text_embeds: Optional[Tensor] = None, text_mask: Optional[Tensor] = None,
                 lowres: Optional[Tensor] = None, aug_level: float = 0.0,
-                guidance_scale: float = 1.0) -> Tensor:
+                guidance: float = 1.0) -> Tensor:
     """Deterministic DDIM encoding x0 -> z_1 (the reverse of ``sample(..., sampler="ddim",
     eta=0, threshold="none")`` on the same grid, up to discretisation error).
 
@@ -184,10 +171,10 @@ def ddim_invert(model: Callable, diffusion: GaussianDiffusion, x0: Tensor, *, st
     if lowres is not None and aug_level != 0.0:
         raise ValueError("ddim_invert needs aug_level=0 to be deterministic")
     lowres_aug, level = _prepare_lowres(diffusion, lowres, aug_level, b, None, x0.device)
-    denoiser = GuidedDenoiser(model, b, text_embeds, text_mask, guidance_scale, lowres_aug, level)
+    denoiser = GuidedDenoiser(model, b, text_embeds, text_mask, guidance, lowres_aug, level)
     grid = time_grid(steps)[::-1]
     z = x0
-    w = float(guidance_scale)
+    w = float(guidance)
     for t, s in zip(grid[:-1], grid[1:]):
         a_t, s_t = _alpha_sigma(diffusion, t)
         a_s, s_s = _alpha_sigma(diffusion, s)

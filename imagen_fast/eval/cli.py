@@ -7,6 +7,7 @@ with ``add_eval_parser(subparsers)``; each subcommand sets ``func(args) -> exit 
     imagen-fast eval sweep --model SPEC --weights FILE --clip DIR --coco DIR --guidance 1,2,4,8 --out DIR
     imagen-fast eval serve --db FILE [--samples DIR] [--port 8000] | --db FILE --report
     imagen-fast eval shapes [--checkpoint DIR]   (see shapes.py)
+    imagen-fast eval sr [--checkpoint DIR] [--stage -1] [--num 200]   (see superres.py)
 
 SPEC is ``"PATH [key=value ...] [label=NAME]"``: a cascade directory (or ``builtin``) and
 sampling settings (guidance, steps, sampler, threshold, percentile, aug_level; one value
@@ -278,6 +279,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     from .shapes import add_shapes_eval_parser
+    from .superres import add_sr_eval_parser
     add_shapes_eval_parser(sub)
+    add_sr_eval_parser(sub)
     return p
 

@@ -70,10 +70,6 @@ def load_prompts(path: Optional[str] = None, categories: Optional[Sequence[str]]
     return prompts
 
 
-def categories_of(prompts: Sequence[Prompt]) -> List[str]:
-    return list(dict.fromkeys(p.category for p in prompts))
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "x"
 

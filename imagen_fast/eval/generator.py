@@ -6,10 +6,11 @@ one image per prompt, deterministic for a given seed and batch. ``ImagenPipeline
 wrapper around another model, or a folder of precomputed images.
 
 A ``System`` is what an evaluation compares: a label, a generator and the settings it
-is called with (``guidance``, ``steps``, ``sampler``, ``threshold``, ``percentile``,
-``aug_level``: one value for every stage or a per-stage list, None for the
-checkpoint's default). ``parse_system("ckpt/ guidance=5 steps=32 label=w5")`` builds one
-from the command line form.
+is called with (``guidance``, ``steps``, ``sampler``, ``eta``, ``threshold``,
+``percentile``, ``aug_level``: one value for every stage or a per-stage list, None for
+the checkpoint's default; checked by the rules of ``SamplingConfig`` when the system is
+made). ``parse_system("ckpt/ guidance=5 steps=32 label=w5")`` builds one from the
+command line form.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import Any, Dict, List, Optional, Protocol, runtime_checkable
 
 from PIL import Image
 
-SETTINGS = ("guidance", "steps", "sampler", "threshold", "percentile", "aug_level")
+from ..core import SAMPLING_SETTINGS as SETTINGS
+from ..core import check_sampling_overrides
 BUILTIN = "builtin"  # the small cascade shipped inside the package (load_pipeline(None))
 
 
@@ -46,6 +48,7 @@ class System:
         unknown = set(self.settings) - set(SETTINGS)
         if unknown:
             raise ValueError(f"settings: unknown {sorted(unknown)}; known: {list(SETTINGS)}")
+        check_sampling_overrides(self.settings)
 
     def generate(self, prompts: List[str], seed: int) -> List[Image.Image]:
         images = self.generator(list(prompts), seed=seed, **self.settings)
@@ -112,5 +115,5 @@ def load_generator(path: Optional[str], device=None, dtype=None) -> Generator:
             f = os.path.join(path, name)
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"cascade checkpoint file not found: {f}")
-    from imagen_fast.sample import load_pipeline
+    from imagen_fast.pipeline import load_pipeline
     return load_pipeline(path, device=device, dtype=dtype)

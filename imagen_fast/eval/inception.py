@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
-INPUT_SIZE = 299
 
 Pad = Union[int, Tuple[int, int]]
 

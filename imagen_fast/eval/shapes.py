@@ -107,7 +107,7 @@ def run_eval(pipe, *, num_prompts: int = 64, images_per_prompt: int = 2, seed: i
         results[name] = result
         images_out[name] = images
     return {"prompts": prompts, "images_per_prompt": images_per_prompt, "seed": seed,
-            "stages": [dict(name=st.name, sampling=vars(st.sampling).copy())
+            "stages": [dict(name=st.name, sampling=st.sampling.to_dict())
                        for st in pipe.cascade.stages],
             "results": results}, images_out
 
@@ -152,7 +152,7 @@ def contact_sheet(images: Dict[str, List[Any]], prompts: Sequence[str], images_p
 
 
 def cmd_eval_shapes(args) -> int:
-    from ..sample import load_pipeline
+    from ..pipeline import load_pipeline
 
     def fail(msg):
         print(f"imagen-fast: error: {msg}", file=sys.stderr)

@@ -18,7 +18,7 @@ objects by colour segmentation and scores four attributes, DrawBench-style:
 Each pixel is read as a blend of the background (estimated from the image border) and
 the palette colour that explains it best (``coverage``); an object is a connected region
 its colour covers at least half of, and off-palette noise belongs to nothing. The checker scores the dataset's
-own renders near 100% (tests/test_eval_shapes.py), so what it reports for generated
+own renders near 100% (tests/eval/test_eval_shapes.py), so what it reports for generated
 images is the model's error, not the checker's.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ JAX. Submodules:
     imagen_fast.jax.models     the U-Nets in Flax NNX
     imagen_fast.jax.convert    torch state dicts / cascade checkpoints <-> Flax models
     imagen_fast.jax.diffusion  schedules, loss, samplers (one compiled loop)
-    imagen_fast.jax.pipeline   JaxCascade: a cascade checkpoint sampled stage by stage
+    imagen_fast.jax.cascade    JaxCascade: a cascade checkpoint sampled stage by stage
     imagen_fast.jax.sharding   device meshes ("data", "fsdp"), parameter sharding, multi-host
     imagen_fast.jax.optim      torch's AdamW, gradient clipping and EMA maths
     imagen_fast.jax.train      the sharded train step and `imagen-fast train --backend jax`

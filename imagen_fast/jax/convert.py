@@ -1,5 +1,5 @@
 """Weights between the torch models and the Flax ones, both ways, and the cascade
-checkpoint (``imagen_fast.pipeline``: config.json + model.safetensors) read and
+checkpoint (``imagen_fast.cascade``: config.json + model.safetensors) read and
 written from JAX.
 
 The Flax modules carry torch's parameter names, so a torch state-dict key is the
@@ -105,13 +105,28 @@ def to_torch(model, device=None):
     return net
 
 
+def pad_text(emb, mask, length: int):
+    """Text embeddings from a torch encoder, (B, L, D) and (B, L), as numpy (B, length, D)
+    float32 and (B, length) bool: padded or cut to a fixed length, so one compiled
+    program serves every batch of prompts."""
+    b, l, d = emb.shape
+    out_e = np.zeros((b, length, d), np.float32)
+    out_m = np.zeros((b, length), bool)
+    n = min(l, length)
+    out_e[:, :n] = emb[:, :n].float().cpu().numpy()
+    out_m[:, :n] = mask[:, :n].bool().cpu().numpy()
+    return out_e, out_m
+
+
 # --------------------------------------------------------------- cascade checkpoints
 def load_cascade(path: str, **kwargs) -> List[Dict[str, Any]]:
     """The stages of a cascade checkpoint directory as Flax models: a list of
-    {"name", "model", "diffusion" (config dict), "sampling" (dict)}, in cascade order."""
+    {"name", "model", "diffusion" (config dict), "sampling" (SamplingConfig's complete
+    dict, old spellings read)}, in cascade order."""
     from safetensors.numpy import load_file
 
-    from ..pipeline import WEIGHTS_NAME, ImagenCascade
+    from ..core import SamplingConfig
+    from ..cascade import WEIGHTS_NAME, ImagenCascade
 
     config = ImagenCascade.read_config(path)
     weights = load_file(os.path.join(path, WEIGHTS_NAME))
@@ -122,7 +137,7 @@ def load_cascade(path: str, **kwargs) -> List[Dict[str, Any]]:
         own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         load_state_dict(model, own, what=f"{path} stage {i} ({sc['name']!r})")
         stages.append(dict(name=sc["name"], model=model, diffusion=sc["diffusion"],
-                           sampling=sc["sampling"]))
+                           sampling=SamplingConfig.from_dict(sc["sampling"]).to_dict()))
     return stages
 
 
@@ -132,7 +147,7 @@ def save_cascade(path: str, stages: List[Dict[str, Any]], text: Dict[str, Any] =
     it back into torch."""
     from safetensors.numpy import save_file
 
-    from ..pipeline import FORMAT, FORMAT_VERSION, write_checkpoint
+    from ..cascade import FORMAT, FORMAT_VERSION, write_checkpoint
 
     config = dict(format=FORMAT, version=FORMAT_VERSION, stages=[
         dict(name=st["name"], unet=st["model"].config, diffusion=st["diffusion"],

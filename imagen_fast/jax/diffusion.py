@@ -1,11 +1,10 @@
-"""Continuous-time diffusion in JAX: the schedules, the training loss and the
-samplers of ``imagen_fast.diffusion``, from the same config dicts
-(``GaussianDiffusion.config()``, as a checkpoint stores it).
+"""Continuous-time diffusion in JAX: the training loss and the samplers of
+``imagen_fast.diffusion``, from the same config dicts (``GaussianDiffusion.config()``, as
+a checkpoint stores them).
 
-* Schedules are written once for numpy (float64, host: sampler coefficient tables)
-  and jnp (float32, device: training draws t on the device). The linear schedule's
-  integral is evaluated without the cancellation of its closed form, so float32
-  alpha/sigma agree with torch's float64 ones to ~1e-7.
+* The schedules, the time grid, the step coefficients and the names come from
+  ``imagen_fast.core``, shared with the torch path: numpy float64 on the host for the
+  sampler's coefficient tables, jnp float32 on the device where training draws t.
 * ``Diffusion.loss`` is ``GaussianDiffusion.loss`` with every draw explicit
   (``Draws``), so a train step is a pure function of (params, batch, key).
 * ``sample`` compiles the whole sampler loop once (``lax.scan`` over the time grid,
@@ -23,70 +22,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import core
 from . import ops
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-THRESHOLDS = ("dynamic", "static", "none")
-
-
-# -------------------------------------------------------------------- schedules
-def _linear_excess(delta, xp):
-    """(1 + d) log1p(d) - d, accurate for small |d| (series) and elsewhere."""
-    series = delta * delta * (0.5 + delta * (-1 / 6 + delta * (1 / 12 + delta * (
-        -1 / 20 + delta * (1 / 30 - delta / 42)))))
-    direct = (1 + delta) * xp.log1p(delta) - delta
-    return xp.where(xp.abs(delta) < 0.05, series, direct)
-
-
-def logsnr(schedule: Dict[str, Any], t, xp=jnp):
-    """lambda(t) = log(alpha^2 / sigma^2) of a schedule config (``Schedule.config()``),
-    with numpy (``xp=np``, float64) or jnp."""
-    lo, hi = schedule.get("logsnr_min", -20.0), schedule.get("logsnr_max", 20.0)
-    t = xp.clip(t, 0.0, 1.0)
-    name = schedule["name"]
-    if name == "cosine":
-        # -2 log tan(a t + b); past t = 1/2 as 2 log tan(a (1 - t) + c) with
-        # c = pi/2 - a - b, which keeps float32 accurate where tan nears its pole
-        b = math.atan(math.exp(-0.5 * hi))
-        a = math.atan(math.exp(-0.5 * lo)) - b
-        c = math.atan(math.exp(0.5 * lo))
-        lam = xp.where(t < 0.5, -2.0 * xp.log(xp.tan(a * t + b)),
-                       2.0 * xp.log(xp.tan(a * (1.0 - t) + c)))
-    elif name == "linear":
-        b0, b1 = schedule.get("beta_start", 1e-4), schedule.get("beta_end", 0.02)
-        steps = schedule.get("num_steps", 1000)
-        k = (b1 - b0) / (steps - 1)
-        # g = integral over [0.5, n + 0.5] of -log(1 - beta(x)), beta(x) = b0 + k (x - 1):
-        # with u = 1 - beta, g = -dx log u_a + (u_a / k) * excess(du / u_a), no cancellation
-        dx = t * steps
-        u_a = 1.0 - (b0 + k * (0.5 - 1.0))
-        g = -dx * math.log(u_a) + (u_a / k) * _linear_excess(-k * dx / u_a, xp)
-        lam = -xp.log(xp.expm1(xp.maximum(g, 1e-30)))
-    else:
-        raise ValueError(f"schedule name must be 'cosine' or 'linear', got {name!r}")
-    return xp.clip(lam, lo, hi)
-
-
 def alpha_sigma(schedule: Dict[str, Any], t, xp=jnp):
-    lam = logsnr(schedule, t, xp)
-    sig = (lambda v: 1.0 / (1.0 + xp.exp(-v)))
-    return xp.sqrt(sig(lam)), xp.sqrt(sig(-lam))
+    """(alpha_t, sigma_t) of a schedule config (``imagen_fast.core.alpha_sigma``), jnp by
+    default."""
+    return core.alpha_sigma(schedule, t, xp)
 
 
 def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddpm",
                       eta: float = 0.0, prediction: str = "eps") -> np.ndarray:
-    """[a, b, c_x0, c_z, c_noise] of one step t -> s, float64, as
-    ``imagen_fast.ops.step_coefficients`` (see there for the formulas)."""
-    if prediction == "eps":
-        a, b = 1.0 / alpha_t, -sigma_t / alpha_t
-    else:
-        a, b = alpha_t, -sigma_t
-    alpha_ts = alpha_t / alpha_s
-    sigma_ts2 = max(sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2, 0.0)
-    var = sigma_ts2 * sigma_s ** 2 / sigma_t ** 2
-    c = (1.0 if sampler == "ddpm" else eta) * math.sqrt(var)
-    direction = math.sqrt(max(sigma_s ** 2 - c ** 2, 0.0))
-    return np.array([a, b, alpha_s - direction * alpha_t / sigma_t, direction / sigma_t, c])
+    """[a, b, c_x0, c_z, c_noise] of one step t -> s in float64 (``imagen_fast.core``)."""
+    return np.array(core.step_coefficients(*(np.float64(v) for v in (alpha_t, sigma_t, alpha_s, sigma_s)),
+                                           sampler=sampler, eta=eta, prediction=prediction))
 
 
 def sampler_step(z, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold: str,
@@ -120,9 +69,7 @@ class Diffusion:
     """The JAX twin of ``GaussianDiffusion``, built from its ``config()`` dict."""
 
     def __init__(self, config: Dict[str, Any]):
-        from ..diffusion import GaussianDiffusion
-
-        self.config = GaussianDiffusion.from_config(config).config()   # validated, complete
+        self.config = core.diffusion_config(**config)                  # validated, complete
         self.schedule = self.config["schedule"]
         self.aug_schedule = self.config["aug_schedule"]
         self.prediction = self.config["prediction"]
@@ -178,30 +125,17 @@ def _bcast(v, like):
 
 
 # --------------------------------------------------------------------- sampling
-def time_grid(steps: int):
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    return [1.0 - i / steps for i in range(steps)] + [0.0]
-
-
-def _alpha_sigma_at(schedule, t: float):
-    if t <= 0.0:
-        return 1.0, 0.0
-    a, s = alpha_sigma(schedule, np.float64(t), xp=np)
-    return float(a), float(s)
-
-
 def coefficient_table(diffusion: Diffusion, steps: int, sampler: str, eta: float) -> np.ndarray:
     """Per-step coefficients, float64. ddpm/ddim: (steps, 5) [a, b, c_x0, c_z, c_noise].
     dpmpp2m: (steps, 9) = the x0 step's 5, then [c_z, c_d, d_x0, d_prev] of
     z_s = c_z z - c_d d with d = d_x0 x0 - d_prev x0_prev; the last row's c_z = c_d = 0
     (the final step returns x0)."""
-    grid = time_grid(steps)
+    grid = core.time_grid(steps)
     rows = []
     h_prev = None
     for t, s in zip(grid[:-1], grid[1:]):
-        a_t, s_t = _alpha_sigma_at(diffusion.schedule, t)
-        a_s, s_s = _alpha_sigma_at(diffusion.schedule, s)
+        a_t, s_t = core.alpha_sigma_at(diffusion.schedule, t)
+        a_s, s_s = core.alpha_sigma_at(diffusion.schedule, s)
         if sampler != "dpmpp2m":
             rows.append(step_coefficients(a_t, s_t, a_s, s_s, sampler=sampler, eta=eta,
                                           prediction=diffusion.prediction))
@@ -218,10 +152,10 @@ def coefficient_table(diffusion: Diffusion, steps: int, sampler: str, eta: float
     return np.stack(rows)
 
 
-def guided_inputs(text_embeds, text_mask, lowres, aug_level, guidance_scale):
+def guided_inputs(text_embeds, text_mask, lowres, aug_level, guidance):
     """(guided, text, mask, lowres, aug_level): the 2B batch [cond | uncond] when
     guidance is on (text given and w != 1), the inputs as they are otherwise."""
-    guided = text_embeds is not None and float(guidance_scale) != 1.0
+    guided = text_embeds is not None and float(guidance) != 1.0
     if text_embeds is not None and text_mask is None:
         text_mask = jnp.ones(text_embeds.shape[:2], bool)
     if guided:
@@ -234,7 +168,7 @@ def guided_inputs(text_embeds, text_mask, lowres, aug_level, guidance_scale):
 
 
 def sample(model_fn: Callable, diffusion: Diffusion, shape, *, key=None, text_embeds=None,
-           text_mask=None, lowres=None, aug_level: float = 0.0, guidance_scale: float = 1.0,
+           text_mask=None, lowres=None, aug_level: float = 0.0, guidance: float = 1.0,
            sampler: str = "ddpm", steps: int = 50, eta: float = 0.0, threshold: str = "dynamic",
            percentile: float = 0.995, noise=None, aug_noise=None, step_noise=None):
     """Draw samples of ``shape`` (B, H, W, C) with ``model_fn(z, t, text, mask[, lowres=,
@@ -243,12 +177,10 @@ def sample(model_fn: Callable, diffusion: Diffusion, shape, *, key=None, text_em
     augmentation noise, ``step_noise`` (steps, *shape) the per-step noise (the steps
     that need none ignore theirs). The loop is one ``lax.scan``: call this inside
     ``jax.jit`` (``compile_sampler`` does) to compile it once."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if threshold not in THRESHOLDS:
-        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    core.check_choice(sampler, "sampler", core.SAMPLERS)
+    core.check_choice(threshold, "threshold", core.THRESHOLDS)
     table = jnp.asarray(coefficient_table(diffusion, steps, sampler, eta), jnp.float32)
-    times = jnp.asarray(time_grid(steps)[:-1], jnp.float32)
+    times = jnp.asarray(core.time_grid(steps)[:-1], jnp.float32)
     if key is None:
         key = jax.random.key(0)
     k_z, k_aug, k_steps = jax.random.split(key, 3)
@@ -260,10 +192,9 @@ def sample(model_fn: Callable, diffusion: Diffusion, shape, *, key=None, text_em
         if aug_noise is None:
             aug_noise = jax.random.normal(k_aug, lowres.shape)
         lowres = diffusion.augment_lowres(lowres, level, aug_noise)
-    guided, text, mask, lowres, level = guided_inputs(text_embeds, text_mask, lowres, level,
-                                                      guidance_scale)
+    guided, text, mask, lowres, level = guided_inputs(text_embeds, text_mask, lowres, level, guidance)
     kwargs = {} if lowres is None else dict(lowres=lowres, aug_level=level)
-    w = float(guidance_scale)
+    w = float(guidance)
 
     def predict(z, t):
         n = b * (2 if guided else 1)

@@ -34,14 +34,13 @@ from typing import Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-from ..ops.api import _check_attention_shapes, _check_float, _check_percentile
+from ..core import ACTIVATIONS, check_attention_shapes, check_float, check_percentile
 from . import reference
 from .kernels import attention as _attention
 from .kernels import group_norm as _group_norm
 from .kernels import threshold as _threshold
 
 IMPLS = ("auto", "pallas", "interpret", "jnp")
-ACTIVATIONS = ("silu", "gelu", "none")
 FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 _state = threading.local()
 
@@ -135,7 +134,7 @@ def group_norm_silu(x, num_groups: int, weight=None, bias=None, eps: float = 1e-
         raise ValueError(f"num_groups must be a positive divisor of C={c}, got {num_groups}")
     if x.size == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    eps = _check_float(eps, "eps", low=0.0, low_open=True)
+    eps = check_float(eps, "eps", low=0.0, low_open=True)
     act = "none" if activation is None else activation
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
@@ -169,14 +168,14 @@ def attention(q, k, v, key_padding_mask=None, scale: Optional[float] = None, *,
     for t, name in ((k, "k"), (v, "v")):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    b, h, lq, d = _check_attention_shapes(q.shape, k.shape, v.shape)
+    b, h, lq, d = check_attention_shapes(q.shape, k.shape, v.shape)
     if key_padding_mask is not None:
         key_padding_mask = _check_array(key_padding_mask, "key_padding_mask", ndim=2,
                                         dtypes=(jnp.dtype(jnp.bool_),))
         if tuple(key_padding_mask.shape) != (b, k.shape[2]):
             raise ValueError(f"key_padding_mask must have shape (B, Lk) = ({b}, {k.shape[2]}), "
                              f"got {tuple(key_padding_mask.shape)}")
-    scale = 1.0 / math.sqrt(d) if scale is None else _check_float(scale, "scale", low=0.0,
+    scale = 1.0 / math.sqrt(d) if scale is None else check_float(scale, "scale", low=0.0,
                                                                   low_open=True)
 
     def kernel(q, k, v, mask, *, interpret):
@@ -198,8 +197,8 @@ def dynamic_threshold(x0, percentile: float = 0.995, min_value: float = 1.0, *,
     x0 = _check_array(x0, "x0", min_ndim=2)
     if x0.size == 0:
         raise ValueError(f"x0 must not be empty, got shape {tuple(x0.shape)}")
-    p = _check_percentile(percentile)
-    m = _check_float(min_value, "min_value", low=0.0, low_open=True)
+    p = check_percentile(percentile)
+    m = check_float(min_value, "min_value", low=0.0, low_open=True)
 
     def kernel(x0, *, interpret):
         return _threshold.dynamic_threshold(x0, p, m, interpret=interpret)

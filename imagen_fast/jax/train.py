@@ -35,7 +35,6 @@ from flax import nnx
 
 from .. import checkpoint as ck
 from ..data import StreamPosition, make_loader
-from ..models import preset_config
 from ..train import (
     TrainLoop,
     build_dataset,
@@ -44,6 +43,7 @@ from ..train import (
     check_stage,
     image_grid,
     lr_factor,
+    stage_model_config,
 )
 from ..train_config import Config, ConfigError
 from . import convert, sharding
@@ -71,17 +71,6 @@ def _host(tree):
         from jax.experimental import multihost_utils
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_get(tree)
-
-
-def pad_text(emb: torch.Tensor, mask: torch.Tensor, length: int):
-    """(B, L, D), (B, L) -> numpy (B, length, D), (B, length): padded or cut."""
-    b, l, d = emb.shape
-    out_e = np.zeros((b, length, d), np.float32)
-    out_m = np.zeros((b, length), bool)
-    n = min(l, length)
-    out_e[:, :n] = emb[:, :n].float().cpu().numpy()
-    out_m[:, :n] = mask[:, :n].bool().cpu().numpy()
-    return out_e, out_m
 
 
 def _nhwc(t: torch.Tensor) -> np.ndarray:
@@ -157,7 +146,7 @@ class JaxTrainer(TrainLoop):
         self.is_main = jax.process_index() == 0
         self.out_dir = Path(cfg.log.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        model_config = preset_config(cfg.model.preset, **cfg.model.overrides)
+        model_config = stage_model_config(cfg)
         self.stage = check_stage(cfg, model_config)
         self.torch_diffusion = build_diffusion(cfg, self.stage)
         self.diffusion = Diffusion(self.torch_diffusion.config())
@@ -213,11 +202,11 @@ class JaxTrainer(TrainLoop):
         if images.shape[0] != self.local_batch:
             raise RuntimeError(f"data gave a batch of {images.shape[0]}, expected {self.local_batch}")
         emb, mask = self.text_source(raw["caption"])
-        text, text_mask = pad_text(emb, mask, self.cfg.text.max_length)
+        text, text_mask = convert.pad_text(emb, mask, self.cfg.text.max_length)
         batch = {"image": _nhwc(images), "text": text, "mask": text_mask}
         if self.stage == "sr":
             batch["lowres"] = _nhwc(raw["lowres"])
-            self.last_lowres = batch["lowres"]
+            self.last_lowres = raw["lowres"]           # (B, 3, s, s) torch, for the grids
         return batch
 
     def train_step(self) -> Dict[str, float]:
@@ -319,17 +308,15 @@ class JaxTrainer(TrainLoop):
         lc = self.cfg.log
         model = nnx.merge(self.graphdef, weights)
         prompts = list(lc.sample_prompts)
-        emb, mask = self.text_source(prompts)
-        text, text_mask = pad_text(emb, mask, self.cfg.text.max_length)
         res = self.cfg.data.resolution
         lowres = None
         if self.stage == "sr":
-            if self.last_lowres is None:
-                raise RuntimeError("no low-res batch seen yet")
-            lowres = jnp.asarray(self.last_lowres[: len(prompts)])
-            text, text_mask = text[: len(lowres)], text_mask[: len(lowres)]
+            low, prompts = self.grid_conditioning(prompts)
+            lowres = jnp.asarray(_nhwc(low))
+        emb, mask = self.text_source(prompts)
+        text, text_mask = convert.pad_text(emb, mask, self.cfg.text.max_length)
         run = compile_sampler(model, self.diffusion, shape=(len(text), res, res, 3),
-                              guidance_scale=lc.sample_guidance, sampler="ddim",
+                              guidance=lc.sample_guidance, sampler="ddim",
                               steps=lc.sample_steps)
         images = run(jax.random.key(self.cfg.train.seed), jnp.asarray(text),
                      jnp.asarray(text_mask), lowres)

@@ -10,16 +10,9 @@ import math
 
 import torch
 
+from ..kernels.layout import like_layout, stats_dtype
+from ..kernels.registry import register
 from . import reference
-from .dispatch import register
-
-
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _broadcast_shape(x: torch.Tensor):
-    return (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
 
 
 def _normalized(x, num_groups, mean, rstd):
@@ -51,19 +44,11 @@ def _affine_film(x_hat, weight, bias, scale, shift):
 
 @register("group_norm_silu_fwd", "torch")
 def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activation):
-    sdt = _stat_dtype(x)
+    sdt = stats_dtype(x)
     mean, rstd = reference.group_norm_stats(x.to(sdt), num_groups, eps)
     h = _affine_film(_normalized(x, num_groups, mean, rstd), weight, bias, scale, shift)
     y = reference._apply_activation(h, activation)
-    return y.to(x.dtype).contiguous(memory_format=_memory_format(x)), mean, rstd
-
-
-def _memory_format(x):
-    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    return like_layout(y, x), mean, rstd
 
 
 def activation_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -107,7 +92,7 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
         xh_g = x_hat.reshape(n, num_groups, -1)
         g_x = rstd[..., None] * (dxh_g - dxh_g.mean(-1, keepdim=True)
                                  - xh_g * (dxh_g * xh_g).mean(-1, keepdim=True))
-        g_x = g_x.reshape(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
+        g_x = like_layout(g_x.reshape(x.shape), x)
     grads = (g_weight, g_bias, g_scale, g_shift)
     params = (weight, bias, scale, shift)
     return (g_x,) + tuple(g.to(p.dtype) if g is not None and need else None
@@ -126,19 +111,18 @@ def rms_clamped(rstd: torch.Tensor, eps: float) -> torch.Tensor:
     return rstd >= 1.0 / torch.tensor(eps, dtype=rstd.dtype)
 
 
-@register("channel_rms_norm_fwd", "torch")
-def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
-    sdt = _stat_dtype(x)
+@register("channel_rms_norm_silu_fwd", "torch")
+def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
+    sdt = stats_dtype(x)
     rms = x.to(sdt).pow(2).mean(dim=1).sqrt()
     rstd = 1.0 / rms.clamp_min(eps)
     _, h = _rms_coefs(x, rstd, weight, scale, shift)
     y = reference._apply_activation(h, activation)
-    return (y.to(x.dtype).contiguous(memory_format=_memory_format(x)),
-            rstd.reshape(x.shape[0], -1).contiguous())
+    return like_layout(y, x), rstd.reshape(x.shape[0], -1).contiguous()
 
 
-@register("channel_rms_norm_bwd", "torch")
-def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
+@register("channel_rms_norm_silu_bwd", "torch")
+def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
     sdt = rstd.dtype
     n, c = x.shape[:2]
     nd = x.ndim
@@ -161,7 +145,7 @@ def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation,
         proj = (dxh * x_hat).mean(dim=1, keepdim=True)
         proj = torch.where(rms_clamped(rstd, eps), torch.zeros_like(proj), proj)
         g_x = rstd * (dxh - x_hat * proj)
-        g_x = g_x.to(x.dtype).contiguous(memory_format=_memory_format(x))
+        g_x = like_layout(g_x, x)
     grads = (g_weight, g_scale, g_shift)
     params = (weight, scale, shift)
     return (g_x,) + tuple(g.to(p.dtype) if g is not None and need else None
@@ -177,7 +161,7 @@ def _scores(q, k, scale, mask):
 
 @register("attention_fwd", "torch")
 def attention_fwd(q, k, v, mask, scale):
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = stats_dtype(q)
     s = _scores(q.to(cdt), k.to(cdt), scale, mask)
     lse = torch.logsumexp(s, dim=-1)                                   # -inf on empty rows
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
@@ -187,10 +171,11 @@ def attention_fwd(q, k, v, mask, scale):
 
 @register("attention_bwd", "torch")
 def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = stats_dtype(q)
     q32, k32, v32, do = q.to(cdt), k.to(cdt), v.to(cdt), grad_out.to(cdt)
     s = _scores(q32, k32, scale, mask)
-    lse = lse.to(cdt)
+    # The saved lse is float32 by contract: float64 gradients recompute it in float64.
+    lse = torch.logsumexp(s, dim=-1) if cdt == torch.float64 else lse.to(cdt)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])  # rows of zeros when empty
     dv = torch.einsum("bhqk,bhqd->bhkd", p, do)
     dp = torch.einsum("bhqd,bhkd->bhqk", do, v32)
@@ -203,14 +188,14 @@ def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
 
 @register("dynamic_threshold", "torch")
 def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
-    cdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    cdt = stats_dtype(x0)
     return reference.dynamic_threshold(x0.to(cdt), percentile, min_value, max_value).to(x0.dtype)
 
 
 @register("sampler_step", "torch")
 def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold,
                  percentile, min_value):
-    cdt = torch.float64 if z_t.dtype == torch.float64 else torch.float32
+    cdt = stats_dtype(z_t)
     up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
     out = reference.sampler_step(up(z_t), up(pred_cond), up(pred_uncond), guidance_scale,
                                  coefs, up(noise), threshold, percentile, min_value)

@@ -13,8 +13,10 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..core import ACTIVATIONS, THRESHOLDS, check_attention_shapes, check_float, check_percentile
+from ..core import step_coefficients as core_step_coefficients
+from ..kernels.layout import is_channels_last, kernel_layout, like_layout, stats_dtype
 from . import dispatch
-from .reference import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -36,47 +38,6 @@ def _check_same_device(ref: Tensor, t: Tensor, name: str, ref_name: str) -> None
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def _check_float(value, name: str, *, low=None, high=None, low_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
-    return value
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """True when x is dense with channels innermost: (N, *spatial, C) in memory."""
-    if x.ndim < 3:
-        return False
-    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
-    return x.permute(perm).is_contiguous() and not x.is_contiguous()
-
-
-def _as_kernel_layout(x: Tensor) -> Tensor:
-    """Contiguous or channels-last: the two layouts every kernel reads."""
-    if x.is_contiguous() or is_channels_last(x):
-        return x
-    return x.contiguous()
-
-
-def _like_layout(t: Tensor, x: Tensor) -> Tensor:
-    """t in the same memory layout as x (x already contiguous or channels-last)."""
-    if is_channels_last(x):
-        if is_channels_last(t):
-            return t
-        perm = (0,) + tuple(range(2, x.ndim)) + (1,)
-        inv = [0] * x.ndim
-        for i, p in enumerate(perm):
-            inv[p] = i
-        return t.permute(perm).contiguous().permute(inv)
-    return t.contiguous()
-
-
 # ----------------------------------------------------------------- group_norm_silu
 @torch.library.custom_op("imagen_fast::group_norm_silu_fwd", mutates_args=())
 def _gn_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -88,8 +49,7 @@ def _gn_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional
 
 @_gn_fwd.register_fake
 def _(x, num_groups, weight, bias, eps, scale, shift, activation):
-    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = x.new_empty((x.shape[0], num_groups), dtype=sdt)
+    stats = x.new_empty((x.shape[0], num_groups), dtype=stats_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
@@ -124,7 +84,7 @@ def _gn_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     n = ctx.needs_input_grad
     needs = [n[0], n[2] and weight is not None, n[3] and bias is not None,
              n[5] and scale is not None, n[6] and shift is not None]
-    grads = _gn_bwd(_like_layout(grad_y, x), x, mean, rstd, ctx.num_groups, weight, bias,
+    grads = _gn_bwd(like_layout(grad_y, x), x, mean, rstd, ctx.num_groups, weight, bias,
                     scale, shift, ctx.activation, needs)
     gx, gw, gb, gs, gsh = (g if need else None for g, need in zip(grads, needs))
     return gx, None, gw, gb, None, gs, gsh, None
@@ -144,7 +104,7 @@ def _film_param(t, name: str, x: Tensor) -> Optional[Tensor]:
     if t.ndim < 2 or tuple(t.shape[:2]) != (n, c) or any(s != 1 for s in t.shape[2:]):
         raise ValueError(f"{name} must have shape (N, C) = ({n}, {c}) (or with trailing "
                          f"size-1 dims), got {tuple(t.shape)}")
-    return t.reshape(n, c).to(_param_dtype(x)).contiguous()
+    return t.reshape(n, c).to(stats_dtype(x)).contiguous()
 
 
 def _channel_param(t, name: str, x: Tensor) -> Optional[Tensor]:
@@ -154,23 +114,18 @@ def _channel_param(t, name: str, x: Tensor) -> Optional[Tensor]:
     _check_same_device(x, t, name, "x")
     if t.ndim != 1 or t.shape[0] != x.shape[1]:
         raise ValueError(f"{name} must have shape (C,) = ({x.shape[1]},), got {tuple(t.shape)}")
-    return t.to(_param_dtype(x)).contiguous()
+    return t.to(stats_dtype(x)).contiguous()
 
 
 def _check_norm_args(x: Tensor, eps, activation) -> Tuple[float, str]:
     """The checks the norm ops share: x not empty, eps > 0, a known activation."""
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    eps = _check_float(eps, "eps", low=0.0, low_open=True)
+    eps = check_float(eps, "eps", low=0.0, low_open=True)
     act = "none" if activation is None else activation
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be 'silu', 'gelu' or None, got {activation!r}")
     return eps, act
-
-
-def _param_dtype(x: Tensor) -> torch.dtype:
-    """Parameters reach kernels in float32 (float64 for float64 inputs)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def group_norm_silu(
@@ -204,30 +159,30 @@ def group_norm_silu(
     bias = _channel_param(bias, "bias", x)
     scale = _film_param(scale, "scale", x)
     shift = _film_param(shift, "shift", x)
-    y, _, _ = _gn_fwd(_as_kernel_layout(x), num_groups, weight, bias, eps, scale, shift, act)
+    y, _, _ = _gn_fwd(kernel_layout(x), num_groups, weight, bias, eps, scale, shift, act)
     return y
 
 
 # ------------------------------------------------------------ channel_rms_norm_silu
-@torch.library.custom_op("imagen_fast::channel_rms_norm_fwd", mutates_args=())
+@torch.library.custom_op("imagen_fast::channel_rms_norm_silu_fwd", mutates_args=())
 def _rms_fwd(x: Tensor, weight: Optional[Tensor], eps: float, scale: Optional[Tensor],
              shift: Optional[Tensor], activation: str) -> Tuple[Tensor, Tensor]:
-    fn = dispatch.resolve("channel_rms_norm_fwd", x.device, x)
+    fn = dispatch.resolve("channel_rms_norm_silu_fwd", x.device, x)
     return fn(x, weight, eps, scale, shift, activation)
 
 
 @_rms_fwd.register_fake
 def _(x, weight, eps, scale, shift, activation):
     n = x.shape[0]
-    rstd = x.new_empty((n, x.numel() // max(1, n * x.shape[1])), dtype=_param_dtype(x))
+    rstd = x.new_empty((n, x.numel() // max(1, n * x.shape[1])), dtype=stats_dtype(x))
     return torch.empty_like(x), rstd
 
 
-@torch.library.custom_op("imagen_fast::channel_rms_norm_bwd", mutates_args=())
+@torch.library.custom_op("imagen_fast::channel_rms_norm_silu_bwd", mutates_args=())
 def _rms_bwd(grad_y: Tensor, x: Tensor, rstd: Tensor, weight: Optional[Tensor], eps: float,
              scale: Optional[Tensor], shift: Optional[Tensor], activation: str,
              needs: List[bool]) -> List[Tensor]:
-    fn = dispatch.resolve("channel_rms_norm_bwd", x.device, x)
+    fn = dispatch.resolve("channel_rms_norm_silu_bwd", x.device, x)
     grads = fn(grad_y, x, rstd, weight, eps, scale, shift, activation, tuple(needs))
     return [g if g is not None else x.new_empty(0) for g in grads]
 
@@ -251,13 +206,13 @@ def _rms_backward(ctx, grad_y, _grad_rstd):
     n = ctx.needs_input_grad
     needs = [n[0], n[1] and weight is not None, n[3] and scale is not None,
              n[4] and shift is not None]
-    grads = _rms_bwd(_like_layout(grad_y, x), x, rstd, weight, ctx.eps, scale, shift,
+    grads = _rms_bwd(like_layout(grad_y, x), x, rstd, weight, ctx.eps, scale, shift,
                      ctx.activation, needs)
     gx, gw, gs, gsh = (g if need else None for g, need in zip(grads, needs))
     return gx, gw, None, gs, gsh, None
 
 
-torch.library.register_autograd("imagen_fast::channel_rms_norm_fwd", _rms_backward,
+torch.library.register_autograd("imagen_fast::channel_rms_norm_silu_fwd", _rms_backward,
                                 setup_context=_rms_setup)
 
 
@@ -287,7 +242,7 @@ def channel_rms_norm_silu(
     weight = _channel_param(weight, "weight", x)
     scale = _film_param(scale, "scale", x)
     shift = _film_param(shift, "shift", x)
-    y, _ = _rms_fwd(_as_kernel_layout(x), weight, eps, scale, shift, act)
+    y, _ = _rms_fwd(kernel_layout(x), weight, eps, scale, shift, act)
     return y
 
 
@@ -336,19 +291,6 @@ torch.library.register_autograd("imagen_fast::attention_fwd", _attn_backward,
                                 setup_context=_attn_setup)
 
 
-def _check_attention_shapes(q_shape, k_shape, v_shape):
-    """(B, H, Lq, D) of q after checking k and v fit it (shared with the JAX ops)."""
-    q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
-    b, h, lq, d = q_shape
-    if k_shape[:2] != (b, h) or k_shape[3] != d:
-        raise ValueError(f"k must have shape (B, H, Lk, D) = ({b}, {h}, Lk, {d}), got {k_shape}")
-    if v_shape != k_shape:
-        raise ValueError(f"v must have k's shape {k_shape}, got {v_shape}")
-    if min(q_shape) == 0 or k_shape[2] == 0:
-        raise ValueError(f"q and k must not be empty, got {q_shape} and {k_shape}")
-    return b, h, lq, d
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
               scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v with a key padding mask, flash-style where a kernel exists.
@@ -365,7 +307,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         _check_same_device(q, t, name, "q")
-    b, h, lq, d = _check_attention_shapes(q.shape, k.shape, v.shape)
+    b, h, lq, d = check_attention_shapes(q.shape, k.shape, v.shape)
     if key_padding_mask is not None:
         _check_tensor(key_padding_mask, "key_padding_mask", ndim=2, dtypes=(torch.bool,))
         _check_same_device(q, key_padding_mask, "key_padding_mask", "q")
@@ -373,21 +315,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
             raise ValueError(f"key_padding_mask must have shape (B, Lk) = ({b}, {k.shape[2]}), "
                              f"got {tuple(key_padding_mask.shape)}")
         key_padding_mask = key_padding_mask.contiguous()
-    scale = 1.0 / math.sqrt(d) if scale is None else _check_float(scale, "scale", low=0.0, low_open=True)
+    scale = 1.0 / math.sqrt(d) if scale is None else check_float(scale, "scale", low=0.0, low_open=True)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, _ = _attn_fwd(q, k, v, key_padding_mask, scale)
     return out
 
 
 # ------------------------------------------------------------ dynamic thresholding
-def _check_percentile(percentile) -> float:
-    p = _check_float(percentile, "percentile")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"percentile must be a fraction in [0, 1] (0.995 is the paper's "
-                         f"99.5th percentile), got {p}")
-    return p
-
-
 @torch.library.custom_op("imagen_fast::dynamic_threshold", mutates_args=())
 def _dyn_thr(x0: Tensor, percentile: float, min_value: float, max_value: float) -> Tensor:
     fn = dispatch.resolve("dynamic_threshold", x0.device, x0)
@@ -413,19 +347,14 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995, min_value: float = 
     _check_tensor(x0, "x0", min_ndim=2)
     if x0.numel() == 0:
         raise ValueError(f"x0 must not be empty, got shape {tuple(x0.shape)}")
-    p = _check_percentile(percentile)
-    m = _check_float(min_value, "min_value", low=0.0, low_open=True)
-    mx = math.inf if max_value is None else _check_float(max_value, "max_value", low=0.0,
+    p = check_percentile(percentile)
+    m = check_float(min_value, "min_value", low=0.0, low_open=True)
+    mx = math.inf if max_value is None else check_float(max_value, "max_value", low=0.0,
                                                            low_open=True)
-    return _dyn_thr(_as_kernel_layout(x0), p, m, mx)
+    return _dyn_thr(kernel_layout(x0), p, m, mx)
 
 
 # --------------------------------------------------------------------- sampler step
-THRESHOLDS = ("dynamic", "static", "none")
-SAMPLERS = ("ddpm", "ddim")
-PREDICTIONS = ("eps", "v")
-
-
 @torch.library.custom_op("imagen_fast::sampler_step", mutates_args=())
 def _sampler_step(z_t: Tensor, pred_cond: Tensor, pred_uncond: Optional[Tensor],
                   guidance_scale: float, coefs: Tensor, noise: Optional[Tensor],
@@ -454,7 +383,7 @@ def _per_sample(value, name: str, n: int, device) -> Tensor:
                              f"got shape {tuple(value.shape)}")
         t = value.detach().to(device=device, dtype=torch.float64).expand(n)
     else:
-        t = torch.full((n,), _check_float(value, name), dtype=torch.float64, device=device)
+        t = torch.full((n,), check_float(value, name), dtype=torch.float64, device=device)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite")
     return t
@@ -462,44 +391,11 @@ def _per_sample(value, name: str, n: int, device) -> Tensor:
 
 def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddpm",
                       eta: float = 0.0, prediction: str = "eps") -> Tensor:
-    """Per-sample coefficients (N, 5) = [a, b, c_x0, c_z, c_noise] of one step t -> s.
-
-    Variance-preserving diffusion z_t = alpha_t x + sigma_t eps (alpha^2 + sigma^2 = 1).
-      x0 = a z_t + b pred: eps-prediction a = 1/alpha_t, b = -sigma_t/alpha_t;
-                           v-prediction   a = alpha_t,   b = -sigma_t.
-      Posterior q(z_s | z_t, x0): alpha_ts = alpha_t/alpha_s,
-        sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2,
-        var = sigma_ts^2 sigma_s^2 / sigma_t^2.
-      ddpm (ancestral): z_s = alpha_s sigma_ts^2/sigma_t^2 x0 + alpha_ts sigma_s^2/sigma_t^2 z_t
-                              + sqrt(var) noise.
-      ddim(eta): c = eta sqrt(var), eps' = (z_t - alpha_t x0)/sigma_t,
-                 z_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps' + c noise
-      (ddim with eta = 1 equals ddpm). The eps' of DDIM is re-derived from the
-      thresholded x0, so thresholding keeps z_s consistent.
-    All inputs are tensors of shape (N,) in float64.
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if bool((alpha_t <= 0).any()) or bool((sigma_t <= 0).any()):
-        raise ValueError("alpha_t and sigma_t must be > 0")
-    if bool((alpha_s <= 0).any()) or bool((sigma_s < 0).any()):
-        raise ValueError("alpha_s must be > 0 and sigma_s >= 0")
-    if prediction == "eps":
-        a, b = 1.0 / alpha_t, -sigma_t / alpha_t
-    else:
-        a, b = alpha_t, -sigma_t
-    alpha_ts = alpha_t / alpha_s
-    sigma_ts2 = (sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2).clamp(min=0.0)
-    var = sigma_ts2 * sigma_s ** 2 / sigma_t ** 2
-    if sampler == "ddpm":
-        eta = 1.0
-    c = eta * var.sqrt()
-    direction = (sigma_s ** 2 - c ** 2).clamp(min=0.0).sqrt()        # multiplies eps'
-    c_z = direction / sigma_t
-    c_x0 = alpha_s - direction * alpha_t / sigma_t
-    return torch.stack([a, b, c_x0, c_z, c], dim=1)
+    """Per-sample coefficients (N, 5) = [a, b, c_x0, c_z, c_noise] of one step t -> s, from
+    float64 tensors of shape (N,); the formulas: ``imagen_fast.core.step_coefficients``
+    (one definition for the torch and JAX paths)."""
+    return torch.stack(core_step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, sampler=sampler,
+                                              eta=eta, prediction=prediction, xp=torch), dim=1)
 
 
 def sampler_step(
@@ -548,12 +444,12 @@ def sampler_step(
             raise ValueError(f"{name} must have z_t's shape {tuple(z_t.shape)}, got {tuple(t.shape)}")
         if t.dtype != z_t.dtype:
             raise TypeError(f"{name} must have z_t's dtype {z_t.dtype}, got {t.dtype}")
-    w = _check_float(guidance_scale, "guidance_scale")
+    w = check_float(guidance_scale, "guidance_scale")
     if threshold not in THRESHOLDS:
         raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-    p = _check_percentile(percentile)
-    m = _check_float(min_value, "min_value", low=0.0, low_open=True)
-    eta = _check_float(eta, "eta", low=0.0, high=1.0)
+    p = check_percentile(percentile)
+    m = check_float(min_value, "min_value", low=0.0, low_open=True)
+    eta = check_float(eta, "eta", low=0.0, high=1.0)
     n = z_t.shape[0]
     per = [_per_sample(v, name, n, torch.device("cpu")) for v, name in
            ((alpha_t, "alpha_t"), (sigma_t, "sigma_t"), (alpha_s, "alpha_s"), (sigma_s, "sigma_s"))]
@@ -562,8 +458,8 @@ def sampler_step(
         noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
     if noise is not None and bool((coefs[:, 4] == 0).all()):
         noise = None
-    x = _as_kernel_layout(z_t)
-    args = [None if t is None else _like_layout(t, x) for t in (pred_cond, pred_uncond, noise)]
+    x = kernel_layout(z_t)
+    args = [None if t is None else like_layout(t, x) for t in (pred_cond, pred_uncond, noise)]
     return _sampler_step(x, args[0], args[1], w, coefs.to(z_t.device), args[2], threshold, p, m)
 
 

@@ -1,8 +1,9 @@
-"""Backend registry and selection for the ops.
+"""Backend selection for the ops.
 
 Each backend registers, per op, an implementation and a ``supports(*tensors)``
 predicate that returns None when it can serve the call or a short reason when it
-cannot. Selection:
+cannot, in the leaf registry ``imagen_fast.kernels.registry``. The kernel backends are
+imported on first use (the torch backend with this module). Selection:
 
 * an explicit backend (``use_backend(...)`` or IMAGEN_FAST_BACKEND) must serve the
   call, or a ValueError says why not;
@@ -17,50 +18,26 @@ import contextlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+from ..kernels.registry import BACKENDS, implementations as _registry, mark_unavailable
+from ..kernels.registry import unavailable as _unavailable
+from . import _torch_backend  # noqa: F401  (always there; the cpu backend defers to it for float64 attention)
 from . import gpu_choice
 
 log = logging.getLogger("imagen_fast")
 
-BACKENDS = ("triton", "cuda", "cpu", "torch")
 _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),
 }
 
-
-@dataclass(frozen=True)
-class Impl:
-    fn: Callable
-    supports: Callable[..., Optional[str]]
-
-
-_registry: Dict[Tuple[str, str], Impl] = {}
-_unavailable: Dict[str, str] = {}  # backend -> why it could not load
 _loaded = False
 _load_lock = threading.Lock()
 _state = threading.local()
 _logged: set = set()
-
-
-def register(op: str, backend: str, supports: Optional[Callable[..., Optional[str]]] = None):
-    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-    def deco(fn):
-        _registry[(op, backend)] = Impl(fn, supports or (lambda *a, **k: None))
-        return fn
-
-    return deco
-
-
-def mark_unavailable(backend: str, reason: str) -> None:
-    _unavailable[backend] = reason
 
 
 def _load_backends() -> None:
@@ -70,14 +47,12 @@ def _load_backends() -> None:
     with _load_lock:
         if _loaded:
             return
-        from . import _torch_backend  # noqa: F401  (always there)
-
         try:
-            from . import _cpu_backend  # noqa: F401
+            from ..kernels import cpu as _cpu_backend  # noqa: F401
         except ImportError as e:
             mark_unavailable("cpu", str(e))
         try:
-            from . import _cuda_backend  # noqa: F401
+            from ..kernels import cuda as _cuda_backend  # noqa: F401
         except ImportError as e:
             mark_unavailable("cuda", str(e))
         # Only a missing triton package makes the backend unavailable: an ImportError

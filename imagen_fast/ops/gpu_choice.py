@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..kernels.layout import is_channels_last
+
 log = logging.getLogger("imagen_fast")
 
 TABLE_PATH = Path(__file__).with_name("gpu_choice.json")
@@ -47,13 +49,6 @@ def _bits(n: int) -> int:
     return max(0, int(n)).bit_length()
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    if x.ndim < 3 or x.is_contiguous():
-        return False
-    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
-    return x.permute(perm).is_contiguous()
-
-
 def shape_class(op: str, x: torch.Tensor) -> Dict[str, object]:
     """The shape class of a call, from its main tensor (x, or z_t / x0).
 
@@ -63,7 +58,7 @@ def shape_class(op: str, x: torch.Tensor) -> Dict[str, object]:
         raise ValueError(f"op must be one of {CHOSEN_OPS}, got {op!r}")
     dtype = str(x.dtype).replace("torch.", "")
     if op.startswith("group_norm"):
-        return {"dtype": dtype, "layout": "nhwc" if _is_channels_last(x) else "nchw",
+        return {"dtype": dtype, "layout": "nhwc" if is_channels_last(x) else "nchw",
                 "numel_bits": _bits(x.numel()), "channels_bits": _bits(x.shape[1])}
     n = x.shape[0]
     return {"dtype": dtype, "per_sample_bits": _bits(x.numel() // max(1, n)), "batch_bits": _bits(n)}

@@ -14,9 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("silu", "gelu", "none")
-
-
 def _apply_activation(y: Tensor, activation: str) -> Tensor:
     if activation == "silu":
         return F.silu(y)

@@ -51,7 +51,6 @@ QUESTIONS = {
     "caption_ab": "Which image matches the caption better?",
     "alignment": "Does the caption accurately describe the image?",
 }
-AB_ANSWERS = ("a", "b", "indifferent")
 ALIGNMENT_SCORES = {"yes": 100, "somewhat": 50, "no": 0}
 
 

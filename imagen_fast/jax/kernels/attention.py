@@ -12,7 +12,8 @@ TPU tiling: block_k is a multiple of 128 (key positions are the lanes of the sco
 tile), block_q a multiple of 8, head dims above 128 a multiple of 128. Sequences are
 padded up to whole blocks here (text lengths like 77 become 128) and padded keys are
 masked; padded queries are sliced off. A query whose keys are all masked has l = 0:
-its output is 0 and its log-sum-exp +inf, so the backward gives it zero weight, no NaN.
+its output is 0 and its log-sum-exp -inf (``imagen_fast.core.MASKED_ROW_LSE``, the
+torch backends' convention too); the backward gives its keys zero weight, no NaN.
 
 Backward: two kernels as in FlashAttention-2, dq over key blocks, dk and dv over
 query blocks, each recomputing p = exp(s - lse) from the saved log-sum-exp; the
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ...core import MASKED_ROW_LSE
 from ._common import LANES, SUBLANES, round_up
 
 _NT = (((1,), (1,)), ((), ()))      # a @ b.T
@@ -99,13 +101,15 @@ def _fwd_kernel(*refs, scale, has_mask, save_lse):
         o_ref[0, 0] = (acc_scr[...] * _lanes(inv, head_dim)).astype(o_ref.dtype)
         if lse_ref is not None:
             lse = m_scr[...] + jnp.log(jnp.where(l == 0.0, 1.0, l))
-            lse_ref[0, 0] = jnp.where(l == 0.0, jnp.inf, lse)
+            lse_ref[0, 0] = jnp.where(l == 0.0, MASKED_ROW_LSE, lse)
 
 
 # ----------------------------------------------------------------------- backward
 def _probs(q_ref, k_ref, mask_ref, lse_ref, scale):
     s, keep = _scores(q_ref, k_ref, mask_ref, scale)
-    p = jnp.exp(s - _lanes(lse_ref[0, 0], s.shape[1]))        # lse = +inf -> 0
+    lse = lse_ref[0, 0]
+    lse = jnp.where(lse == MASKED_ROW_LSE, 0.0, lse)           # a fully masked row: keep drops it
+    p = jnp.exp(s - _lanes(lse, s.shape[1]))
     return p if keep is None else jnp.where(keep, p, 0.0)
 
 

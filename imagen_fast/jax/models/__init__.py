@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ...models.presets import _model_kwargs, preset_config
+from ...models.presets import model_kwargs, preset_config
 from .layers import Conv2d, ConvTranspose2d, GroupNormAct, LayerNorm, Linear
 from .unet import AttentionBlock, BaseUNet, EfficientUNet, ResBlock, resize_bilinear
 
@@ -26,7 +26,7 @@ def unet_from_config(config: Dict[str, Any], *, seed: int = 0, dtype=jnp.float32
     if arch not in ARCHS:
         raise ValueError(f"config 'arch' must be one of {sorted(ARCHS)}, got {arch!r}")
     try:
-        model = ARCHS[arch](**_model_kwargs(config), dtype=dtype, rng=np.random.default_rng(seed))
+        model = ARCHS[arch](**model_kwargs(config), dtype=dtype, rng=np.random.default_rng(seed))
     except TypeError as e:
         raise ValueError(f"bad U-Net config for arch {arch!r}: {e}") from None
     model.config = copy.deepcopy(config)

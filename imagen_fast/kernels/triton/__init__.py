@@ -6,12 +6,13 @@ error raised here propagate: a broken kernel module fails loudly, never turns in
 
 One op family per module:
     group_norm.py   group_norm_silu_fwd / _bwd   (fused, looped and split plans)
-    rms_norm.py     channel_rms_norm_fwd / _bwd  (per-position RMS over channels)
+    rms_norm.py     channel_rms_norm_silu_fwd / _bwd  (per-position RMS over channels)
     attention.py    attention_fwd / _bwd         (flash, key padding mask)
     threshold.py    dynamic_threshold, sampler_step (radix-select percentile)
     _common.py      device facts, the shape-class autotuner, activation maths
 
-Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU):
+Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU). This is the
+one list of them (DEVELOPERS.md points here); add a trap here when one bites:
 * tl.dot on bfloat16 (and float16) operands returns garbage: operands are upcast to
   float32 under the interpreter only (attention._dot, UPCAST).
 * libdevice (triton.language.extra.libdevice) does not exist there: erf/sigmoid are
@@ -32,6 +33,8 @@ Interpreter traps (TRITON_INTERPRET=1, how CI runs these kernels on CPU):
   benchmarks/gpu_compile.py compiles every launch for sm_80/sm_90 (CI: a subset).
 * It is ~4000x slower than a GPU: tests force the multi-block / split paths with the
   modules' force_plan / force_blocks / force_launch hooks at tiny shapes.
+* tl.make_block_ptr is gone in triton 3.9 (the interpreter and the GPU compiler alike):
+  use tensor descriptors.
 """
 import triton  # noqa: F401
 

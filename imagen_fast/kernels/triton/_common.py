@@ -1,11 +1,12 @@
-"""Shared pieces of the Triton backend: device facts, launch-config tuning, maths.
+"""Shared pieces of the Triton backend: device facts, what the kernels take, launch-config
+tuning, maths.
 
 Tuning. ``pick_config`` chooses a launch configuration per *shape class* (a small
 tuple of buckets, never the raw shape, so a new image size does not re-tune) and
 per device. On a GPU it times the candidates once with ``triton.testing.do_bench``
 and caches the winner for the process; a candidate that fails to launch is skipped.
 Every candidate list is compiled ahead of time for sm_80 and sm_90 by
-benchmarks/gpu_compile.py (its CI subset in tests/test_gpu_compile.py): every
+benchmarks/gpu_compile.py (its CI subset in tests/ops/test_gpu_compile.py): every
 candidate compiles and fits the card's shared memory, and the first of each list,
 the default, does not spill registers. Under
 TRITON_INTERPRET=1, during CUDA graph capture, or with IMAGEN_FAST_TRITON_AUTOTUNE=0
@@ -23,6 +24,8 @@ from typing import Any, Callable, Dict, Hashable, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ..layout import is_channels_last, stats_dtype
 
 log = logging.getLogger("imagen_fast")
 
@@ -84,6 +87,34 @@ def check_device(*tensors) -> str | None:
     return None
 
 
+def geometry(x: torch.Tensor):
+    """(N, C, S, channels_last) of an image tensor (N, C, *spatial)."""
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c) if x.numel() else 0
+    return n, c, s, is_channels_last(x)
+
+
+def compute_dtype(x: torch.Tensor):
+    """The Triton dtype kernels compute in for input x (layout.stats_dtype's rule)."""
+    return tl.float64 if stats_dtype(x) == torch.float64 else tl.float32
+
+
+def norm_supports(x, *_args) -> str | None:
+    """Whether the norm kernels (group_norm, rms_norm) can take x, as dispatch asks."""
+    why = check_device(x)
+    if why:
+        return why
+    if not dtype_supported(x.dtype):
+        return f"dtype {x.dtype} not supported"
+    if x.ndim < 2:
+        return "x must have at least 2 dims"
+    if x.shape[0] and x.numel() // x.shape[0] >= 2 ** 31:
+        return "more than 2^31 elements per sample"
+    if not (x.is_contiguous() or is_channels_last(x)):
+        return "x must be contiguous or channels-last"
+    return None
+
+
 _tuned: Dict[Hashable, Any] = {}
 
 
@@ -131,20 +162,9 @@ def pick_config(name: str, key: Hashable, device: torch.device, candidates: Sequ
     return best
 
 
-def tuned_configs() -> Dict[Hashable, Any]:
-    """What has been tuned so far in this process (for benchmarks and `info`)."""
-    return dict(_tuned)
-
-
 # ------------------------------------------------------------------- device maths
 # Written with tl.exp only: libdevice calls do not run under the interpreter.
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-INV_SQRT2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-
-ACT_CODES = {"none": 0, "silu": 1, "gelu": 2}
-
 
 @triton.jit
 def sigmoid(h):

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.dispatch import register
+from ..registry import register
 from . import _common as cm
 
 # Test hook: force block sizes, e.g. {"fwd": (16, 16), "bwd": (16, 16)}.
@@ -272,7 +272,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_pt
 # ------------------------------------------------------------------------ launch
 # (BM, BN, num_warps, num_stages) candidates for the autotuner (GPU only); the first of
 # each list is the default, what runs untuned. Every list is compiled for sm_80 and
-# sm_90 by benchmarks/gpu_compile.py (tests/test_gpu_compile.py in CI): every entry
+# sm_90 by benchmarks/gpu_compile.py (tests/ops/test_gpu_compile.py in CI): every entry
 # compiles and fits the card's shared memory, and the defaults do not spill registers.
 #
 # float16/bfloat16 run tl.dot on tensor cores; per padded head dim:

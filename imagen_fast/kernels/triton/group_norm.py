@@ -35,16 +35,16 @@ dx (recomputes xh and dh, writes gx); or one fused kernel when the block fits a 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import triton
 import triton.language as tl
 
-from ...ops.api import _like_layout, is_channels_last
-from ...ops.dispatch import register
+from ..layout import ACTIVATION_CODES, like_layout, stats_dtype
+from ..registry import register
 from . import _common as cm
-from ._common import activation, activation_grad
+from ._common import activation, activation_grad, compute_dtype, geometry, norm_supports
 
 # Test hook: force plan fields (e.g. {"split": 3, "block_s": 16}); see force_plan().
 _FORCED: Dict[str, int] = {}
@@ -544,50 +544,21 @@ def _finalize_warps(rows: int) -> int:
     return max(4, min(16, rows // 128))
 
 
-def _geometry(x: torch.Tensor):
-    n, c = x.shape[:2]
-    s = x.numel() // (n * c) if x.numel() else 0
-    return n, c, s, is_channels_last(x)
-
-
-def _compute_dtype(x: torch.Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
-def _stat_dtype(x: torch.Tensor):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _tune_key(x, G, extra):
-    n, c, s, cl = _geometry(x)
+    n, c, s, cl = geometry(x)
     return (cl, x.dtype, cm.bucket(s), cm.bucket(c // G), cm.bucket(n * G)) + tuple(extra)
 
 
-def _supports(x, *_args) -> Optional[str]:
-    why = cm.check_device(x)
-    if why:
-        return why
-    if not cm.dtype_supported(x.dtype):
-        return f"dtype {x.dtype} not supported"
-    if x.ndim < 2:
-        return "x must have at least 2 dims"
-    if x.shape[0] and x.numel() // x.shape[0] >= 2 ** 31:
-        return "more than 2^31 elements per sample"
-    if not (x.is_contiguous() or is_channels_last(x)):
-        return "x must be contiguous or channels-last"
-    return None
-
-
-@register("group_norm_silu_fwd", "triton", supports=_supports)
+@register("group_norm_silu_fwd", "triton", supports=norm_supports)
 def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activation):
     G = int(num_groups)
-    N, C, S, cl = _geometry(x)
-    sdt = _stat_dtype(x)
+    N, C, S, cl = geometry(x)
+    sdt = stats_dtype(x)
     y = torch.empty_like(x)
     mean = torch.empty((N, G), dtype=sdt, device=x.device)
     rstd = torch.empty((N, G), dtype=sdt, device=x.device)
-    act = cm.ACT_CODES[activation]
-    cdt = _compute_dtype(x)
+    act = ACTIVATION_CODES[activation]
+    cdt = compute_dtype(x)
     sms = cm.sm_count(x.device)
     d = mean  # stands in for absent optional pointers (never read)
 
@@ -615,18 +586,18 @@ def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activati
     return y, mean, rstd
 
 
-@register("group_norm_silu_bwd", "triton", supports=_supports)
+@register("group_norm_silu_bwd", "triton", supports=norm_supports)
 def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift,
                         activation, needs):
     G = int(num_groups)
-    N, C, S, cl = _geometry(x)
-    gy = _like_layout(grad_y, x)
+    N, C, S, cl = geometry(x)
+    gy = like_layout(grad_y, x)
     need_x = bool(needs[0])
     need_w, need_b, need_sc, need_sh = (bool(nd) and p is not None for nd, p in
                                         zip(needs[1:], (weight, bias, scale, shift)))
-    sdt = _stat_dtype(x)
-    cdt = _compute_dtype(x)
-    act = cm.ACT_CODES[activation]
+    sdt = stats_dtype(x)
+    cdt = compute_dtype(x)
+    act = ACTIVATION_CODES[activation]
     dev = x.device
     mean = mean.contiguous()
     rstd = rstd.contiguous()

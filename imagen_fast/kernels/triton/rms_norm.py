@@ -28,11 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.api import _like_layout
-from ...ops.dispatch import register
+from ..layout import ACTIVATION_CODES, like_layout, stats_dtype
+from ..registry import register
 from . import _common as cm
-from ._common import activation, activation_grad
-from .group_norm import _compute_dtype, _geometry, _stat_dtype, _supports
+from ._common import activation, activation_grad, compute_dtype, geometry, norm_supports
 
 # Test hook: force plan fields {"block_c": CB, "block_s": BS}; see force_plan().
 _FORCED: Dict[str, int] = {}
@@ -159,29 +158,29 @@ def make_plan(C: int, S: int, channels_last: bool):
 
 def _flags(weight, scale, shift, activation):
     return dict(HAS_W=weight is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
-                ACT=cm.ACT_CODES[activation])
+                ACT=ACTIVATION_CODES[activation])
 
 
-@register("channel_rms_norm_fwd", "triton", supports=_supports)
-def channel_rms_norm_fwd(x, weight, eps, scale, shift, activation):
-    N, C, S, cl = _geometry(x)
+@register("channel_rms_norm_silu_fwd", "triton", supports=norm_supports)
+def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
+    N, C, S, cl = geometry(x)
     y = torch.empty_like(x)
-    rstd = torch.empty((N, S), dtype=_stat_dtype(x), device=x.device)
+    rstd = torch.empty((N, S), dtype=stats_dtype(x), device=x.device)
     cb, bs, ncb = make_plan(C, S, cl)
     nsb = cm.cdiv(S, bs)
     d = rstd  # stands in for absent optional pointers (never read)
     _rms_fwd_kernel[(N * nsb,)](
         x, y, rstd, weight if weight is not None else d, scale if scale is not None else d,
-        shift if shift is not None else d, C, S, nsb, float(eps), CDT=_compute_dtype(x), CB=cb, BS=bs,
+        shift if shift is not None else d, C, S, nsb, float(eps), CDT=compute_dtype(x), CB=cb, BS=bs,
         NCB=ncb, CL=cl, **_flags(weight, scale, shift, activation), num_warps=NUM_WARPS)
     return y, rstd
 
 
-@register("channel_rms_norm_bwd", "triton", supports=_supports)
-def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
-    N, C, S, cl = _geometry(x)
-    gy = _like_layout(grad_y, x)
-    sdt = _stat_dtype(x)
+@register("channel_rms_norm_silu_bwd", "triton", supports=norm_supports)
+def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
+    N, C, S, cl = geometry(x)
+    gy = like_layout(grad_y, x)
+    sdt = stats_dtype(x)
     rstd = rstd.to(sdt).contiguous()
     need_x = bool(needs[0])
     gx = torch.empty_like(x) if need_x else None
@@ -191,7 +190,7 @@ def channel_rms_norm_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation,
     opt = lambda t: t if t is not None else rstd  # noqa: E731
     _rms_bwd_kernel[(N * nsb,)](
         gy, x, rstd, opt(gx), opt(weight), opt(scale), opt(shift), part, C, S, nsb,
-        N * nsb * C, float(eps), CDT=_compute_dtype(x), CB=cb, BS=bs, NCB=ncb, CL=cl,
+        N * nsb * C, float(eps), CDT=compute_dtype(x), CB=cb, BS=bs, NCB=ncb, CL=cl,
         **_flags(weight, scale, shift, activation), NEED_X=need_x, num_warps=NUM_WARPS)
     p1, p2 = part.sum(dim=2)                                  # (N, C) each
     gw = gs = gsh = None

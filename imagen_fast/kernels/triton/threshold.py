@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.api import _like_layout, is_channels_last
-from ...ops.dispatch import register
+from ..layout import is_channels_last, like_layout
+from ..registry import register
 from . import _common as cm
 
 # Test hook: {"block": elements per tile, "programs": programs per sample}.
@@ -352,7 +352,7 @@ def _like(t, x):
     """t with x's memory layout (the kernels index every tensor by x's flat offsets)."""
     if t is None or t.stride() == x.stride():
         return t
-    return _like_layout(t, x)
+    return like_layout(t, x)
 
 
 @register("dynamic_threshold", "triton", supports=_supports_threshold)
@@ -367,7 +367,7 @@ def dynamic_threshold(x0, percentile, min_value, max_value=math.inf):
     y = torch.empty_like(x0)
     block = 2048 if not cm.interpreting() else min(1024, cm.next_pow2(m))
     _threshold_apply_kernel[(cm.cdiv(m, block), n)](
-        x0, y, s, m, BLOCK=block, CDT=tl.float64 if x0.dtype == torch.float64 else tl.float32,
+        x0, y, s, m, BLOCK=block, CDT=cm.compute_dtype(x0),
         num_warps=8 if block >= 2048 else 4)
     return y
 
