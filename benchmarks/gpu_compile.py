@@ -308,8 +308,8 @@ def cases(scope: Scope) -> Iterator[Tuple[str, Callable[[Recorder], None]]]:
                      groups, wt, b, sc, sh, act, needs)
             if n in scope.gn_batches[:2]:   # channel RMS norm: the same feature maps
                 rl = label.replace("gn", "rms", 1)
-                y, r = rec.call(rl + " fwd", trms.channel_rms_norm_fwd, x, wt, 1e-8, sc, sh, act)
-                rec.call(rl + " bwd", trms.channel_rms_norm_bwd, torch.empty_like(y), x, r, wt,
+                y, r = rec.call(rl + " fwd", trms.channel_rms_norm_silu_fwd, x, wt, 1e-8, sc, sh, act)
+                rec.call(rl + " bwd", trms.channel_rms_norm_silu_bwd, torch.empty_like(y), x, r, wt,
                          1e-8, sc, sh, act, needs[:4])
         yield label, gn
     from benchmarks.shapes import attn_shapes
