@@ -21,7 +21,7 @@ what a GPU would compile:
    target=GPUTarget("cuda", cap, 32))``; registers, spill stores/loads and stack from
    ptxas's own report (``-v``, the ptxas inside the triton wheel), shared memory from
    the kernel metadata against the per-block limit of the card. Results are cached per
-   (kernel source hash, specialisation, target, triton version) under
+   (kernel source hash without line numbers, specialisation, target, triton version) under
    ``~/.cache/imagen_fast/gpu_compile`` (``IMAGEN_FAST_CACHE`` moves it).
 3. csrc/cuda: every .cu compiled by nvcc for sm_80 and sm_90a with ``-Xptxas -v``.
 
@@ -412,14 +412,48 @@ def cache_dir() -> Path:
     return Path(root) / "gpu_compile"
 
 
+def _kernel_jit_functions() -> List:
+    """Every @triton.jit function of the package's kernel modules (kernels and helpers)."""
+    from triton.runtime.jit import JITFunction
+
+    from imagen_fast.kernels.triton import _common, attention, group_norm, rms_norm, threshold
+    return [f for mod in (_common, attention, group_norm, rms_norm, threshold)
+            for f in vars(mod).values() if isinstance(f, JITFunction)]
+
+
+_SOURCE_KEYS: Dict[int, str] = {}
+
+
+def source_key(fn) -> str:
+    """Triton's hash of a kernel (its source, every jit function it calls, the constexpr
+    globals it reads) with the line numbers left out. Triton's own hash includes where
+    each function starts in its file, so an import added above a kernel would discard
+    its cached audit; line numbers only reach the binary's debug locations, never its
+    registers, spills or shared memory."""
+    got = _SOURCE_KEYS.get(id(fn))
+    if got is None:
+        fns = _kernel_jit_functions()
+        saved = [(f, f.starting_line_number, f.hash) for f in fns]
+        try:
+            for f in fns:
+                f.starting_line_number, f.hash = 0, None
+            got = _SOURCE_KEYS[id(fn)] = fn.cache_key
+        finally:
+            for f, line, h in saved:
+                f.starting_line_number, f.hash = line, h
+    return got
+
+
 def _cache_key(spec: Spec, target: Target) -> str:
     import triton
-    blob = json.dumps([spec.fn.cache_key, spec.ident, target.cap, triton.__version__])
+    blob = json.dumps([source_key(spec.fn), spec.ident, target.cap, triton.__version__])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def compile_spec(spec: Spec, target: Target, use_cache: bool = True) -> Dict:
-    """Compile one specialisation for one target: the ptxas report, or the error."""
+def compile_spec(spec: Spec, target: Target, use_cache: bool = True,
+                 cached_only: bool = False) -> Optional[Dict]:
+    """Compile one specialisation for one target: the ptxas report, or the error
+    (``cached_only``: an earlier run's result, None when there is none)."""
     key = _cache_key(spec, target)
     path = cache_dir() / key[:2] / f"{key}.json"
     if use_cache and path.exists():
@@ -427,6 +461,8 @@ def compile_spec(spec: Spec, target: Target, use_cache: bool = True) -> Dict:
             return json.loads(path.read_text())
         except ValueError:
             pass
+    if cached_only:
+        return None
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -465,10 +501,13 @@ def _compile_index(i: int) -> Dict:
 
 
 def compile_all(work: Sequence[Tuple[Spec, Target]], jobs: int,
-                progress: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
+                progress: Optional[Callable[[int, int], None]] = None,
+                cached_only: bool = False) -> List[Optional[Dict]]:
     """compile_spec over (spec, target) pairs; ``jobs`` > 1 forks workers (they inherit
     the captured specs, so nothing but an index crosses the process boundary)."""
     global _POOL_SPECS
+    if cached_only:
+        return [compile_spec(s, t, cached_only=True) for s, t in work]
     if jobs <= 1 or len(work) < 4:
         out = []
         for i, (s, t) in enumerate(work):
@@ -641,11 +680,40 @@ def select_ci(target: Target, picks: Sequence[Dict], log=print) -> List[Spec]:
     return list(chosen.values())
 
 
+def compile_order(work: Sequence[Tuple[Spec, Target]]) -> List[Tuple[Spec, Target]]:
+    """Launched configs before candidates; within each, one config of every (kernel,
+    target) in turn, so that an interrupted run (its results are cached) has audited
+    part of every kernel rather than all of the first few."""
+    out = []
+    for launched_role in (True, False):
+        buckets: Dict[tuple, List] = {}
+        for s, t in work:
+            if (s.role != "candidate") == launched_role:
+                buckets.setdefault((s.kernel, t.cap), []).append((s, t))
+        for i in range(max((len(b) for b in buckets.values()), default=0)):
+            out += [b[i] for b in buckets.values() if i < len(b)]
+    return out
+
+
+def not_compiled(work: Sequence[Tuple[Spec, Target]], results: Sequence[Optional[Dict]]) -> List[str]:
+    """Per target and kernel, the captured configs with no result (a --cached-only report
+    before the full run has finished): launched and candidate counts."""
+    counts: Dict[tuple, List[int]] = {}
+    for (s, t), r in zip(work, results):
+        c = counts.setdefault((t.cap, s.kernel), [0, 0, 0, 0])
+        c[0 if s.role != "candidate" else 2] += 1
+        if r is None:
+            c[1 if s.role != "candidate" else 3] += 1
+    return [f"sm_{cap} {k}: {c[1]} of {c[0]} launched and {c[3]} of {c[2]} candidate configs "
+            "not compiled yet" for (cap, k), c in sorted(counts.items()) if c[1] or c[3]]
+
+
 def run_audit(targets: Sequence[Target], scope: Scope, subset: str = "full", jobs: int = 2,
               log=print, kernels: Sequence[str] = (), launched_only: bool = False,
-              picks: Sequence[Dict] = ()) -> Dict:
+              picks: Sequence[Dict] = (), cached_only: bool = False) -> Dict:
     """Capture every target's specialisations (or the CI subset), then compile them all
-    (launched configs first, so an interrupted run has cached those)."""
+    (launched configs first, so an interrupted run has cached those; ``cached_only``:
+    compile nothing, report what earlier runs compiled and count the rest)."""
     import triton
     work: List[Tuple[Spec, Target]] = []
     for t in targets:
@@ -659,22 +727,23 @@ def run_audit(targets: Sequence[Target], scope: Scope, subset: str = "full", job
             f"({sum(s.role != 'candidate' for s in specs)} launched untuned) captured in "
             f"{time.perf_counter() - t0:.0f} s")
         work += [(s, t) for s in specs]
-    work.sort(key=lambda st: st[0].role == "candidate")
+    work = compile_order(work)
     t0 = time.perf_counter()
     step = max(1, len(work) // 20)
 
     def progress(i, n):
         if i % step == 0 or i == n:
             log(f"  compiled {i}/{n} ({time.perf_counter() - t0:.0f} s)")
-    results = compile_all(work, jobs, progress)
-    rows = [row(s, t, r) for (s, t), r in zip(work, results)]
+    results = compile_all(work, jobs, progress, cached_only=cached_only)
+    rows = [row(s, t, r) for (s, t), r in zip(work, results) if r is not None]
     missing = [] if kernels else [
         f"sm_{t.cap} {k}: never launched by the shape table, not audited"
         for t in targets for k in kernel_inventory()
-        if not any(r["kernel"] == k and r["target"] == t.cap for r in rows)]
+        if not any(s.kernel == k and st.cap == t.cap for s, st in work)]
     return dict(triton=triton.__version__, subset=subset, scope=_scope_dict(scope),
                 targets=[t.__dict__ for t in targets], rows=rows, launched_only=launched_only,
-                unaudited=missing)
+                captured={str(t.cap): sum(st.cap == t.cap for _, st in work) for t in targets},
+                unaudited=missing + not_compiled(work, results))
 
 
 def _scope_dict(scope: Scope) -> Dict:
@@ -840,6 +909,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--baseline", default=None,
                     help="an earlier audit's compact JSON for the before/after table "
                          "(default results/<out>_before.json when it exists)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="compile nothing: report what earlier runs compiled (cached) and count "
+                         "the configs not compiled yet (a report while a full run goes on)")
     ap.add_argument("--from-configs", default=None, metavar="PATH",
                     help="write the report from an earlier run's <out>_configs.json, compiling nothing")
     ap.add_argument("--device-run", action="store_true",
@@ -883,7 +955,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     audit = run_audit(targets, scope, args.subset, args.jobs,
                       kernels=[k for k in args.kernels.split(",") if k],
-                      launched_only=args.launched_only, picks=picks)
+                      launched_only=args.launched_only, picks=picks,
+                      cached_only=args.cached_only)
     audit["commit"] = _commit(root)
     cuda = dict(available=False, reason="--no-cuda") if args.no_cuda else audit_cuda(root, jobs=args.jobs)
     probs = problems(audit["rows"]) + cuda_problems(cuda) + audit["unaudited"]
