@@ -8,7 +8,7 @@ channels-last (channel stride 1); CL is a compile-time flag, as in group_norm.py
 
 Work decomposition. The statistic belongs to one (sample, position), so a program
 owns one sample and a block of BS positions, with every channel: tiles are
-(CB channels, BS positions), CB * BS ~ 4K elements, the unit-stride axis the long
+(CB channels, BS positions), CB * BS ~ TILE elements, the unit-stride axis the long
 one. When all C channels fit one tile (NCB == 1) x is read once; otherwise the
 program walks its channel blocks twice (sum of squares, then y), the second time
 from cache.
@@ -35,9 +35,10 @@ from ._common import activation, activation_grad, compute_dtype, geometry, norm_
 
 # Test hook: force plan fields {"block_c": CB, "block_s": BS}; see force_plan().
 _FORCED: Dict[str, int] = {}
-TILE = 4096
-# 16 elements of a tile per thread: at 4 warps (32 a thread) ptxas spilled some
-# flag/layout variants on sm_80 (benchmarks/gpu_compile.py)
+# 8 elements of a tile per thread: at 4 warps and 4096-element tiles (32 a thread)
+# ptxas spilled some flag/layout variants on sm_80, at 8 warps (16 a thread) some
+# float32 ones on sm_90 (benchmarks/gpu_compile.py)
+TILE = 2048
 NUM_WARPS = 8
 
 
