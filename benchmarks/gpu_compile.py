@@ -59,7 +59,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `imagen_fa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_compile_report import (ROLES, compact, cuda_problems, markdown,  # noqa: E402
-                                           problems, summary)
+                                           not_compiled, problems, summary)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -695,17 +695,17 @@ def compile_order(work: Sequence[Tuple[Spec, Target]]) -> List[Tuple[Spec, Targe
     return out
 
 
-def not_compiled(work: Sequence[Tuple[Spec, Target]], results: Sequence[Optional[Dict]]) -> List[str]:
-    """Per target and kernel, the captured configs with no result (a --cached-only report
-    before the full run has finished): launched and candidate counts."""
-    counts: Dict[tuple, List[int]] = {}
+def coverage(work: Sequence[Tuple[Spec, Target]], results: Sequence[Optional[Dict]]) -> Dict:
+    """Captured and compiled configs per target and kernel, launched and candidates (a
+    --cached-only report before the full run has finished has fewer compiled):
+    {cap: {kernel: [launched, launched compiled, candidates, candidates compiled]}}."""
+    out: Dict[str, Dict[str, List[int]]] = {}
     for (s, t), r in zip(work, results):
-        c = counts.setdefault((t.cap, s.kernel), [0, 0, 0, 0])
-        c[0 if s.role != "candidate" else 2] += 1
-        if r is None:
-            c[1 if s.role != "candidate" else 3] += 1
-    return [f"sm_{cap} {k}: {c[1]} of {c[0]} launched and {c[3]} of {c[2]} candidate configs "
-            "not compiled yet" for (cap, k), c in sorted(counts.items()) if c[1] or c[3]]
+        c = out.setdefault(str(t.cap), {}).setdefault(s.kernel, [0, 0, 0, 0])
+        i = 0 if s.role != "candidate" else 2
+        c[i] += 1
+        c[i + 1] += r is not None
+    return out
 
 
 def run_audit(targets: Sequence[Target], scope: Scope, subset: str = "full", jobs: int = 2,
@@ -742,8 +742,7 @@ def run_audit(targets: Sequence[Target], scope: Scope, subset: str = "full", job
         if not any(s.kernel == k and st.cap == t.cap for s, st in work)]
     return dict(triton=triton.__version__, subset=subset, scope=_scope_dict(scope),
                 targets=[t.__dict__ for t in targets], rows=rows, launched_only=launched_only,
-                captured={str(t.cap): sum(st.cap == t.cap for _, st in work) for t in targets},
-                unaudited=missing + not_compiled(work, results))
+                coverage=coverage(work, results), unaudited=missing)
 
 
 def _scope_dict(scope: Scope) -> Dict:
@@ -959,7 +958,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       cached_only=args.cached_only)
     audit["commit"] = _commit(root)
     cuda = dict(available=False, reason="--no-cuda") if args.no_cuda else audit_cuda(root, jobs=args.jobs)
-    probs = problems(audit["rows"]) + cuda_problems(cuda) + audit["unaudited"]
+    probs = (problems(audit["rows"]) + cuda_problems(cuda) + audit["unaudited"]
+             + not_compiled(audit["coverage"]))
     for p in probs:
         print("VIOLATION " + p)
     for t in targets:

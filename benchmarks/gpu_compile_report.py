@@ -54,6 +54,19 @@ def cuda_problems(cuda: Dict) -> List[str]:
     return out
 
 
+def not_compiled(cov: Dict) -> List[str]:
+    """What a partial (--cached-only) audit has not compiled, per target and kernel."""
+    return [f"sm_{cap} {k}: {c[0] - c[1]} of {c[0]} launched and {c[2] - c[3]} of {c[2]} "
+            "candidate configs not compiled yet"
+            for cap, ks in sorted(cov.items()) for k, c in sorted(ks.items())
+            if c[1] < c[0] or c[3] < c[2]]
+
+
+def coverage_totals(cov: Dict, cap: int) -> List[int]:
+    """[launched, launched compiled, candidates, candidates compiled] of one target."""
+    return [sum(c[i] for c in cov.get(str(cap), {}).values()) for i in range(4)]
+
+
 def summary(rows: Sequence[Dict], cap: int) -> Dict:
     """Counts for one target: what the before/after table and the summary show."""
     mine = [r for r in rows if r["target"] == cap]
@@ -163,20 +176,23 @@ def cuda_table(cuda: Dict) -> List[str]:
 
 def before_after(before: Dict, after: Dict, caps: Sequence[int]) -> List[str]:
     """before/after: {"commit", "summary": {cap: summary(...)}} (the compact JSON)."""
-    out = [f"Before: commit {before.get('commit', '?')}, {before.get('note', '')}; after: "
-           f"commit {after.get('commit', '?')}. *Launched* = fixed and default configurations, "
-           "what runs untuned.", "",
-           "| target | | configs | compile failures | over shared limit | spilling launched "
-           "configs | largest launched spill (stores, B) | spilling candidates | largest spill "
-           "overall (B) |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [f"Before: commit {before.get('commit', '?')}. {before.get('note', '')}", "",
+           f"After: commit {after.get('commit', '?')}, this report. *Launched* = fixed and "
+           "default configurations, what runs untuned; *compiled* = launched configs compiled "
+           "of those captured (a partial audit counts only what it compiled).", "",
+           "| target | | launched compiled | compile failures | over shared limit | spilling "
+           "launched configs | largest launched spill (stores, B) | spilling candidates | "
+           "largest spill overall (B) |", "|---|---|---|---|---|---|---|---|---|"]
     for cap in caps:
         for name, audit in (("before", before), ("after", after)):
             s = audit["summary"].get(str(cap))
             if s is None:
                 continue
+            cov = audit.get("coverage", {}).get(str(cap))
+            done = f"{cov[1]} of {cov[0]}" if cov else str(s["launched"])
             cand = "not compiled" if audit.get("launched_only") else s["spilling_candidates"]
             overall = "-" if audit.get("launched_only") else s["largest_spill"]
-            out.append(f"| sm_{cap} | {name} | {s['configs']} | {s['failures']} | {s['over_smem']} | "
+            out.append(f"| sm_{cap} | {name} | {done} | {s['failures']} | {s['over_smem']} | "
                        f"{s['spilling_launched']} | {s['largest_launched_spill']}"
                        f"{' (' + s['largest_launched_spill_at'] + ')' if s['largest_launched_spill_at'] else ''} | "
                        f"{cand} | {overall} |")
@@ -187,8 +203,10 @@ def compact(audit: Dict, cuda: Dict) -> Dict:
     """The committed JSON: everything the report shows, without the per-config rows."""
     rows = audit["rows"]
     caps = [t["cap"] for t in audit["targets"]]
+    cov = audit.get("coverage", {})
     return dict(commit=audit.get("commit", "?"), triton=audit["triton"], scope=audit["scope"],
                 targets=audit["targets"], launched_only=audit.get("launched_only", False),
+                coverage={str(c): coverage_totals(cov, c) for c in caps}, not_compiled=not_compiled(cov),
                 summary={str(c): summary(rows, c) for c in caps},
                 kernels={str(c): kernel_rows(rows, c) for c in caps},
                 violations=problems(rows) + cuda_problems(cuda) + list(audit.get("unaudited", [])),
@@ -224,10 +242,26 @@ def markdown(audit: Dict, cuda: Dict, before: Optional[Dict] = None) -> str:
              "arguments Triton specialises (equal to 1, multiple of 16), warps, stages. Roles: "
              "*fixed* (no tuner), *default* (a tuned op untuned), *candidate* (only tried by "
              "the tuner: may spill, must compile and fit).", "",
-             "## Summary", "",
-             "| target | configs | launched (fixed+default) | compile failures | over shared limit | "
-             "spilling launched | spilling candidates | largest spill (B) | max regs | max shared KB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "## Coverage", ""]
+    for t in targets:
+        cov = comp["coverage"][str(t["cap"])]
+        cand = ("not compiled (--launched-only)" if comp["launched_only"]
+                else f"{cov[3]} of {cov[2]} candidate configs")
+        lines.append(f"- {t['card']} ({t['arch']}): {cov[1]} of {cov[0]} launched (fixed and "
+                     f"default) configs compiled, {cand}.")
+    if comp["not_compiled"]:
+        lines += ["", "**This report is partial**: it was written with `--cached-only` from "
+                  "what earlier runs compiled (results are cached per kernel source, so "
+                  "`make gpu-compile` continues where they stopped). Every count below covers "
+                  "the compiled configs only. Not compiled yet:", ""]
+        lines += [f"- {ln}" for ln in comp["not_compiled"]]
+    else:
+        lines += ["", "Every captured configuration was compiled."]
+    lines += ["", "## Summary", "",
+              "| target | configs compiled | launched (fixed+default) | compile failures | over "
+              "shared limit | spilling launched | spilling candidates | largest spill (B) | max "
+              "regs | max shared KB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for t in targets:
         s = comp["summary"][str(t["cap"])]
         lines.append(f"| {t['card']} {t['arch']} | {s['configs']} | {s['launched']} | "

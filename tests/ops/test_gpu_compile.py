@@ -111,3 +111,36 @@ def test_compile_errors_are_reported_by_their_message_line():
             raise CompilationError(None) from inner
     except CompilationError as e:
         assert gc.error_line(e).startswith("Loop-carried variable _ has initial type int32")
+
+
+def test_a_partial_audit_says_what_it_has_not_compiled():
+    cov = {"80": {"k.a_kernel": [3, 3, 5, 1], "k.b_kernel": [2, 2, 0, 0]},
+           "90": {"k.a_kernel": [3, 2, 5, 5]}}
+    assert report.not_compiled(cov) == [
+        "sm_80 k.a_kernel: 0 of 3 launched and 4 of 5 candidate configs not compiled yet",
+        "sm_90 k.a_kernel: 1 of 3 launched and 0 of 5 candidate configs not compiled yet"]
+    assert report.coverage_totals(cov, 80) == [5, 5, 5, 1]
+    audit = dict(rows=[_row()], targets=[dict(cap=80, card="A100", arch="sm_80",
+                                              smem_per_block=1000)],
+                 triton="3.x", scope=dict(presets=["p"], text_lens=[1], gn_batches=[1],
+                                          attn_batches=[1], image_batches=[1], dtypes=["f"]),
+                 coverage={"80": cov["80"]}, unaudited=[])
+    md = report.markdown(audit, {})
+    assert "**This report is partial**" in md and "4 of 5 candidate configs not compiled" in md
+    audit["coverage"] = {"80": {"k.a_kernel": [3, 3, 5, 5]}}
+    assert "Every captured configuration was compiled." in report.markdown(audit, {})
+
+
+def test_compile_order_puts_launched_first_and_takes_every_kernel_in_turn():
+    from benchmarks import gpu_compile as gc
+
+    class S:
+        def __init__(self, kernel, role):
+            self.kernel, self.role = kernel, role
+    t80, t90 = gc.TARGETS[80], gc.TARGETS[90]
+    work = ([(S("a", "default"), t80)] * 3 + [(S("b", "fixed"), t80)] * 2
+            + [(S("a", "candidate"), t80)] + [(S("a", "default"), t90)])
+    order = [(s.kernel, s.role, t.cap) for s, t in gc.compile_order(work)]
+    assert order == [("a", "default", 80), ("b", "fixed", 80), ("a", "default", 90),
+                     ("a", "default", 80), ("b", "fixed", 80), ("a", "default", 80),
+                     ("a", "candidate", 80)]
