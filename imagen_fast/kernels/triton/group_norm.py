@@ -470,6 +470,9 @@ class _Plan:
 # (benchmarks/gpu_compile.py). The forward's default loop tile is 2048 elements (8 a
 # thread): at 4096 the split plan's stats kernel spilled in float32 on sm_90.
 MIN_CHUNK = 8192
+# The split plan's stats kernel (it only reads and reduces) runs at 16 warps: at 8, ptxas
+# spilled 4 B on sm_90 with several channel blocks (NCB > 1), at any tile size tried.
+STATS_WARPS = 16
 _FWD_CONFIGS = [(2048, 8192, 8), (4096, 8192, 8), (2048, 4096, 4), (4096, 8192, 16),
                 (8192, 16384, 16)]
 _BWD_CONFIGS = [(2048, 4096, 8), (1024, 2048, 4), (4096, 4096, 8), (2048, 8192, 16)]
@@ -571,7 +574,7 @@ def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activati
             part = torch.empty((N, p.SPLIT, G, 2), dtype=sdt, device=x.device)
             _gn_fwd_stats_kernel[(N * p.GBLK * p.SPLIT,)](
                 x, part, C, S, G, C // G, p.GBLK, p.SPLIT, p.CHUNK, CDT=cdt, GB=p.GB,
-                CB=p.CB, NCB=p.NCB, BS=p.BS, CL=cl, num_warps=p.num_warps)
+                CB=p.CB, NCB=p.NCB, BS=p.BS, CL=cl, num_warps=STATS_WARPS)
         mode = {"fused": 0, "looped": 1, "split": 2}[p.mode]
         _gn_fwd_kernel[(N * p.GBLK * p.SPLIT,)](
             x, y, weight if weight is not None else d, bias if bias is not None else d,
