@@ -12,7 +12,7 @@ FLAX ?= flax==0.12.8
 TORCHVISION ?= torchvision==0.28.0
 PEERS ?= diffusers==0.42.1 imagen-pytorch==2.1.0
 
-.PHONY: venv build sample test bench bench-model lint clean
+.PHONY: venv build sample test bench bench-model gpu-compile lint clean
 
 # PEERS: the libraries imagen_fast.accelerate patches (tests/patch/,
 # imagen_fast/bench/bench_patch.py), installed under constraints so they cannot swap this torch.
@@ -65,6 +65,15 @@ bench: venv
 bench-model: venv
 	$(PIP) install -q matplotlib
 	$(VENV)/bin/imagen-fast bench model --out benchmarks/results
+
+# Every Triton kernel launch of the shape table compiled for A100 (sm_80) and H100 (sm_90a),
+# and csrc/cuda through nvcc, on this machine (no GPU): fails on a compile error, a config
+# over the card's shared memory or a spill in a fixed/default config. Results are cached
+# (~/.cache/imagen_fast/gpu_compile); a cold run is hours on 2 cores (JOBS=N to widen).
+# Report: benchmarks/results/gpu_compile.md. The CI subset: tests/ops/test_gpu_compile.py.
+JOBS ?= 2
+gpu-compile: venv
+	$(VPY) -m benchmarks.gpu_compile --check --jobs $(JOBS)
 
 lint: venv
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check imagen_fast tests benchmarks

@@ -85,6 +85,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _gpu_compile_audit(args) -> int:
+    """The GPU compile audit lives in a source checkout (benchmarks/gpu_compile.py): it
+    compiles csrc/cuda too, and its report is the repository's."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "gpu_compile.py").is_file() or not (root / "csrc").is_dir():
+        raise UsageError("bench gpu-compile runs from a source checkout (it audits csrc/ too): "
+                         "clone the repository and run `make gpu-compile` there")
+    sys.path.insert(0, str(root))
+    from benchmarks import gpu_compile
+    extra = ["--subset", args.subset, "--targets", args.targets] + (["--check"] if args.check else [])
+    return gpu_compile.main(extra + (["--device-run"] if args.device == "cuda" else []))
+
+
 def cmd_bench(args) -> int:
     """The benchmarks ship in imagen_fast.bench; results go to --out (default
     ./bench-results), never into the installed package."""
@@ -96,6 +109,8 @@ def cmd_bench(args) -> int:
         from .bench import shapes
         shapes.main([])
         return 0
+    if args.what == "gpu-compile":
+        return _gpu_compile_audit(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {args.out!r} is not a directory")
@@ -171,15 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmarks of the ops and models. Results (JSON, markdown, PNG with "
                                    "matplotlib) go to --out; the repository's committed results are "
                                    "written with --out benchmarks/results from a checkout.")
-    s.add_argument("what", choices=["ops", "model", "compile", "all", "shapes"], nargs="?", default="ops",
+    s.add_argument("what", choices=["ops", "model", "compile", "all", "shapes", "gpu-compile"], nargs="?",
+                   default="ops",
                    help="ops: every op over the shape table; model: every preset's training and "
                         "sampling vs imagen-pytorch; compile: eager vs torch.compile'd sampling "
-                        "and training steps; shapes: print the shape table")
+                        "and training steps; shapes: print the shape table; gpu-compile (from a source "
+                        "checkout): the ahead-of-time GPU compile audit of every Triton kernel for "
+                        "sm_80/sm_90 and of csrc/cuda, no GPU needed (report in benchmarks/results/"
+                        "gpu_compile.md; with --device cuda: launch each config on this GPU)")
     s.add_argument("--quick", action="store_true", help="a short smoke run (under 2 minutes on CPU)")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     from .bench import DEFAULT_RESULTS          # the package's __init__: no torch import
     s.add_argument("--out", default=str(DEFAULT_RESULTS), metavar="DIR",
                    help=f"results directory (default ./{DEFAULT_RESULTS}; created if missing)")
+    s.add_argument("--subset", choices=["full", "ci"], default="full",
+                   help="gpu-compile: the whole shape table (hours on 2 cores, cached) or the CI subset")
+    s.add_argument("--targets", default="80,90", help="gpu-compile: compute capabilities")
+    s.add_argument("--check", action="store_true", help="gpu-compile: exit 1 on any rule violation")
     s.set_defaults(func=cmd_bench)
     s = sub.add_parser("train", help="train one stage of the cascade from a TOML config")
     s.add_argument("--config", required=True, help="TOML file (see imagen_fast/train_config.py)")

@@ -190,8 +190,15 @@ def _flat_reason(*tensors) -> Optional[str]:
         if t is None or t is ref:
             continue
         # ref passed: a CPU tensor with its dtype and strides passes too (checked on every call)
-        if not t.is_cpu or t.dtype != dtype or t.shape != shape or t.stride() != stride:
-            return _layout_reason(t, f"tensor {i}") or "tensors must share dtype, shape and memory layout"
+        if t.is_cpu and t.dtype == dtype and t.shape == shape and t.stride() == stride:
+            continue
+        why = _layout_reason(t, f"tensor {i}")
+        if why is not None:
+            return why
+        # strides of size-1 dims do not move through memory: only the others must match
+        if t.dtype != dtype or t.shape != shape or any(
+                a != b for size, a, b in zip(shape, t.stride(), stride) if size > 1):
+            return "tensors must share dtype, shape and memory layout"
     return None
 
 

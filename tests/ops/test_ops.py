@@ -437,3 +437,97 @@ def test_sampler_step_final_step_returns_x0(backend):
     out = ops.sampler_step(*_dev(z, eps), alpha_t=0.8, sigma_t=0.6, alpha_s=1.0, sigma_s=0.0,
                            threshold="none")
     assert_close_to_reference(out.cpu(), (z.double() - 0.6 * eps.double()) / 0.8, floor=1e-5)
+
+
+# ---------------------------------------------- thresholding and the step: any strides
+def _in_layout(x, layout, g):
+    """A tensor equal to x (on DEVICE) stored in the given layout. "expanded" needs x's
+    samples to be equal (see _layout_inputs); "size1" needs a size-1 dim and gives it an
+    unusual stride (dense and contiguous all the same, but strides unlike x's)."""
+    x = x.to(DEVICE)
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":                  # every other element of a wider buffer
+        wide = torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "transposed":               # W before H in memory
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "expanded":                 # stride 0 over the batch
+        return x[:1].expand(x.shape)
+    if layout == "size1":
+        strides = list(x.contiguous().stride())
+        strides[list(x.shape).index(1)] = 1
+        return torch.as_strided(x.contiguous().clone(), x.shape, strides)
+    raise AssertionError(layout)
+
+
+def _layout_inputs(shape, layouts, dtype, g):
+    """Fresh inputs, one per layout name: samples equal where the layout is "expanded"."""
+    out = []
+    for layout in layouts:
+        if layout is None:
+            out.append((None, None))
+            continue
+        x = randn(*shape, dtype=dtype, generator=g, scale=1.5)
+        if layout == "expanded":
+            x = x[:1].expand(shape).clone()
+        out.append((x, _in_layout(x, layout, g)))
+    return out
+
+
+# (z_t, pred_cond, pred_uncond, noise): every layout in every role at least once,
+# mismatched between the arguments; "size1" runs at a shape with a size-1 dim.
+STEP_LAYOUTS = [
+    ("contiguous", "channels_last", "strided", "expanded"),
+    ("channels_last", "contiguous", "channels_last", "transposed"),
+    ("channels_last", "expanded", "strided", None),
+    ("strided", "channels_last", None, "contiguous"),
+    ("expanded", "transposed", "channels_last", "strided"),
+    ("transposed", "strided", "expanded", "channels_last"),
+    ("contiguous", "size1", "size1", "size1"),
+    ("size1", "contiguous", "channels_last", "size1"),
+]
+
+
+@pytest.mark.parametrize("threshold", ["dynamic", "static"])
+@pytest.mark.parametrize("layouts", STEP_LAYOUTS, ids=lambda ls: "-".join(map(str, ls)))
+def test_sampler_step_any_strides(backend, poison, layouts, threshold):
+    """Inputs whose strides differ from z_t's and from each other give the same step as
+    contiguous ones (the kernels index every tensor by z_t's flat offsets)."""
+    size1 = "size1" in layouts
+    shape = (3, 3, 1, 5) if size1 else ((3, 3, 5, 7) if small(backend) else (3, 4, 9, 11))
+    g = _gen(80 + STEP_LAYOUTS.index(layouts))
+    (z, zd), (c, cd), (u, ud), (nz, nd) = _layout_inputs(shape, layouts, torch.float32, g)
+    alpha_t = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
+    alpha_s = torch.tensor([0.5, 0.8, 0.95], dtype=torch.float64)
+    kw = dict(guidance_scale=4.0, alpha_t=alpha_t, sigma_t=(1 - alpha_t ** 2).sqrt(),
+              alpha_s=alpha_s, sigma_s=(1 - alpha_s ** 2).sqrt(), sampler="ddim", eta=0.5,
+              threshold=threshold, percentile=0.9)
+    if nd is None:
+        nz = randn(*shape, generator=g)
+        nd = nz.to(DEVICE)
+    out = ops.sampler_step(zd, cd, ud, noise=nd, **kw)
+    assert out.shape == shape and out.dtype == torch.float32
+    coefs = ops.step_coefficients(alpha_t, kw["sigma_t"], alpha_s, kw["sigma_s"], sampler="ddim",
+                                  eta=0.5)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = reference.sampler_step(d(z), d(c), d(u), 4.0, coefs, d(nz), threshold, 0.9, 1.0)
+    same = reference.sampler_step(z, c, u, 4.0, coefs, nz, threshold, 0.9, 1.0)
+    assert_close_to_reference(out.cpu(), ref, same, what=f"z_s {layouts}")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "transposed", "expanded",
+                                    "size1"])
+def test_dynamic_threshold_any_strides(backend, poison, layout):
+    shape = (3, 3, 1, 5) if layout == "size1" else (3, 3, 6, 7)
+    g = _gen(90)
+    ((x, xd),) = _layout_inputs(shape, [layout], torch.float32, g)
+    y = ops.dynamic_threshold(xd, 0.9)
+    assert y.shape == shape
+    if layout == "channels_last":
+        assert ops.is_channels_last(y), "layout not kept"
+    ref = reference.dynamic_threshold(x.double(), 0.9)
+    assert_close_to_reference(y.cpu(), ref, ref.float(), what=f"threshold {layout}")

@@ -1,6 +1,8 @@
 """Backend "triton": Triton kernels for every op (CUDA GPUs; CPU tensors under
-TRITON_INTERPRET=1). Importing this package registers them with the dispatcher;
-an ImportError (no triton) marks the backend unavailable.
+TRITON_INTERPRET=1). Importing this package registers them with the dispatcher.
+The dispatcher imports it only when the triton package is installed, and lets any
+error raised here propagate: a broken kernel module fails loudly, never turns into
+"backend unavailable".
 
 One op family per module:
     group_norm.py   group_norm_silu_fwd / _bwd   (fused, looped and split plans)
@@ -26,12 +28,15 @@ one list of them (DEVELOPERS.md points here); add a trap here when one bites:
   group_norm._as_float.
 * triton.autotune / do_bench need a driver: configs are fixed under the interpreter
   (_common.pick_config returns the default).
+* A name assigned before a loop and again inside it is loop-carried: on a GPU it must
+  keep one type (threshold._hist_kernel's `_` did not, and compiled for no card).
+  benchmarks/gpu_compile.py compiles every launch for sm_80/sm_90 (CI: a subset).
 * It is ~4000x slower than a GPU: tests force the multi-block / split paths with the
   modules' force_plan / force_blocks / force_launch hooks at tiny shapes.
 * tl.make_block_ptr is gone in triton 3.9 (the interpreter and the GPU compiler alike):
   use tensor descriptors.
 """
-import triton  # noqa: F401  (ImportError -> backend unavailable)
+import triton  # noqa: F401
 
 from . import attention, group_norm, rms_norm, threshold  # noqa: F401,E402
 

@@ -4,9 +4,11 @@ tuning, maths.
 Tuning. ``pick_config`` chooses a launch configuration per *shape class* (a small
 tuple of buckets, never the raw shape, so a new image size does not re-tune) and
 per device. On a GPU it times the candidates once with ``triton.testing.do_bench``
-and caches the winner for the process; candidates that do not compile on this card
-(shared memory or register limits differ between sm_80 and sm_90) are skipped, and
-the first candidate of every list is chosen to be valid on sm_80. Under
+and caches the winner for the process; a candidate that fails to launch is skipped.
+Every candidate list is compiled ahead of time for sm_80 and sm_90 by
+benchmarks/gpu_compile.py (its CI subset in tests/ops/test_gpu_compile.py): every
+candidate compiles and fits the card's shared memory, and the first of each list,
+the default, does not spill registers. Under
 TRITON_INTERPRET=1, during CUDA graph capture, or with IMAGEN_FAST_TRITON_AUTOTUNE=0
 no timing happens and the given default is used (a choice tuned earlier in the process
 is still used while capturing: torch.compile's cudagraph trees run a step once before

@@ -270,22 +270,44 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_pt
 
 
 # ------------------------------------------------------------------------ launch
-# (BM, BN, num_warps, num_stages) candidates for the autotuner (GPU only).
-_FWD_CONFIGS = [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
-                (64, 128, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (32, 32, 4, 1)]
-_BWD_CONFIGS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 64, 8, 2),
-                (32, 128, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 1)]
+# (BM, BN, num_warps, num_stages) candidates for the autotuner (GPU only); the first of
+# each list is the default, what runs untuned. Every list is compiled for sm_80 and
+# sm_90 by benchmarks/gpu_compile.py (tests/ops/test_gpu_compile.py in CI): every entry
+# compiles and fits the card's shared memory, and the defaults do not spill registers.
+#
+# float16/bfloat16 run tl.dot on tensor cores; per padded head dim:
+_FWD_16 = [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+           (64, 128, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (32, 32, 4, 1)]
+_BWD_16 = [(64, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 64, 8, 2),
+           (32, 128, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 1)]
+# float32 (and float64) dots are exact ("ieee"): FMA, with both operand tiles and the
+# accumulator in registers, so the tiles that fit depend on the bytes of a row (element
+# size x padded head dim). Keyed by the largest row size each list serves:
+_FWD_IEEE = {
+    64: [(64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2),
+         (32, 32, 4, 2)],
+    128: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2)],
+    # (64, 32, 8, 2) spilled 4 B on sm_80 at head dim 48 with a mask
+    256: [(32, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+    512: [(64, 16, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)],
+    1024: [(16, 16, 4, 1), (16, 32, 8, 2), (32, 16, 8, 2)],
+}
+_BWD_IEEE = {
+    64: [(32, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+    128: [(32, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 1)],
+    256: [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+    512: [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2), (16, 32, 4, 2)],
+    1024: [(16, 16, 4, 1), (16, 16, 8, 2)],
+}
 
 
-def _default_config(kind: str, dtype: torch.dtype, dp: int):
-    """A config that fits sm_80's shared memory and registers for this row size; what
-    runs when nothing is tuned (and what the tuner falls back to)."""
+def _configs(kind: str, dtype: torch.dtype, dp: int):
+    """The autotuner's candidates for this dtype and padded head dim; [0] is the default."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return _FWD_16 if kind == "fwd" else _BWD_16
+    table = _FWD_IEEE if kind == "fwd" else _BWD_IEEE
     row_bytes = torch.finfo(dtype).bits // 8 * dp
-    if row_bytes > 256:                       # float32 with D > 64, float64 with D > 32
-        return (32, 32, 4, 1)
-    if kind == "fwd":
-        return (64, 64, 4, 2)
-    return (32, 64, 8, 2) if dp > 64 else (64, 64, 4, 2)
+    return table[min(k for k in table if k >= row_bytes)]
 
 
 _INTERP_BLOCKS = (32, 32)
@@ -321,7 +343,8 @@ def _block_list(mask_u8: torch.Tensor, lk: int, bn: int):
     nblk = cm.cdiv(lk, bn)
     blocks = torch.empty((b, nblk), dtype=torch.int32, device=mask_u8.device)
     count = torch.empty((b,), dtype=torch.int32, device=mask_u8.device)
-    ch = min(64, cm.next_pow2(nblk))
+    # [CH, BN] mask tiles of at most 2048 bytes: 16 a thread (wider tiles spilled)
+    ch = min(64, cm.next_pow2(nblk), max(1, 2048 // bn))
     _kv_blocks_kernel[(b,)](mask_u8, blocks, count, lk, nblk, BN=bn, CH=ch, num_warps=4)
     return blocks, count, nblk
 
@@ -380,8 +403,9 @@ def _forward(q, k, v, mask, scale, lse_dtype):
     elif cm.interpreting():
         cfg = _INTERP_BLOCKS + (4, 1)
     else:
-        cfg = cm.pick_config("attention_fwd", _tune_key(q, k, mask), q.device, _FWD_CONFIGS,
-                             run, _default_config("fwd", q.dtype, _head_pad(D)))
+        cands = _configs("fwd", q.dtype, _head_pad(D))
+        cfg = cm.pick_config("attention_fwd", _tune_key(q, k, mask), q.device, cands, run,
+                             cands[0])
     run(cfg)
     return out, lse
 
@@ -445,7 +469,8 @@ def attention_bwd(grad_out, q, k, v, mask, out, lse, scale):
     elif cm.interpreting():
         cfg = _INTERP_BLOCKS + (4, 1)
     else:
-        cfg = cm.pick_config("attention_bwd", _tune_key(q, k, mask), q.device, _BWD_CONFIGS,
-                             run, _default_config("bwd", q.dtype, dp_))
+        cands = _configs("bwd", q.dtype, dp_)
+        cfg = cm.pick_config("attention_bwd", _tune_key(q, k, mask), q.device, cands, run,
+                             cands[0])
     run(cfg)
     return dq, dk, dv

@@ -187,13 +187,28 @@ def _gn_fwd_stats_kernel(x_ptr, part_ptr, C, S, G, Cg, GBLK, SPLIT, CHUNK,
 
 
 @triton.jit
+def _fwd_partials(part_ptr, n, i0, gvec, G, S, Cg, SPLIT, CHUNK, CDT: tl.constexpr,
+                  SB: tl.constexpr):
+    """Chunks i0..i0+SB of the stats kernel's partials: (mean, M2, count, mask) tiles
+    [SB, GB]; rows past SPLIT and groups past G are masked (count 0)."""
+    i = i0 + tl.arange(0, SB)
+    pmask = (i < SPLIT)[:, None] & (gvec < G)[None, :]
+    off = ((n * SPLIT + i[:, None]) * G + gvec[None, :]) * 2
+    pm = tl.load(part_ptr + off, mask=pmask, other=0.0).to(CDT)
+    pm2 = tl.load(part_ptr + off + 1, mask=pmask, other=0.0).to(CDT)
+    pc = tl.where(i < SPLIT, Cg * (tl.minimum(i * CHUNK + CHUNK, S) - i * CHUNK), 0)
+    return pm, pm2, _as_float(pc, CDT)[:, None], pmask
+
+
+@triton.jit
 def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_ptr, part_ptr,
                    C, S, G, Cg, GBLK, SPLIT, CHUNK, eps,
                    CDT: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr, NCB: tl.constexpr,
                    BS: tl.constexpr, CL: tl.constexpr, MODE: tl.constexpr,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr,
-                   HAS_SH: tl.constexpr, ACT: tl.constexpr, SP2: tl.constexpr):
-    """MODE 0: fused single tile; 1: stats loop then apply loop; 2: merge partials."""
+                   HAS_SH: tl.constexpr, ACT: tl.constexpr, SB: tl.constexpr):
+    """MODE 0: fused single tile; 1: stats loop then apply loop; 2: merge partials
+    (SB chunks' partials at a time)."""
     pid = tl.program_id(0)
     if MODE == 2:
         pid = tl.num_programs(0) - 1 - pid  # reverse order: recently read chunks first
@@ -225,17 +240,20 @@ def _gn_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_pt
             _, mean, m2 = _chunk_stats(x_ptr, base, n, g0, G, Cg, C, S, 0, S, CDT, GB, CB,
                                        NCB, BS, CL)
         else:
-            # all chunks at once: mean = sum n_i m_i / n, M2 = sum M2_i + n_i (m_i - mean)^2
-            i = tl.arange(0, SP2)
-            pmask = (i < SPLIT)[:, None] & (gvec < G)[None, :]
-            off = ((n * SPLIT + i[:, None]) * G + gvec[None, :]) * 2
-            pm = tl.load(part_ptr + off, mask=pmask, other=0.0).to(CDT)
-            pm2 = tl.load(part_ptr + off + 1, mask=pmask, other=0.0).to(CDT)
-            pc = tl.where(i < SPLIT, Cg * (tl.minimum(i * CHUNK + CHUNK, S) - i * CHUNK), 0)
-            pc = _as_float(pc, CDT)[:, None]
-            mean = tl.sum(pc * pm, axis=0) / M
-            dev = tl.where(pmask, pm - mean[None, :], 0.0)
-            m2 = tl.sum(pm2 + pc * dev * dev, axis=0)
+            # mean = sum n_i m_i / n, then M2 = sum M2_i + n_i (m_i - mean)^2, over the
+            # chunks' partials SB at a time (a [SPLIT, GB] tile would spill at large SPLIT)
+            acc = tl.zeros([GB], CDT)
+            for i0 in range(0, SPLIT, SB):
+                pm, _pm2, pc, _pmask = _fwd_partials(part_ptr, n, i0, gvec, G, S, Cg, SPLIT,
+                                                     CHUNK, CDT, SB)
+                acc += tl.sum(pc * pm, axis=0)
+            mean = acc / M
+            m2 = tl.zeros([GB], CDT)
+            for i0 in range(0, SPLIT, SB):
+                pm, pm2, pc, pmask = _fwd_partials(part_ptr, n, i0, gvec, G, S, Cg, SPLIT,
+                                                   CHUNK, CDT, SB)
+                dev = tl.where(pmask, pm - mean[None, :], 0.0)
+                m2 += tl.sum(pm2 + pc * dev * dev, axis=0)
         rstd = _rsqrt(m2 / M + eps)
         for cb in range(NCB):
             c, valid = _rows(g0, cb, G, Cg, GB, CB)
@@ -337,8 +355,9 @@ def _gn_bwd_finalize_kernel(part_ptr, w_ptr, b_ptr, sc_ptr, c12_ptr, gsh_ptr, gs
                             CDT: tl.constexpr, GB: tl.constexpr, CB: tl.constexpr,
                             NCB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                             HAS_SC: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                            NEED_SC: tl.constexpr, NEED_SH: tl.constexpr, SP2: tl.constexpr):
-    """Merge the chunk partials; per (n, c) parameter-gradient pieces; c1, c2 per group."""
+                            NEED_SC: tl.constexpr, NEED_SH: tl.constexpr, SB: tl.constexpr):
+    """Merge the chunk partials (SB chunks at a time: a [SPLIT, rows] tile would spill at
+    large SPLIT); per (n, c) parameter-gradient pieces; c1, c2 per group."""
     pid = tl.program_id(0)
     n = pid // GBLK
     g0 = (pid % GBLK) * GB
@@ -349,11 +368,14 @@ def _gn_bwd_finalize_kernel(part_ptr, w_ptr, b_ptr, sc_ptr, c12_ptr, gsh_ptr, gs
         c, valid = _rows(g0, cb, G, Cg, GB, CB)
         w, b, film, _ = _row_params(n, c, valid, C, w_ptr, b_ptr, sc_ptr, sc_ptr, CDT,
                                     HAS_W, HAS_B, HAS_SC, False)
-        i = tl.arange(0, SP2)
-        off = (n * SPLIT + i[:, None]) * C + c[None, :]
-        pmask = (i < SPLIT)[:, None] & valid[None, :]
-        p1 = tl.sum(tl.load(part_ptr + off, mask=pmask, other=0.0), axis=0).to(CDT)
-        p2 = tl.sum(tl.load(part_ptr + PST + off, mask=pmask, other=0.0), axis=0).to(CDT)
+        p1 = tl.zeros([GB * CB], CDT)
+        p2 = tl.zeros([GB * CB], CDT)
+        for i0 in range(0, SPLIT, SB):
+            i = i0 + tl.arange(0, SB)
+            off = (n * SPLIT + i[:, None]) * C + c[None, :]
+            pmask = (i < SPLIT)[:, None] & valid[None, :]
+            p1 += tl.sum(tl.load(part_ptr + off, mask=pmask, other=0.0).to(CDT), axis=0)
+            p2 += tl.sum(tl.load(part_ptr + PST + off, mask=pmask, other=0.0).to(CDT), axis=0)
         _store_param_grads(n, c, valid, C, p1, p2, w, b, film, gsh_ptr, gsc_ptr, gw_ptr,
                            gb_ptr, NEED_W, NEED_B, NEED_SC, NEED_SH)
         a = w * film
@@ -442,10 +464,17 @@ class _Plan:
         return "_Plan(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
 
 
-# (loop tile elements, largest single tile for the fused plan, num_warps); the first
-# of each list is the default (valid on sm_80 and sm_90).
+# (loop tile elements, largest single tile for the fused plan, num_warps; make_plan
+# doubles the warps, up to 16, while a tile has over 16 elements a thread); the first of
+# each list is the default: it compiles without spills on sm_80 and sm_90
+# (benchmarks/gpu_compile.py). The forward's default loop tile is 2048 elements (8 a
+# thread): at 4096 the split plan's stats kernel spilled in float32 on sm_90.
 MIN_CHUNK = 8192
-_FWD_CONFIGS = [(4096, 8192, 8), (2048, 4096, 4), (4096, 8192, 16), (8192, 16384, 16)]
+# The split plan's stats kernel (it only reads and reduces) runs at 16 warps: at 8, ptxas
+# spilled 4 B on sm_90 with several channel blocks (NCB > 1), at any tile size tried.
+STATS_WARPS = 16
+_FWD_CONFIGS = [(2048, 8192, 8), (4096, 8192, 8), (2048, 4096, 4), (4096, 8192, 16),
+                (8192, 16384, 16)]
 _BWD_CONFIGS = [(2048, 4096, 8), (1024, 2048, 4), (4096, 4096, 8), (2048, 8192, 16)]
 
 
@@ -499,8 +528,25 @@ def make_plan(N: int, C: int, S: int, G: int, channels_last: bool, sms: int, cfg
     else:
         chunk = S
     mode = "fused" if fused else ("looped" if split == 1 else "split")
+    # at most 16 elements of a tile per thread (a fused tile may be twice the loop tile):
+    # 32 spilled registers on sm_80 (benchmarks/gpu_compile.py)
+    while num_warps < 16 and rows * bs > 16 * 32 * num_warps:
+        num_warps *= 2
     return _Plan(GB=gb, CB=cb, NCB=ncb, BS=bs, GBLK=gblk, SPLIT=split, CHUNK=chunk,
                  mode=mode, num_warps=num_warps)
+
+
+def _split_block(split: int, width: int, num_warps: int, per_thread: int) -> int:
+    """Rows of the [rows, width] tiles that merge per-chunk partials: a power of two,
+    at most next_pow2(split), with at most per_thread elements a thread, so that a
+    large split count loops instead of holding one huge tile (which spills)."""
+    most = max(1, per_thread * 32 * num_warps // width)
+    return min(cm.next_pow2(split), 1 << (most.bit_length() - 1))
+
+
+def _finalize_warps(rows: int) -> int:
+    """The finalize kernel keeps ~8 per-row vectors: 4 warps up to 512 rows, then more."""
+    return max(4, min(16, rows // 128))
 
 
 def _tune_key(x, G, extra):
@@ -528,7 +574,7 @@ def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activati
             part = torch.empty((N, p.SPLIT, G, 2), dtype=sdt, device=x.device)
             _gn_fwd_stats_kernel[(N * p.GBLK * p.SPLIT,)](
                 x, part, C, S, G, C // G, p.GBLK, p.SPLIT, p.CHUNK, CDT=cdt, GB=p.GB,
-                CB=p.CB, NCB=p.NCB, BS=p.BS, CL=cl, num_warps=p.num_warps)
+                CB=p.CB, NCB=p.NCB, BS=p.BS, CL=cl, num_warps=STATS_WARPS)
         mode = {"fused": 0, "looped": 1, "split": 2}[p.mode]
         _gn_fwd_kernel[(N * p.GBLK * p.SPLIT,)](
             x, y, weight if weight is not None else d, bias if bias is not None else d,
@@ -536,7 +582,8 @@ def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activati
             mean, rstd, part, C, S, G, C // G, p.GBLK, p.SPLIT, p.CHUNK, float(eps),
             CDT=cdt, GB=p.GB, CB=p.CB, NCB=p.NCB, BS=p.BS, CL=cl, MODE=mode,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
-            HAS_SH=shift is not None, ACT=act, SP2=cm.next_pow2(p.SPLIT), num_warps=p.num_warps)
+            HAS_SH=shift is not None, ACT=act, SB=_split_block(p.SPLIT, p.GB, p.num_warps, 4),
+            num_warps=p.num_warps)
 
     key = _tune_key(x, G, (act, weight is not None, scale is not None))
     cfg = cm.pick_config("group_norm_fwd", key, x.device, _FWD_CONFIGS, run, _FWD_CONFIGS[0])
@@ -585,11 +632,13 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
             gy, x, mean, rstd, opt(weight), opt(bias), opt(scale), opt(shift), part,
             C, S, G, C // G, p.GBLK, p.SPLIT, p.CHUNK, N * p.SPLIT * C, CDT=cdt, GB=p.GB,
             CB=p.CB, NCB=p.NCB, BS=p.BS, CL=cl, **flags, num_warps=p.num_warps)
+        fin_warps = _finalize_warps(p.GB * p.CB)
         _gn_bwd_finalize_kernel[(N * p.GBLK,)](
             part, opt(weight), opt(bias), opt(scale), c12, opt(gsh), opt(gsc), opt(gw_n),
             opt(gb_n), C, G, C // G, p.GBLK, p.SPLIT, N * p.SPLIT * C, CDT=cdt, GB=p.GB,
             CB=p.CB, NCB=p.NCB, HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"],
-            HAS_SC=flags["HAS_SC"], **needf, SP2=cm.next_pow2(p.SPLIT), num_warps=4)
+            HAS_SC=flags["HAS_SC"], **needf,
+            SB=_split_block(p.SPLIT, p.GB * p.CB, fin_warps, 16), num_warps=fin_warps)
         if need_x:
             _gn_bwd_dx_kernel[grid](
                 gy, x, gx, mean, rstd, opt(weight), opt(bias), opt(scale), opt(shift), c12,

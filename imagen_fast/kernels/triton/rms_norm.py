@@ -8,7 +8,7 @@ channels-last (channel stride 1); CL is a compile-time flag, as in group_norm.py
 
 Work decomposition. The statistic belongs to one (sample, position), so a program
 owns one sample and a block of BS positions, with every channel: tiles are
-(CB channels, BS positions), CB * BS ~ 4K elements, the unit-stride axis the long
+(CB channels, BS positions), CB * BS ~ TILE elements, the unit-stride axis the long
 one. When all C channels fit one tile (NCB == 1) x is read once; otherwise the
 program walks its channel blocks twice (sum of squares, then y), the second time
 from cache.
@@ -35,7 +35,11 @@ from ._common import activation, activation_grad, compute_dtype, geometry, norm_
 
 # Test hook: force plan fields {"block_c": CB, "block_s": BS}; see force_plan().
 _FORCED: Dict[str, int] = {}
-TILE = 4096
+# 8 elements of a tile per thread: at 4 warps and 4096-element tiles (32 a thread)
+# ptxas spilled some flag/layout variants on sm_80, at 8 warps (16 a thread) some
+# float32 ones on sm_90 (benchmarks/gpu_compile.py)
+TILE = 2048
+NUM_WARPS = 8
 
 
 def force_plan(**fields):
@@ -169,7 +173,7 @@ def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
     _rms_fwd_kernel[(N * nsb,)](
         x, y, rstd, weight if weight is not None else d, scale if scale is not None else d,
         shift if shift is not None else d, C, S, nsb, float(eps), CDT=compute_dtype(x), CB=cb, BS=bs,
-        NCB=ncb, CL=cl, **_flags(weight, scale, shift, activation), num_warps=4)
+        NCB=ncb, CL=cl, **_flags(weight, scale, shift, activation), num_warps=NUM_WARPS)
     return y, rstd
 
 
@@ -188,7 +192,7 @@ def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activa
     _rms_bwd_kernel[(N * nsb,)](
         gy, x, rstd, opt(gx), opt(weight), opt(scale), opt(shift), part, C, S, nsb,
         N * nsb * C, float(eps), CDT=compute_dtype(x), CB=cb, BS=bs, NCB=ncb, CL=cl,
-        **_flags(weight, scale, shift, activation), NEED_X=need_x, num_warps=4)
+        **_flags(weight, scale, shift, activation), NEED_X=need_x, num_warps=NUM_WARPS)
     p1, p2 = part.sum(dim=2)                                  # (N, C) each
     gw = gs = gsh = None
     if needs[1] and weight is not None:

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import is_channels_last
+from ..layout import is_channels_last, like_layout
 from ..registry import register
 from . import _common as cm
 
@@ -110,7 +110,9 @@ def _hist_kernel(src_ptr, hist_ptr, minab_ptr, M, CHUNK, lo,
     pid = tl.program_id(0)
     n = tl.program_id(1)
     base = n.to(tl.int64) * M
-    prefix, _ = _replay(hist_ptr, n, lo, LEVEL, L, NB, DB, F64)
+    # (no `_` here: the loop below unpacks into its own names, and a name assigned both
+    # before and inside a loop is loop-carried, so it must keep one type on the GPU)
+    prefix, _k_below = _replay(hist_ptr, n, lo, LEVEL, L, NB, DB, F64)
     if PAR_F64:
         w = tl.load(par_ptr + 2)
     start = pid * CHUNK
@@ -125,8 +127,8 @@ def _hist_kernel(src_ptr, hist_ptr, minab_ptr, M, CHUNK, lo,
         offs = off + tl.arange(0, BLOCK)
         inb = offs < end
         if FUSED_X0:
-            v, _ = _guided_x0(z_ptr + base, pc_ptr + base, pu_ptr + base, coef_ptr, w, n,
-                              offs, inb, CDT, HAS_UNCOND)
+            v, _z = _guided_x0(z_ptr + base, pc_ptr + base, pu_ptr + base, coef_ptr, w, n,
+                               offs, inb, CDT, HAS_UNCOND)
             tl.store(src_ptr + base + offs, v.to(src_ptr.dtype.element_ty), mask=inb)
         else:
             v = tl.load(src_ptr + base + offs, mask=inb, other=0.0).to(CDT)
@@ -347,10 +349,10 @@ def _supports_threshold(x0) -> Optional[str]:
 
 
 def _like(t, x):
+    """t with x's memory layout (the kernels index every tensor by x's flat offsets)."""
     if t is None or t.stride() == x.stride():
         return t
-    from .group_norm import _match_layout
-    return _match_layout(t, x)
+    return like_layout(t, x)
 
 
 @register("dynamic_threshold", "triton", supports=_supports_threshold)
