@@ -224,6 +224,8 @@ def test_busy_reasons_each_rule():
     assert quiet == []
     drift = harness.busy_reasons(_probe(0, 0.5, 24.5, 0, 0), _probe(100, 2.0, 18.0, 190, 190), 2, 2)
     assert len(drift) == 1 and "copy bandwidth 24.5 -> 18.0" in drift[0]
+    # a rise is the start probe on cold memory, not contention
+    assert harness.busy_reasons(_probe(0, 0.5, 24.0, 0, 0), _probe(100, 2.0, 37.0, 190, 190), 2, 2) == []
     load = harness.busy_reasons(_probe(0, 14.0, 24.5, 0, 0), _probe(100, 2.0, 24.0, 190, 190), 2, 2)
     assert len(load) == 1 and "load average 14.00" in load[0]
     # a training run on one core: others took 95 of the 200 core-seconds
