@@ -31,7 +31,7 @@ candidate, does not spill.
 
     python -m benchmarks.gpu_compile                   # full audit -> results/gpu_compile.{md,json}
     python -m benchmarks.gpu_compile --subset ci --check --no-report   # what the test runs
-    imagen-fast bench compile  |  make gpu-compile
+    imagen-fast bench gpu-compile  |  make gpu-compile
     python -m benchmarks.gpu_compile --device-run      # on a CUDA GPU: load and launch each
                                                        # config once, registers from the driver
 """

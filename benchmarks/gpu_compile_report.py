@@ -227,7 +227,7 @@ def markdown(audit: Dict, cuda: Dict, before: Optional[Dict] = None) -> str:
              f"Every Triton kernel launch of the package compiled ahead of time for "
              f"{cards} with triton "
              f"{audit['triton']}, commit {audit.get('commit', '?')}: `make gpu-compile` "
-             "(`imagen-fast bench compile`, `python -m benchmarks.gpu_compile`). No GPU is "
+             "(`imagen-fast bench gpu-compile`, `python -m benchmarks.gpu_compile`). No GPU is "
              "involved: registers, spills and stack are ptxas's own report (`-v`), shared "
              "memory the kernel metadata against the card's per-block limit.", "",
              "Launches are captured from the package's host wrappers over the shape table "
