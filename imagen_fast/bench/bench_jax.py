@@ -223,8 +223,8 @@ def main(argv=None) -> None:
         f"JAX {jax.__version__} on {platform} ({'Pallas kernels' if platform == 'tpu' else 'jnp ops, XLA-fused'}); "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, imagen-fast op backends.",
         f"load average before/after: {tuple(round(x, 2) for x in load_before)} / "
-        f"{tuple(round(x, 2) for x in load_after)}: the machine's cores are shared with other "
-        "jobs (interleaved rounds spread their load over both libraries).",
+        f"{tuple(round(x, 2) for x in load_after)} (this run's own threads included; whether "
+        "other work ran is the machine line's busy verdict).",
     ]
     machine = dict(harness.machine_info(), jax=jax.__version__, jax_platform=platform,
                    jax_devices=f"{len(devices)} x {devices[0].device_kind}", **watch.fields())
