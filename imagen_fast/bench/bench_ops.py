@@ -289,16 +289,24 @@ def _gn_candidates(case: Case, device, with_compile: bool):
         else:
             funcs["apex"] = lambda x: F.silu(apex(x))
 
-    def wrap(fn):
-        if not grad:
+    work = (5 if grad else 2) * case.numel * size
+    return _norm_timers(funcs, xs, params, gys), ("bytes", work), xs[0]
+
+
+def _norm_timers(funcs: Dict[str, Callable], xs, params, gys) -> Dict[str, Callable]:
+    """Each norm candidate as a timed call on input copy i: the forward, or (gys given)
+    forward + the gradients of x and the parameters."""
+    copies = len(xs)
+
+    def timer(fn):
+        if gys is None:
             return lambda i: fn(xs[i % copies])
 
         def run(i):
             x = xs[i % copies]
             torch.autograd.grad(fn(x), [x, *params], gys[i % copies])
         return run
-    work = (5 if grad else 2) * case.numel * size
-    return {k: wrap(f) for k, f in funcs.items()}, ("bytes", work), xs[0]
+    return {k: timer(f) for k, f in funcs.items()}
 
 
 def _rms_candidates(case: Case, device, with_compile: bool):
@@ -326,16 +334,8 @@ def _rms_candidates(case: Case, device, with_compile: bool):
         compiled = harness.fresh_compile(reference.channel_rms_norm_silu)
         funcs["compile"] = lambda x: compiled(x, w, eps, s, sh, "silu")
 
-    def wrap(fn):
-        if not grad:
-            return lambda i: fn(xs[i % copies])
-
-        def run(i):
-            x = xs[i % copies]
-            torch.autograd.grad(fn(x), [x, *params], gys[i % copies])
-        return run
     work = (5 if grad else 2) * case.numel * size
-    return {k: wrap(f) for k, f in funcs.items()}, ("bytes", work), xs[0]
+    return _norm_timers(funcs, xs, params, gys), ("bytes", work), xs[0]
 
 
 def _attn_mask(case: Case, device):
