@@ -7,7 +7,7 @@ what a GPU would compile:
 
 1. capture: the package's own host wrappers (imagen_fast/kernels/triton, the functions
    registered with the dispatcher) run over the preset shape table
-   (benchmarks/shapes.py: every preset, batches, both layouts, fp32/fp16/bf16, with and
+   (imagen_fast/bench/shapes.py: every preset, batches, both layouts, fp32/fp16/bf16, with and
    without masks, FiLM, guidance and noise) on meta tensors, with the launcher replaced
    by a recorder: every ``kernel[grid](...)`` launch is bound by Triton's own binder
    into (signature, constexprs, specialisation attributes, num_warps, num_stages),
@@ -252,7 +252,7 @@ class Scope:
 
 
 def full_scope() -> Scope:
-    from benchmarks.shapes import TEXT_LENS
+    from imagen_fast.bench.shapes import TEXT_LENS
     from imagen_fast.models import PRESETS
     return Scope(tuple(PRESETS), tuple(TEXT_LENS), GN_BATCHES, ATTN_BATCHES, IMAGE_BATCHES)
 
@@ -273,7 +273,7 @@ def _dt(name):
 def _norm_maps(scope: Scope):
     """Distinct (C, H, W, groups, activation, FiLM) of the presets' norm calls, as the
     models make them (FiLM'd and plain calls both occur)."""
-    from benchmarks.shapes import gn_shapes
+    from imagen_fast.bench.shapes import gn_shapes
     seen = {}
     for call in gn_shapes(scope.presets):
         seen.setdefault((call.c, call.h, call.w, call.groups, call.activation, call.film), None)
@@ -312,7 +312,7 @@ def cases(scope: Scope) -> Iterator[Tuple[str, Callable[[Recorder], None]]]:
                 rec.call(rl + " bwd", trms.channel_rms_norm_silu_bwd, torch.empty_like(y), x, r, wt,
                          1e-8, sc, sh, act, needs[:4])
         yield label, gn
-    from benchmarks.shapes import attn_shapes
+    from imagen_fast.bench.shapes import attn_shapes
     seen = {}
     for a in attn_shapes(scope.presets, scope.text_lens):
         seen.setdefault((a.heads, a.lq, a.lk, a.d), None)
@@ -332,7 +332,7 @@ def cases(scope: Scope) -> Iterator[Tuple[str, Callable[[Recorder], None]]]:
                         rec.call(label + " bwd", tattn.attention_bwd, torch.empty_like(out), q, k,
                                  v, mask, out, lse, d ** -0.5)
                     yield label, attn
-    from benchmarks.shapes import image_shape
+    from imagen_fast.bench.shapes import image_shape
     res = sorted({image_shape(p).h for p in scope.presets})
     for r in res:
         for n in scope.image_batches:
@@ -823,7 +823,7 @@ def _device_cases(scope: Scope) -> Iterator[Tuple[str, Callable[[], None]]]:
     shape and image size of the shape table at batch 1-2, largest first, every dtype."""
     import torch
 
-    from benchmarks.shapes import attn_shapes, image_shape
+    from imagen_fast.bench.shapes import attn_shapes, image_shape
     from imagen_fast import ops
     dev = torch.device("cuda")
 

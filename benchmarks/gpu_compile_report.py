@@ -231,7 +231,7 @@ def markdown(audit: Dict, cuda: Dict, before: Optional[Dict] = None) -> str:
              "involved: registers, spills and stack are ptxas's own report (`-v`), shared "
              "memory the kernel metadata against the card's per-block limit.", "",
              "Launches are captured from the package's host wrappers over the shape table "
-             f"(`benchmarks/shapes.py`): presets {', '.join(sc['presets'])}; text lengths "
+             f"(`imagen_fast/bench/shapes.py`): presets {', '.join(sc['presets'])}; text lengths "
              f"{sc['text_lens']}; norm batches {sc['gn_batches']}, attention batches "
              f"{sc['attn_batches']}, image batches {sc['image_batches']}; dtypes "
              f"{', '.join(sc['dtypes'])}; NCHW and channels-last; the norm calls with and "
