@@ -161,7 +161,7 @@ def test_bench_ops_writes_to_the_named_directory(installed):
     if not (out / "cpu_ops.json").is_file():            # a busy machine: the run is a draft
         out = out / "drafts"
     data = json.loads((out / "cpu_ops.json").read_text())
-    assert {r["op"] for r in data["raw"]["cases"]} == {"gn", "attn", "thr", "step"}
+    assert {r["op"] for r in data["raw"]["cases"]} == {"gn", "rms", "attn", "thr", "step"}
     assert all("imagen-fast" in r["timings"] and "eager" in r["timings"] for r in data["raw"]["cases"])
     assert data["machine"]["git_commit"] == "unknown"                     # not a checkout
     assert "group_norm_silu" in (out / "cpu_ops.md").read_text()
