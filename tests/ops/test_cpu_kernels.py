@@ -94,6 +94,21 @@ def _gn_case(shape, dtype, flags, seed, offset=0.5, spread=2.0):
     return x, params
 
 
+def _check_norm_grads(names, grads, r64, rlp, inputs, x, act):
+    """A norm's gradients against the float64 reference (r64) with the low-precision
+    reference's error (rlp) as the yardstick; absent inputs get None; grad_x keeps x's
+    layout; parameter gradients (sums over the map) get a floor for their size."""
+    for name, g, r, t, p in zip(names, grads, r64, rlp, inputs):
+        if p is None:
+            assert g is None
+            continue
+        assert g.shape == p.shape and g.dtype == p.dtype
+        if name == "x":
+            assert g.stride() == x.stride(), "grad_x must keep x's layout"
+        floor = None if name == "x" else 1e-4 * math.sqrt(x.numel()) * r.abs().max().item() + 1e-12
+        assert_close_to_reference(g, r, t, what=f"grad {name} {tuple(x.shape)} {act}", floor=floor)
+
+
 def _gn_reference_grads(x, params, groups, act, gy, dtype):
     """(grads in float64, grads of the reference run in the low precision dtype)."""
     out = []
@@ -127,15 +142,7 @@ def _check_gn(x, params, groups, act, *, seed=0, backward=True):
     needs = (True,) + tuple(p is not None for p in params)
     grads = cb.group_norm_silu_bwd(gy, x, mean, rstd, groups, *params, act, needs)
     r64, rlp = _gn_reference_grads(x, params, groups, act, gy, dtype)
-    for name, g, r, t, p in zip(["x", "weight", "bias", "scale", "shift"], grads, r64, rlp, [x] + params):
-        if p is None:
-            assert g is None
-            continue
-        assert g.shape == p.shape and g.dtype == p.dtype
-        if name == "x":
-            assert g.stride() == x.stride(), "grad_x must keep x's layout"
-        floor = None if name == "x" else 1e-4 * math.sqrt(x.numel()) * r.abs().max().item() + 1e-12
-        assert_close_to_reference(g, r, t, what=f"grad {name} {tuple(x.shape)} {act}", floor=floor)
+    _check_norm_grads(["x", "weight", "bias", "scale", "shift"], grads, r64, rlp, [x] + params, x, act)
 
 
 FILM_FLAGS = list(itertools.product([False, True], repeat=4))   # weight, bias, scale, shift
@@ -599,15 +606,7 @@ def _check_rms(x, params, act, eps=1e-6, seed=0):
     needs = (True, w is not None, s is not None, sh is not None)
     grads = cb.channel_rms_norm_silu_bwd(gy, x, rstd, w, eps, s, sh, act, needs)
     r64, rlp = _rms_grads(x, w, s, sh, act, gy, dtype, eps)
-    for name, g, r, t, p in zip(["x", "weight", "scale", "shift"], grads, r64, rlp, [x, w, s, sh]):
-        if p is None:
-            assert g is None
-            continue
-        assert g.shape == p.shape and g.dtype == p.dtype
-        if name == "x":
-            assert g.stride() == x.stride(), "grad_x must keep x's layout"
-        floor = None if name == "x" else 1e-4 * math.sqrt(x.numel()) * r.abs().max().item() + 1e-12
-        assert_close_to_reference(g, r, t, what=f"grad {name} {tuple(x.shape)} {act}", floor=floor)
+    _check_norm_grads(["x", "weight", "scale", "shift"], grads, r64, rlp, [x, w, s, sh], x, act)
 
 
 def _rms_case(shape, dtype, flags, seed):
