@@ -40,6 +40,17 @@ constexpr int kApplyThreads = 256;
 constexpr int kApplyUnroll = 4;
 constexpr int kBwdOnePassThreads = 512;   // max block of the one-pass backward
 constexpr int kBwdOnePassMaxD = 1024;      // channels per group it can hold
+// Largest register tile of the one-pass backward: 8 items of x and dy, 4 for 8-byte types
+// (float64 at 8 items spilled under the 128-register cap of a 512-thread block).
+template <typename T> constexpr int bwd_onepass_max_items() { return sizeof(T) == 8 ? 4 : 8; }
+
+// Second argument of __launch_bounds__ (minimum resident blocks per SM): 1 lets ptxas use
+// the whole register budget of the block (128 a thread at 512 threads); 0 is no hint, and
+// ptxas then trades registers for occupancy. Without the hint, nvcc 13.0 spilled 4-32 B in
+// the one-pass backward holding 128 B or more of x and dy a thread (16-bit 8x8
+// channels-last, fp32 4x4) and in float64 kernels; with it, none spill. Kernels holding less
+// keep no hint, so they keep two resident 512-thread blocks.
+template <bool FULL> constexpr int full_budget_if() { return FULL ? 1 : 0; }
 
 template <typename A> struct Params {
   const void* x;
@@ -127,6 +138,15 @@ __device__ __forceinline__ GroupMap group_map(const Params<A>& p, int64_t n, int
   return m;
 }
 
+// How many of a thread's ITEMS items lie inside the group: item it sits at position
+// l + it * lanes of the walked axis, so the valid ones are a prefix. One count instead of
+// a flag per item keeps the one-pass kernels inside their register budget.
+template <int ITEMS>
+__device__ __forceinline__ int valid_items(const GroupMap& m) {
+  if (!m.active || m.l >= m.extent) return 0;
+  return min(ITEMS, (m.extent - m.l + m.lanes - 1) / m.lanes);
+}
+
 // ----------------------------------------------------------------- forward
 // Largest block of the one-pass forward: 1024 threads leave 64 registers a thread, too
 // few for channels-last's VEC channels of alpha/beta next to the data.
@@ -147,16 +167,15 @@ fwd_onepass_kernel(Params<acc_t<T>> p) {
   const T* x = static_cast<const T*>(p.x);
 
   Packed<T, VEC> v[ITEMS];
-  bool ok[ITEMS];
+  const int nok = valid_items<ITEMS>(m);
   A sum = A(0);
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    ok[it] = m.active && m.l + it * m.lanes < m.extent;
-    if (ok[it]) v[it] = load_packed<T, VEC>(x + m.base + it * m.item_stride);
+    if (it < nok) v[it] = load_packed<T, VEC>(x + m.base + it * m.item_stride);
   }
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    if (ok[it]) {
+    if (it < nok) {
       A f[VEC];
       unpack<T, VEC>(v[it], f);
 #pragma unroll
@@ -168,7 +187,7 @@ fwd_onepass_kernel(Params<acc_t<T>> p) {
   A m2 = A(0);
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    if (ok[it]) {
+    if (it < nok) {
       A f[VEC];
       unpack<T, VEC>(v[it], f);
 #pragma unroll
@@ -198,7 +217,7 @@ fwd_onepass_kernel(Params<acc_t<T>> p) {
   T* y = static_cast<T*>(p.y);
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    if (ok[it]) {
+    if (it < nok) {
       A out[VEC];
       unpack<T, VEC>(v[it], out);
 #pragma unroll
@@ -219,7 +238,7 @@ fwd_onepass_kernel(Params<acc_t<T>> p) {
 // Channels-last: blockIdx.x = tile of owners_per_cta vector columns, blockIdx.y = chunk of
 //   S rows, blockIdx.z = n; partial index (n*K + k)*C + c.
 template <typename T, int VEC, bool CL, bool BWD>
-__global__ void __launch_bounds__(kSplitThreads) split_reduce_kernel(Params<acc_t<T>> p) {
+__global__ void __launch_bounds__(kSplitThreads, full_budget_if<sizeof(T) == 8>()) split_reduce_kernel(Params<acc_t<T>> p) {
   using A = acc_t<T>;
   constexpr int NCH = CL ? VEC : 1;
   constexpr int NV = BWD ? 2 : 3;
@@ -505,7 +524,8 @@ __global__ void __launch_bounds__(kApplyThreads) apply_kernel(Params<acc_t<T>> p
 // Writes grad_x, grad_scale, grad_shift and (for grad_weight / grad_bias) the
 // per-(n, c) totals P, Q.
 template <typename T, int VEC, int ITEMS, bool CL>
-__global__ void __launch_bounds__(kBwdOnePassThreads) bwd_onepass_kernel(Params<acc_t<T>> p) {
+__global__ void __launch_bounds__(kBwdOnePassThreads, full_budget_if<sizeof(T) == 8 || 2 * ITEMS * VEC * sizeof(T) >= 128>())
+bwd_onepass_kernel(Params<acc_t<T>> p) {
   using A = acc_t<T>;
   constexpr int NCH = CL ? VEC : 1;
   constexpr int B = kBwdOnePassThreads;
@@ -542,18 +562,17 @@ __global__ void __launch_bounds__(kBwdOnePassThreads) bwd_onepass_kernel(Params<
     }
   }
   Packed<T, VEC> v[ITEMS], dv[ITEMS];
-  bool ok[ITEMS];
+  const int nok = valid_items<ITEMS>(m);
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    ok[it] = m.active && m.l + it * m.lanes < m.extent;
-    if (ok[it]) {
+    if (it < nok) {
       v[it] = load_packed<T, VEC>(x + m.base + it * m.item_stride);
       dv[it] = load_packed<T, VEC>(gy + m.base + it * m.item_stride);
     }
   }
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    if (ok[it]) {
+    if (it < nok) {
       A xf[VEC], gf[VEC];
       unpack<T, VEC>(v[it], xf);
       unpack<T, VEC>(dv[it], gf);
@@ -624,7 +643,7 @@ __global__ void __launch_bounds__(kBwdOnePassThreads) bwd_onepass_kernel(Params<
   T* gx = static_cast<T*>(p.gx);
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    if (ok[it]) {
+    if (it < nok) {
       // dh is recomputed rather than kept: registers hold the raw 16-byte packs only.
       A xf[VEC], r[VEC];
       unpack<T, VEC>(v[it], xf);

@@ -5,7 +5,7 @@
 // Path heuristic (device properties queried once per device; not yet tuned on a GPU:
 // benchmarks/bench_ops.py --device cuda times both paths forced next to the automatic choice):
 // * one-pass when a group fits in one CTA's registers (at most 512 threads x 16
-//   vectors of 16 bytes forward, 512 x 8 backward, whatever the channel count), N*G
+//   vectors of 16 bytes forward, 512 x 8 backward (x 4 for float64), whatever the channel count), N*G
 //   CTAs cover at least every SM once, and, channels-last, a group's row of D channels
 //   is at least one 32-byte sector of 16-byte vectors;
 // * split otherwise: per-channel partial statistics over chunks of the spatial axis,
@@ -93,7 +93,7 @@ Geometry make_geometry(const GroupNormArgs& a, bool bwd, const DeviceProps* prop
   const int items_fwd[2] = {4, 16};
   const int max_fwd[2] = {cl ? fwd_onepass_max_threads<4, true>() : fwd_onepass_max_threads<4, false>(),
                           fwd_onepass_max_threads<16, false>()};
-  const int items_bwd[2] = {4, 8}, max_bwd[2] = {kBwdOnePassThreads, kBwdOnePassThreads};
+  const int items_bwd[2] = {4, bwd_onepass_max_items<T>()}, max_bwd[2] = {kBwdOnePassThreads, kBwdOnePassThreads};
   int op_items = 0, op_threads = 0, op_lanes = 0;
   if (!bwd || D <= kBwdOnePassMaxD) {
     for (int i = 0; i < 2; ++i) {
@@ -325,7 +325,8 @@ void backward_typed(const GroupNormArgs& a) {
       if (plan.items == 4) {
         launch_kernel(bwd_onepass_kernel<T, VEC, 4, CL>, geo.reduce_grid, plan.threads, stream, p);
       } else {
-        launch_kernel(bwd_onepass_kernel<T, VEC, 8, CL>, geo.reduce_grid, plan.threads, stream, p);
+        constexpr int kMaxItems = bwd_onepass_max_items<T>();
+        launch_kernel(bwd_onepass_kernel<T, VEC, kMaxItems, CL>, geo.reduce_grid, plan.threads, stream, p);
       }
     } else {
       launch_kernel(split_reduce_kernel<T, VEC, CL, true>, geo.reduce_grid, kSplitThreads, stream, p);
