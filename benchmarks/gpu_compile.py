@@ -578,13 +578,16 @@ def nvcc_path() -> Optional[str]:
     return str(cand) if cand.exists() else None
 
 
-def audit_cuda(root: Path, archs=("80", "90a"), jobs: int = 2) -> Dict:
-    """nvcc -Xptxas -v of every csrc/cuda/*.cu for each arch (the build's flags); cached
-    by the sources' contents and nvcc's version."""
+def audit_cuda(root: Path, archs=("80", "90a"), jobs: int = 2,
+               only: Optional[Sequence[str]] = None) -> Dict:
+    """nvcc -Xptxas -v of every csrc/cuda/*.cu (or the file names in `only`) for each arch
+    (the build's flags); cached by the sources' contents and nvcc's version."""
     nvcc = nvcc_path()
     if nvcc is None:
         return dict(available=False, reason="nvcc not found (CUDA_HOME/bin or PATH)", files=[])
-    files = sorted((root / "csrc" / "cuda").glob("*.cu"))
+    files = sorted(p for p in (root / "csrc" / "cuda").glob("*.cu") if only is None or p.name in only)
+    if only is not None and len(files) != len(set(only)):
+        raise ValueError(f"audit_cuda: no such csrc/cuda files: {sorted(set(only) - {p.name for p in files})}")
     h = hashlib.sha256()
     for p in sorted((root / "csrc" / "include").rglob("*")) + files:
         if p.is_file():

@@ -44,6 +44,20 @@ def test_ci_subset_compiles_for_sm80_and_sm90_without_spills():
         assert " 0 compile failures" in line and " 0 spilling launched" in line, line
 
 
+def test_csrc_cuda_compiles_for_sm80_and_sm90a_without_spills():
+    """nvcc's ptxas report for the GroupNorm kernels of the float32 and 16-bit builds (the
+    others share their templates) and the threshold kernels: no errors, no spills."""
+    from benchmarks import gpu_compile as gc
+    if gc.nvcc_path() is None:
+        pytest.skip("nvcc not found (CUDA_HOME/bin or PATH): csrc/cuda cannot be compiled here")
+    cuda = gc.audit_cuda(ROOT, only=["group_norm_f32.cu", "group_norm_bf16.cu", "threshold.cu"])
+    assert {(f["file"], f["arch"]) for f in cuda["files"]} == {
+        (n, a) for n in ("group_norm_f32.cu", "group_norm_bf16.cu", "threshold.cu")
+        for a in ("sm_80", "sm_90a")}
+    assert all(f["functions"] for f in cuda["files"] if f["ok"])
+    assert report.cuda_problems(cuda) == []
+
+
 def _row(**kw):
     r = dict(target=80, kernel="k.x_kernel", config="fp32 BM=64 w4s2", role="default",
              cases=["case"], group="case", smem_limit=1000, ok=True, error="", regs=100,
