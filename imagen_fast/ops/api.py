@@ -458,8 +458,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     if v.stride(-1) != 1:
         v = v.contiguous()
     if _eager(q):
-        # A backend's own differentiable path, where it has one (cpu: SDPA's autograd or
-        # its small-query kernel): the custom op's Python autograd would cost more than a
+        # A backend's own differentiable path, where it has one (cpu: SDPA with its own
+        # autograd): the custom op's Python autograd would cost more than a
         # small call itself. torch.compile and export see the custom op.
         eager = dispatch.resolve_eager("attention", q.device, q, k, v, key_padding_mask)
         if eager is not None:
