@@ -322,12 +322,13 @@ def _sdpa(q, k, v, mask, scale):
     F = torch.nn.functional
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if _sdpa_zeroes_empty_rows(q.dtype):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    b, lk = mask.shape
+    if _sdpa_zeroes_empty_rows(q.dtype):   # mask is contiguous (ops.attention): a view is cheapest
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(b, 1, 1, lk), scale=scale)
     empty = ~mask.any(dim=1)
     if not bool(empty.any()):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-    keep = (mask | empty[:, None])[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(b, 1, 1, lk), scale=scale)
+    keep = (mask | empty[:, None]).view(b, 1, 1, lk)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
     return out * (~empty).to(out.dtype)[:, None, None, None]   # zeros, and zero gradients
 
