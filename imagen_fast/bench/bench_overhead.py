@@ -155,19 +155,16 @@ def _attn_case(b, h, lq, lk, d) -> Case:
         scale = 1.0 / math.sqrt(d)
         op = lambda: ops.attention(q, k, v, mask)  # noqa: E731
         torch_ = lambda: plain_attention(q, k, v, mask)  # noqa: E731
-        qd, kd, vd = (t.detach() for t in (q, k, v))
+        # kernel: what the op runs in eager mode, the backend's differentiable attention
+        # (SDPA with its own autograd); the custom op runs attention_fwd/_bwd instead.
+        kern = lambda: K.attention(q, k, v, mask, scale)  # noqa: E731
         if not grad:
-            kern = lambda i: K.attention_fwd(qd, kd, vd, mask, scale)  # noqa: E731
-            return {"op": lambda i: op(), "custom op": _custom(lambda i: op()), "kernel": kern,
-                    "torch": lambda i: torch_()}
+            return {"op": lambda i: op(), "custom op": _custom(lambda i: op()),
+                    "kernel": lambda i: kern(), "torch": lambda i: torch_()}
         gy = torch.randn(b, h, lq, d)
         leaves = [q, k, v]
-
-        def kern(i):
-            out, lse = K.attention_fwd(qd, kd, vd, mask, scale)
-            return K.attention_bwd(gy, qd, kd, vd, mask, out, lse, scale)
         return {"op": _grad_of(op, leaves, gy), "custom op": _custom(_grad_of(op, leaves, gy)),
-                "kernel": kern, "torch": _grad_of(torch_, leaves, gy)}
+                "kernel": _grad_of(kern, leaves, gy), "torch": _grad_of(torch_, leaves, gy)}
 
     return Case("attention", f"{b}x{h}x{lq}x{lk}x{d} (BxHxLqxLkxD) masked", build, MODES)
 
@@ -185,7 +182,10 @@ def _threshold_case(shape) -> Case:
     return Case("dynamic_threshold", "x".join(map(str, shape)), build, ("fwd",))
 
 
-def _step_case(shape) -> Case:
+def _step_case(shape, row: bool = False) -> Case:
+    """The fused step given float times (the op computes the step's coefficients on the host)
+    or, with row=True, a row of a coefficient table as the package's samplers call it
+    (diffusion/step.py): then only the tensors' metadata is checked."""
     from imagen_fast import ops
     from imagen_fast.kernels import cpu as K
 
@@ -194,18 +194,24 @@ def _step_case(shape) -> Case:
         times = {k: STEP[k] for k in ("alpha_t", "sigma_t", "alpha_s", "sigma_s")}
         coefs = ops.step_coefficients(*(torch.full((shape[0],), v, dtype=torch.float64) for v in times.values()))
         w = STEP["guidance_scale"]
-        op = lambda i: ops.sampler_step(z, cond, uncond, guidance_scale=w, noise=noise, **times)  # noqa: E731
+        if row:   # the kernel gets what the op passes it: the row expanded to (N, 5)
+            c = coefs[0].float()
+            op = lambda i: ops.sampler_step(z, cond, uncond, guidance_scale=w, coefs=c, noise=noise)  # noqa: E731
+            coefs = c.expand(shape[0], 5)
+        else:
+            op = lambda i: ops.sampler_step(z, cond, uncond, guidance_scale=w, noise=noise, **times)  # noqa: E731
         plain = eager_sampler_step()
         return {"op": op, "custom op": _custom(op),
                 "kernel": lambda i: K.sampler_step(z, cond, uncond, w, coefs, noise, "dynamic", 0.995, 1.0),
                 "torch": lambda i: plain(z, cond, uncond, noise)}
 
-    return Case("sampler_step", "x".join(map(str, shape)) + " guided ddpm, float times", build, ("fwd",))
+    how = "coefficient row (the samplers' call)" if row else "float times"
+    return Case("sampler_step", "x".join(map(str, shape)) + f" guided ddpm, {how}", build, ("fwd",))
 
 
 def build_cases(quick: bool) -> List[Case]:
     cases = [_gn_case((1, 32, 4, 4), 8), _rms_case((1, 32, 4, 4)), _attn_case(1, 2, 16, 8, 16),
-             _threshold_case((1, 3, 8, 8)), _step_case((1, 3, 8, 8))]
+             _threshold_case((1, 3, 8, 8)), _step_case((1, 3, 8, 8)), _step_case((1, 3, 8, 8), row=True)]
     if not quick:
         cases.insert(1, _gn_case((1, 32, 4, 4), 8, channels_last=True))
     return cases

@@ -302,7 +302,8 @@ def test_bench_overhead_candidates_compute_the_same():
                 want = as_list(out["op"])
                 assert len(got) == len(want), (case.name, mode, name)
                 for g, w in zip(got, want):
-                    if name == "torch":
+                    if name == "torch" or (name == "custom op" and case.name == "attention"):
+                        # attention: the eager op runs SDPA, the custom op its own kernels
                         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
                     else:
                         assert torch.equal(g, w), (case.name, mode, name)
