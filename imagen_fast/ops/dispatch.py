@@ -165,11 +165,16 @@ def resolve(op: str, device: torch.device, *args) -> Callable:
     return _registry[(op, _pick(op, device, args))].fn
 
 
+_KINDS: Dict[torch.device, str] = {}   # device -> its type: torch.device.type costs more than a dict hit
+
+
 def _pick(op: str, device: torch.device, args) -> str:
     """The backend that runs ``op`` for this call."""
     if not _loaded:
         _load_backends()
-    kind = device.type
+    kind = _KINDS.get(device)
+    if kind is None:
+        kind = _KINDS.setdefault(device, device.type)
     wanted = _state.backend or _env_backend()
     if wanted is not None and wanted != "auto":
         why = _reason(op, wanted, kind, args)
