@@ -536,6 +536,33 @@ def test_attention_without_mask():
         torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.35, -1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq, lk", [(16, 40), (64, 128), (1, 64), (70, 130)])
+def test_attention_eager_without_mask(lq, lk, dtype):
+    """Eager ops.attention without a mask: two matmuls and a softmax for small score
+    matrices (16 <= Lq, Lq * Lk <= 8192), SDPA otherwise; forward and gradients against
+    float64 autograd, strided inputs."""
+    from imagen_fast import ops
+    g = _gen(43)
+    b, h, d = 2, 3, 24
+    assert (lq >= 16 and lq * lk <= cb._MATMUL_MAX_SCORES) == ((lq, lk) in ((16, 40), (64, 128)))
+    q, k, v = (_strided(randn(b, h, n, d, generator=g).to(dtype)).requires_grad_() for n in (lq, lk, lk))
+    out = ops.attention(q, k, v, None, 0.4)
+    go = randn(b, h, lq, d, generator=g).to(dtype)
+    grads = torch.autograd.grad(out, [q, k, v], go)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*leaves, None, 0.4)
+    rg = torch.autograd.grad(ref, leaves, go.double())
+    lp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    lref = reference.attention(*lp, None, 0.4)
+    lg = torch.autograd.grad(lref, lp, go)
+    assert out.dtype == dtype and out.shape == (b, h, lq, d)
+    assert_close_to_reference(out.detach(), ref.detach(), lref.detach())
+    for gr, r, t in zip(grads, rg, lg):
+        assert gr.dtype == dtype
+        assert_close_to_reference(gr, r, t)
+
+
 # ------------------------------------------------------------ C++ argument checks
 def test_cpp_rejects_what_could_corrupt_memory():
     x = torch.randn(2, 4, 3, 3)
