@@ -338,9 +338,11 @@ def _fast_and_custom(fn, leaves):
     return out
 
 
-def _same(a, b):
-    assert torch.equal(a[0], b[0])
-    assert len(a[1]) == len(b[1]) and all(torch.equal(g, h) for g, h in zip(a[1], b[1]))
+def _same(a, b, exact=True):
+    check = (lambda x, y: torch.equal(x, y)) if exact else (  # noqa: E731
+        lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-6))
+    assert check(a[0], b[0])
+    assert len(a[1]) == len(b[1]) and all(check(g, h) for g, h in zip(a[1], b[1]))
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
@@ -357,12 +359,15 @@ def test_fast_path_matches_the_custom_op(backend, grad):
         (lambda x, w: ops.group_norm_silu(x.half(), 2, w, activation="gelu").float(), [xcl, w]),
         (lambda x, w, s, sh: ops.channel_rms_norm_silu(x, w, 1e-6, s, sh), [x, w, s, sh]),
         (lambda x: ops.channel_rms_norm_silu(x, activation=None), [xcl]),
-        (lambda q, k, v: ops.attention(q, k, v, mask), [q, k, v]),     # the small-query kernel on cpu
+        (lambda q, k, v: ops.attention(q, k, v, mask), [q, k, v]),
         (lambda x: ops.dynamic_threshold(x * 3, 0.9), [x.detach()]),
     ]
     with ops.use_backend(backend):
-        for fn, leaves in cases:
-            _same(*_fast_and_custom(fn, leaves))
+        for i, (fn, leaves) in enumerate(cases):
+            # attention on the cpu backend: eager mode runs SDPA with its autograd, the custom
+            # op the backend's own kernels (small-query / flash with the log-sum-exp)
+            exact = not (i == 4 and ops.dispatch.selected_backend("attention_fwd", q.device, q, k, v, mask) == "cpu")
+            _same(*_fast_and_custom(fn, leaves), exact=exact)
         z, c, u = (t.detach() for t in (x, r(2, 6, 5, 3), r(2, 6, 5, 3)))
         for times in (dict(alpha_t=0.6, sigma_t=0.8, alpha_s=0.8, sigma_s=0.6),
                       dict(alpha_t=torch.tensor([0.6, 0.7]), sigma_t=torch.tensor([0.8, 0.71414284]),
