@@ -178,12 +178,15 @@ class ImagenCascade(nn.Module):
         sampling = list(sampling or [])
         resolutions = list(resolutions or [])
         b = text_embeds.shape[0]
+        configs = [st.sampling.replace(**sampling[i]) if i < len(sampling) and sampling[i]
+                   else st.sampling for i, st in enumerate(self.stages[:n])]
+        for st, cfg in zip(self.stages, configs):       # before any stage runs
+            if cfg.start < 1.0 and not st.is_sr:
+                raise ValueError(f"start: stage {st.name!r} is a base stage, which starts from "
+                                 f"pure noise (start 1); got {cfg.start}")
         outputs: List[Tensor] = []
         images: Optional[Tensor] = None
-        for i, st in enumerate(self.stages[:n]):
-            cfg = st.sampling
-            if i < len(sampling) and sampling[i]:
-                cfg = cfg.replace(**sampling[i])
+        for i, (st, cfg) in enumerate(zip(self.stages, configs)):
             res = resolutions[i] if i < len(resolutions) and resolutions[i] else st.resolution
             lowres = None
             if st.is_sr:
@@ -201,7 +204,7 @@ class ImagenCascade(nn.Module):
                 percentile=cfg.percentile, generator=generator, device=device,
                 dtype=next(st.unet.parameters()).dtype,
                 on_step=None if bar is None else (lambda done, total, bar=bar: bar.update(1)),
-                compile=compile,
+                compile=compile, start=cfg.start,
             ).clamp(-1.0, 1.0)
             if bar is not None:
                 bar.close()

@@ -75,7 +75,7 @@ class ImagenPipeline:
                  seed: Optional[int] = 0, generator: Optional[torch.Generator] = None,
                  guidance: PerStage = None, steps: PerStage = None, sampler: PerStage = None,
                  threshold: PerStage = None, percentile: PerStage = None,
-                 aug_level: PerStage = None, eta: PerStage = None,
+                 aug_level: PerStage = None, eta: PerStage = None, start: PerStage = None,
                  num_stages: Optional[int] = None, progress: bool = False,
                  return_tensors: bool = False, on_stage=None):
         """Images for ``prompts``, ``num_images_per_prompt`` each, prompt-major order
@@ -93,7 +93,7 @@ class ImagenPipeline:
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt: must be a positive integer, got {num_images_per_prompt!r}")
         configs = self.settings(guidance=guidance, steps=steps, sampler=sampler, threshold=threshold,
-                                percentile=percentile, aug_level=aug_level, eta=eta)
+                                percentile=percentile, aug_level=aug_level, eta=eta, start=start)
         if generator is None:
             generator = torch.Generator(self.device)
             generator.manual_seed(0 if seed is None else int(seed))

@@ -7,7 +7,8 @@
 ``--compile default|reduce-overhead|max-autotune`` runs each stage's whole denoising step
 as one torch.compile graph (the call pays the compile time).
 
-Per-stage options (--guidance, --steps, --sampler, --threshold, --percentile, --aug-level)
+Per-stage options (--guidance, --steps, --sampler, --threshold, --percentile, --aug-level,
+--start)
 take one value for every stage or a comma-separated list, one per stage. Output: ``-o``
 is one file, the image itself when there is one, else a grid of them all (a row per
 prompt, a column per image); ``--each`` also writes every image as
@@ -33,7 +34,7 @@ DEFAULT_COMPILE = "none"
 # The per-stage options: (setting, how a value is read). The values are checked by
 # SamplingConfig's rules (imagen_fast.core.check_setting), as everywhere else.
 _OPTIONS = {"guidance": float, "steps": int, "sampler": str, "threshold": str,
-            "percentile": float, "aug_level": float}
+            "percentile": float, "aug_level": float, "start": float}
 
 
 class SampleError(ValueError):
@@ -193,6 +194,8 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--threshold", help="none, static or dynamic")
     s.add_argument("--percentile", help="dynamic-thresholding percentile, a fraction in (0, 1]")
     s.add_argument("--aug-level", help="noise-augmentation level of the SR stages' input, [0, 1]")
+    s.add_argument("--start", help="the time a stage starts from, (0, 1]: 1 = pure noise; below 1 "
+                                   "(SR stages only, e.g. 1,1,0.25) its upsampled input diffused to that time")
     s.add_argument("--checkpoint", help="a cascade directory (default: the shipped cascade)")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")

@@ -431,7 +431,7 @@ class Trainer(TrainLoop):
         res, lr = self.cfg.data.train_sizes()           # the crop's sizes when training on crops
         g = step_generator(tc.seed, self.step)
         b = tc.batch_size
-        d = {"t": torch.rand(b, generator=g, dtype=torch.float64),
+        d = {"t": torch.rand(b, generator=g, dtype=torch.float64) * self.cfg.diffusion.t_max,
              "noise": torch.randn(b, 3, res, res, generator=g),
              "drop": torch.rand(b, generator=g, dtype=torch.float64)}
         if lowres:

@@ -1,7 +1,7 @@
 """The training configuration: a TOML file of sections, every key checked at start.
 
     [model]      preset = "tiny-base32"; overrides = { ... } (any preset field)
-    [diffusion]  schedule, prediction, cond_drop_prob, noise_aug, aug_level_max
+    [diffusion]  schedule, prediction, cond_drop_prob, noise_aug, aug_level_max, t_max
     [data]       kind = "shapes" | "folder" | "shards"; path; resolution; lowres_resolution;
                  crop_size (SR stages trained on aligned crops); ...
     [text]       encoder = "minilm" | "t5:<dir>"; cache = "<dir>" (optional); max_length
@@ -54,6 +54,10 @@ class DiffusionConfig:
     cond_drop_prob: float = 0.1
     noise_aug: bool = True          # used by SR stages only
     aug_level_max: float = 0.5
+    # Training draws t ~ U(0, t_max). Below 1 for a super-resolution stage sampled from a
+    # truncated start (sampling "start" <= t_max: its upsampled input diffused to that
+    # time), which never meets the times above it.
+    t_max: float = 1.0
 
     def validate(self, s: str) -> None:
         _need(self.schedule in ("cosine", "linear"), f"{s}.schedule",
@@ -61,6 +65,7 @@ class DiffusionConfig:
         _need(self.prediction in ("eps", "v"), f"{s}.prediction", f"must be 'eps' or 'v', got {self.prediction!r}")
         _need(0 <= self.cond_drop_prob <= 1, f"{s}.cond_drop_prob", "must be in [0, 1]")
         _need(0 <= self.aug_level_max <= 1, f"{s}.aug_level_max", "must be in [0, 1]")
+        _need(0 < self.t_max <= 1, f"{s}.t_max", f"must be in (0, 1], got {self.t_max}")
 
 
 @dataclass

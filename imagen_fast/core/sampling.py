@@ -25,11 +25,15 @@ from .schedules import alpha_sigma
 _LEGACY_NAMES = {"guidance_scale": "guidance"}
 
 
-def time_grid(steps: int) -> List[float]:
-    """Uniform in t from 1 to 0 in ``steps`` steps; t = 0 is clean data."""
+def time_grid(steps: int, start: float = 1.0) -> List[float]:
+    """Uniform in t from ``start`` (1: pure noise) to 0 in ``steps`` steps; t = 0 is clean
+    data. A start below 1 is a truncated run (a super-resolution stage started from its
+    upsampled input diffused to that time)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    return [1.0 - i / steps for i in range(steps)] + [0.0]
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 < start <= 1.0:
+        raise ValueError(f"start must be a time in (0, 1], got {start!r}")
+    return [start * (1.0 - i / steps) for i in range(steps)] + [0.0]
 
 
 def alpha_sigma_at(schedule: Mapping[str, Any], t: float) -> Tuple[float, float]:
@@ -38,6 +42,31 @@ def alpha_sigma_at(schedule: Mapping[str, Any], t: float) -> Tuple[float, float]
         return 1.0, 0.0
     a, s = alpha_sigma(schedule, np.float64(t))
     return float(a), float(s)
+
+
+def cubic_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float64: one axis of bicubic resampling as torch's
+    ``interpolate(mode="bicubic", align_corners=False)`` does it (Keys' cubic with
+    a = -0.75, half-pixel centres, taps past an edge read the edge; no antialiasing).
+    A truncated start's image is ``M_h @ lowres @ M_w.T`` on the torch and JAX paths alike."""
+    for name, n in (("n_in", n_in), ("n_out", n_out)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    a = -0.75
+
+    def kernel(x):
+        x = np.abs(x)
+        return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src)
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    for k in (-1, 0, 1, 2):
+        idx = base + k
+        np.add.at(m, (rows, np.clip(idx, 0, n_in - 1).astype(np.int64)), kernel(src - idx))
+    return m
 
 
 class _Floats:
@@ -104,8 +133,8 @@ def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddp
 
 
 def coefficient_table(schedule: Mapping[str, Any], steps: int, sampler: str = "ddpm",
-                      eta: float = 0.0, prediction: str = "eps") -> np.ndarray:
-    """Every step's coefficients of a sampling run on ``time_grid(steps)``, float64, made
+                      eta: float = 0.0, prediction: str = "eps", start: float = 1.0) -> np.ndarray:
+    """Every step's coefficients of a sampling run on ``time_grid(steps, start)``, float64, made
     and checked on the host once, before the run (the torch and JAX loops read rows of it
     on the device, so a step needs no host maths and no host checks).
 
@@ -120,7 +149,7 @@ def coefficient_table(schedule: Mapping[str, Any], steps: int, sampler: str = "d
     check_choice(sampler, "sampler", SAMPLERS)
     check_choice(prediction, "prediction", PREDICTIONS)
     eta = check_float(eta, "eta", low=0.0, high=1.0)
-    grid = time_grid(steps)
+    grid = time_grid(steps, start)
     rows = []
     h_prev = None
     for t, s in zip(grid[:-1], grid[1:]):
@@ -180,6 +209,8 @@ _RULES = {
     "percentile": ("must be a fraction in (0, 1] (the paper's 99.5% is 0.995)",
                    lambda v: _real(v, 0.0, 1.0, low_open=True)),
     "aug_level": ("must be in [0, 1]", lambda v: _real(v, 0.0, 1.0)),
+    "start": ("must be a time in (0, 1] (1 = from pure noise)",
+              lambda v: _real(v, 0.0, 1.0, low_open=True)),
 }
 
 
@@ -201,7 +232,11 @@ def check_setting(name: str, value):
 class SamplingConfig:
     """How one stage samples. Defaults follow the paper where it gives numbers
     (dynamic thresholding at p = 99.5%, aug level 0); it gives no step counts.
-    guidance w: pred = w * pred(text) + (1 - w) * pred(no text), w >= 0, 1 = off."""
+    guidance w: pred = w * pred(text) + (1 - w) * pred(no text), w >= 0, 1 = off.
+    start: the time the run starts from. 1 (the default, every base stage) is pure noise;
+    below 1, for super-resolution stages only, the run starts from the stage's upsampled
+    input diffused to that time and takes ``steps`` steps from there to 0 (a truncated
+    start, as in Chung et al. 2022, "Come-Closer-Diffuse-Faster")."""
     sampler: str = "ddpm"
     steps: int = 64
     guidance: float = 1.0
@@ -209,6 +244,7 @@ class SamplingConfig:
     threshold: str = "dynamic"
     percentile: float = 0.995
     aug_level: float = 0.0
+    start: float = 1.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

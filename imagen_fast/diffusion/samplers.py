@@ -12,9 +12,11 @@ token masked, exactly what training's text dropout produces). Guidance combine -
 x0 -> thresholding -> posterior runs in one fused ``ops.sampler_step`` call
 (DPM-Solver++ asks the same op for the thresholded x0 alone, a step to t = 0).
 
-The time grid is uniform in t, from 1 to 0 in ``steps`` steps; the final point t = 0 is
-treated as clean data (alpha = 1, sigma = 0), so the result is the last (thresholded)
-x0 prediction. Every step's coefficients are computed and checked on the host before
+The time grid is uniform in t, from ``start`` (1 by default) to 0 in ``steps`` steps; the
+final point t = 0 is treated as clean data (alpha = 1, sigma = 0), so the result is the
+last (thresholded) x0 prediction. A super-resolution stage may start below 1: from its
+low-res input upsampled bicubically (``core.cubic_resize_matrix``) and diffused to
+``start``: z = alpha_start up(lowres) + sigma_start noise. Every step's coefficients are computed and checked on the host before
 the run (``core.coefficient_table``); a step is ``step.guided_step``, a function of
 device tensors only, which ``compile=`` turns into one compiled graph for the whole run.
 """
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..core import SAMPLERS, THRESHOLDS, alpha_sigma_at, check_choice, check_float, check_percentile
-from ..core import coefficient_table, time_grid
+from ..core import coefficient_table, cubic_resize_matrix, time_grid
 from .gaussian import GaussianDiffusion, _draw, null_text
 from .step import CompileSpec, StepSpec, step_function
 
@@ -76,6 +78,13 @@ def _alpha_sigma(diffusion: GaussianDiffusion, t: float) -> Tuple[float, float]:
     return alpha_sigma_at(diffusion.schedule.config(), t)
 
 
+def _cubic_upsample(lowres: Tensor, size) -> Tensor:
+    """(B, C, h, w) -> (B, C, H, W), bicubic as torch's interpolate (float32 maths)."""
+    mh, mw = (torch.as_tensor(cubic_resize_matrix(n, m), dtype=torch.float32, device=lowres.device)
+              for n, m in zip(lowres.shape[-2:], size))
+    return mh @ lowres.float() @ mw.T
+
+
 def _prepare_lowres(diffusion, lowres, aug_level, batch, generator, device):
     if lowres is None:
         return None, None
@@ -94,7 +103,7 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
            device=None, dtype: torch.dtype = torch.float32,
            denoiser: Optional[GuidedDenoiser] = None,
            on_step: Optional[Callable[[int, int], None]] = None,
-           compile: CompileSpec = "none") -> Tensor:
+           compile: CompileSpec = "none", start: float = 1.0) -> Tensor:
     """Draw samples of ``shape`` (B, C, H, W) from ``model`` (called as
     ``model(z, t, text_embeds, text_mask[, lowres=, aug_level=])``).
 
@@ -103,6 +112,8 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
     (clip to [-1, 1]) or "none". For super-resolution, ``lowres`` is noise-augmented to
     the fixed ``aug_level`` before sampling and the level is given to the model.
     ``noise`` is the starting z_1 (default: standard normal from ``generator``).
+    ``start`` < 1 (super-resolution only): the run starts at t = start from the
+    (augmented) low-res image upsampled bicubically to ``shape`` and diffused with ``noise``.
     ``on_step(done, total)`` is called after every denoising step (progress bars).
     ``compile``: "none" (eager), "default", "reduce-overhead" (CUDA graphs on a GPU),
     "max-autotune", or a dict of torch.compile's mode/backend/options: the whole guided
@@ -113,7 +124,10 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
     check_choice(sampler, "sampler", SAMPLERS)
     check_choice(threshold, "threshold", THRESHOLDS)
     table = coefficient_table(diffusion.schedule.config(), steps, sampler,
-                              eta if sampler == "ddim" else 0.0, diffusion.prediction)
+                              eta if sampler == "ddim" else 0.0, diffusion.prediction, start)
+    if start < 1.0 and lowres is None and (denoiser is None or denoiser.lowres is None):
+        raise ValueError(f"start: a start below 1 (got {start}) needs a super-resolution "
+                         f"stage's lowres image to start from")
     spec = StepSpec(guided=False, guidance=check_float(guidance, "guidance"), threshold=threshold,
                     percentile=check_percentile(percentile), multistep=sampler == "dpmpp2m")
     if device is None:
@@ -126,9 +140,12 @@ def sample(model: Callable, diffusion: GaussianDiffusion, shape, *,
         lowres_aug, level = _prepare_lowres(diffusion, lowres, aug_level, b, generator, device)
         denoiser = GuidedDenoiser(model, b, text_embeds, text_mask, guidance, lowres_aug, level)
     spec = dataclasses.replace(spec, guided=denoiser.guided)
+    if start < 1.0:
+        a0, s0 = _alpha_sigma(diffusion, start)
+        z = a0 * _cubic_upsample(denoiser.lowres[:b], shape[-2:]).to(z.dtype) + s0 * z
     # the whole run's inputs on the device before the first step: one row per step
     rows = [r.clone() for r in torch.as_tensor(table, device=z.device).unbind(0)]
-    times = [t.clone() for t in torch.tensor(time_grid(steps)[:-1], dtype=torch.float32,
+    times = [t.clone() for t in torch.tensor(time_grid(steps, start)[:-1], dtype=torch.float32,
                                              device=z.device).unbind(0)]
     noisy = [bool(c) for c in table[:, 4] != 0] if not spec.multistep else [False] * steps
     zeros = torch.zeros_like(z) if any(noisy) or spec.multistep else None

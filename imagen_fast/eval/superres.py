@@ -130,8 +130,8 @@ def run_stage(pipe, stage_index: int, captions: Sequence[str], low: Sequence[Any
                    text_embeds=emb.to(param.device), text_mask=mask.to(param.device),
                    lowres=lowres.to(param.device, param.dtype), aug_level=cfg.aug_level,
                    guidance=cfg.guidance, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
-                   threshold=cfg.threshold, percentile=cfg.percentile, generator=generator,
-                   device=param.device, dtype=param.dtype).clamp(-1.0, 1.0)
+                   threshold=cfg.threshold, percentile=cfg.percentile, start=cfg.start,
+                   generator=generator, device=param.device, dtype=param.dtype).clamp(-1.0, 1.0)
         outputs += [to_pil(img.float().cpu()) for img in x]
         if progress:
             progress(len(outputs), len(captions))
@@ -223,7 +223,8 @@ def cmd_eval_sr(args) -> int:
     if args.num < 1 or args.batch_size < 1:
         return fail("--num and --batch-size must be >= 1")
     overrides = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler),
-                                   ("aug_level", args.aug_level)) if v is not None}
+                                   ("aug_level", args.aug_level), ("start", args.start),
+                                   ("threshold", args.threshold)) if v is not None}
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -256,6 +257,9 @@ def add_sr_eval_parser(eval_sub) -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="override the stage's step count")
     s.add_argument("--sampler", default=None, help="override the stage's sampler")
     s.add_argument("--aug-level", type=float, default=None, help="override the stage's aug level")
+    s.add_argument("--start", type=float, default=None,
+                   help="override the stage's start time (1 = from pure noise)")
+    s.add_argument("--threshold", default=None, help="override the stage's thresholding")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)

@@ -76,12 +76,12 @@ class Diffusion:
         self.noise_aug = self.config["noise_aug"]
         self.aug_level_max = self.config["aug_level_max"]
 
-    def draws(self, key, x_shape, lowres_shape=None) -> Draws:
-        """Fresh draws for a batch: t ~ U(0, 1), noise, text-dropout coins with
+    def draws(self, key, x_shape, lowres_shape=None, t_max: float = 1.0) -> Draws:
+        """Fresh draws for a batch: t ~ U(0, t_max), noise, text-dropout coins with
         p = cond_drop_prob and, for SR, aug level ~ U(0, aug_level_max) and its noise."""
         b = x_shape[0]
         k_t, k_n, k_d, k_a, k_an = jax.random.split(key, 5)
-        d = Draws(t=jax.random.uniform(k_t, (b,)), noise=jax.random.normal(k_n, x_shape),
+        d = Draws(t=jax.random.uniform(k_t, (b,)) * t_max, noise=jax.random.normal(k_n, x_shape),
                   drop=jax.random.uniform(k_d, (b,)) < self.cond_drop_prob)
         if lowres_shape is not None:
             d.aug_level = (jax.random.uniform(k_a, (b,)) * self.aug_level_max if self.noise_aug
@@ -124,10 +124,12 @@ def _bcast(v, like):
 
 
 # --------------------------------------------------------------------- sampling
-def coefficient_table(diffusion: Diffusion, steps: int, sampler: str, eta: float) -> np.ndarray:
+def coefficient_table(diffusion: Diffusion, steps: int, sampler: str, eta: float,
+                      start: float = 1.0) -> np.ndarray:
     """Per-step coefficients, float64 (``imagen_fast.core.coefficient_table``, shared with
     the torch sampler): ddpm/ddim (steps, 5), dpmpp2m (steps, 9)."""
-    return core.coefficient_table(diffusion.schedule, steps, sampler, eta, diffusion.prediction)
+    return core.coefficient_table(diffusion.schedule, steps, sampler, eta, diffusion.prediction,
+                                  start)
 
 
 def guided_inputs(text_embeds, text_mask, lowres, aug_level, guidance):
@@ -148,17 +150,23 @@ def guided_inputs(text_embeds, text_mask, lowres, aug_level, guidance):
 def sample(model_fn: Callable, diffusion: Diffusion, shape, *, key=None, text_embeds=None,
            text_mask=None, lowres=None, aug_level: float = 0.0, guidance: float = 1.0,
            sampler: str = "ddpm", steps: int = 50, eta: float = 0.0, threshold: str = "dynamic",
-           percentile: float = 0.995, noise=None, aug_noise=None, step_noise=None):
+           percentile: float = 0.995, noise=None, aug_noise=None, step_noise=None,
+           start: float = 1.0):
     """Draw samples of ``shape`` (B, H, W, C) with ``model_fn(z, t, text, mask[, lowres=,
     aug_level=])``. Arguments as ``imagen_fast.diffusion.sample``; randomness from
     ``key`` unless given: ``noise`` the starting z_1, ``aug_noise`` the low-res
     augmentation noise, ``step_noise`` (steps, *shape) the per-step noise (the steps
-    that need none ignore theirs). The loop is one ``lax.scan``: call this inside
+    that need none ignore theirs). ``start`` < 1 (super-resolution only): the run starts
+    at t = start from the (augmented) low-res image upsampled bicubically to ``shape``
+    (``core.cubic_resize_matrix``), diffused with ``noise``. The loop is one ``lax.scan``: call this inside
     ``jax.jit`` (``compile_sampler`` does) to compile it once."""
     core.check_choice(sampler, "sampler", core.SAMPLERS)
     core.check_choice(threshold, "threshold", core.THRESHOLDS)
-    table = jnp.asarray(coefficient_table(diffusion, steps, sampler, eta), jnp.float32)
-    times = jnp.asarray(core.time_grid(steps)[:-1], jnp.float32)
+    table = jnp.asarray(coefficient_table(diffusion, steps, sampler, eta, start), jnp.float32)
+    times = jnp.asarray(core.time_grid(steps, start)[:-1], jnp.float32)
+    if start < 1.0 and lowres is None:
+        raise ValueError(f"start: a start below 1 (got {start}) needs a super-resolution "
+                         f"stage's lowres image to start from")
     if key is None:
         key = jax.random.key(0)
     k_z, k_aug, k_steps = jax.random.split(key, 3)
@@ -170,6 +178,12 @@ def sample(model_fn: Callable, diffusion: Diffusion, shape, *, key=None, text_em
         if aug_noise is None:
             aug_noise = jax.random.normal(k_aug, lowres.shape)
         lowres = diffusion.augment_lowres(lowres, level, aug_noise)
+        if start < 1.0:
+            mh, mw = (jnp.asarray(core.cubic_resize_matrix(n, m), jnp.float32)
+                      for n, m in zip(lowres.shape[1:3], shape[1:3]))
+            up = jnp.einsum("Hh,bhwc,Ww->bHWc", mh, lowres.astype(jnp.float32), mw)
+            a0, s0 = core.alpha_sigma_at(diffusion.schedule, start)
+            z = a0 * up.astype(z.dtype) + s0 * z
     guided, text, mask, lowres, level = guided_inputs(text_embeds, text_mask, lowres, level, guidance)
     kwargs = {} if lowres is None else dict(lowres=lowres, aug_level=level)
     w = float(guidance)

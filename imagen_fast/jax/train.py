@@ -99,7 +99,8 @@ def make_train_step(graphdef, diffusion: Diffusion, cfg: Config):
     def step(state, batch, lr):
         key = jax.random.fold_in(jax.random.key(tc.seed), state["step"])
         lowres = batch.get("lowres")
-        draws = diffusion.draws(key, batch["image"].shape, None if lowres is None else lowres.shape)
+        draws = diffusion.draws(key, batch["image"].shape, None if lowres is None else lowres.shape,
+                                cfg.diffusion.t_max)
         grad_fn = jax.value_and_grad(loss_fn)
         if accum == 1:
             loss, grads = grad_fn(state["params"], batch, draws)

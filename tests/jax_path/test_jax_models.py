@@ -165,10 +165,12 @@ def test_loss_equals_torch_for_the_same_draws():
     assert np.allclose(np.asarray(loss), ref.numpy(), rtol=2e-5, atol=0)
 
 
-@pytest.mark.parametrize("name,sampler", [("tiny-base32", "ddpm"), ("tiny-sr64", "dpmpp2m")])
-def test_samples_equal_torch_for_the_same_noise(name, sampler):
+@pytest.mark.parametrize("name,sampler,start", [("tiny-base32", "ddpm", 1.0), ("tiny-sr64", "dpmpp2m", 1.0),
+                                                ("tiny-sr64", "ddpm", 0.4)])
+def test_samples_equal_torch_for_the_same_noise(name, sampler, start):
     """Guided (one 2B forward per step), dynamic thresholding, the same starting noise,
-    low-res augmentation noise and per-step noise (replayed from torch's generator)."""
+    low-res augmentation noise and per-step noise (replayed from torch's generator); an
+    SR stage also from a truncated start (its bicubic-upsampled input diffused to 0.4)."""
     model = torch_model(name)
     sr = model.config["stage"] == "sr"
     gd = GaussianDiffusion("cosine", noise_aug=sr)
@@ -178,7 +180,7 @@ def test_samples_equal_torch_for_the_same_noise(name, sampler):
     mask = torch.ones(b, 5, dtype=torch.bool)
     mask[1, 2:] = False
     lowres = (torch.rand(b, 3, res // 2, res // 2, generator=g) * 2 - 1) if sr else None
-    settings = dict(aug_level=0.2, guidance=4.0, sampler=sampler, steps=steps)
+    settings = dict(aug_level=0.2, guidance=4.0, sampler=sampler, steps=steps, start=start)
     with torch.no_grad():
         ref = sample(model, gd, (b, 3, res, res), text_embeds=text, text_mask=mask, lowres=lowres,
                      generator=torch.Generator().manual_seed(5), **settings)

@@ -15,9 +15,10 @@ from imagen_fast.sample_cli import _per_stage
 from imagen_fast.text import get_text_encoder
 
 BAD = [("guidance", -1.0), ("steps", 0), ("steps", 2.5), ("sampler", "euler"), ("threshold", "soft"),
-       ("percentile", 0.0), ("percentile", 1.5), ("eta", 1.5), ("aug_level", -0.1)]
+       ("percentile", 0.0), ("percentile", 1.5), ("eta", 1.5), ("aug_level", -0.1),
+       ("start", 0.0), ("start", 1.5)]
 GOOD = [("guidance", 0.0), ("guidance", 7), ("steps", 1), ("sampler", "dpmpp"), ("threshold", "none"),
-        ("percentile", 1.0), ("eta", 1.0), ("aug_level", 0.0)]
+        ("percentile", 1.0), ("eta", 1.0), ("aug_level", 0.0), ("start", 0.25), ("start", 1.0)]
 
 
 @pytest.fixture(scope="module")
