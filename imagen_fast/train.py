@@ -187,6 +187,10 @@ def check_stage(cfg: Config, model_config: Dict[str, Any]) -> str:
     if stage == "sr" and lowres and lowres != dc.lowres_resolution:
         raise ValueError(f"data.lowres_resolution={dc.lowres_resolution} differs from the "
                          f"preset's lowres_size={lowres}")
+    if stage == "base" and cfg.diffusion.t_max < 1:
+        raise ValueError(f"diffusion.t_max={cfg.diffusion.t_max}: a base stage samples from pure "
+                         f"noise (t = 1) and must train up to it (t_max 1); t_max < 1 is for "
+                         f"super-resolution stages sampled from a truncated start")
     if dc.crop_size:
         n = _halvings(model_config)
         if dc.crop_size % 2 ** n:
@@ -538,7 +542,7 @@ def save_sample_grid(trainer: "Trainer", weights: Dict[str, torch.Tensor]) -> Pa
     images = sample(model, trainer.diffusion, (len(prompts), 3, res, res), text_embeds=emb.to(trainer.device),
                     text_mask=mask.to(trainer.device), lowres=lowres, guidance=lc.sample_guidance,
                     sampler="ddim", steps=lc.sample_steps, generator=g, device=trainer.device,
-                    compile=trainer.cfg.train.compile)
+                    compile=trainer.cfg.train.compile, start=trainer.cfg.diffusion.t_max)
     out = trainer.out_dir / "samples" / f"step_{trainer.step:08d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, columns=min(4, len(prompts))).save(out)

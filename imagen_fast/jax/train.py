@@ -318,7 +318,7 @@ class JaxTrainer(TrainLoop):
         text, text_mask = convert.pad_text(emb, mask, self.cfg.text.max_length)
         run = compile_sampler(model, self.diffusion, shape=(len(text), res, res, 3),
                               guidance=lc.sample_guidance, sampler="ddim",
-                              steps=lc.sample_steps)
+                              steps=lc.sample_steps, start=self.cfg.diffusion.t_max)
         images = run(jax.random.key(self.cfg.train.seed), jnp.asarray(text),
                      jnp.asarray(text_mask), lowres)
         images = torch.from_numpy(np.array(images)).movedim(-1, 1).clamp(-1, 1)

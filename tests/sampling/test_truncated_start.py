@@ -95,28 +95,57 @@ def test_cascade_refuses_a_truncated_base_stage_before_sampling():
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
 
 
-def _raw(t_max):
-    return {"model": {"preset": "tiny-base32"}, "diffusion": {"t_max": t_max},
-            "data": {"kind": "shapes", "path": "shapes:8:0", "resolution": 32},
-            "text": {"encoder": "hash:16", "max_length": 8},
-            "train": {"steps": 1, "batch_size": 4}, "log": {"out_dir": "unused"}}
+def _raw(out_dir, t_max, sr=True):
+    """A tiny 16 -> 64 SR stage on 16 px crops (or a tiny 32 px base stage)."""
+    if not sr:
+        return {"model": {"preset": "tiny-base32", "overrides": {"text_dim": 16}},
+                "diffusion": {"t_max": t_max},
+                "data": {"kind": "shapes", "path": "shapes:8:0", "resolution": 32},
+                "text": {"encoder": "hash:16", "max_length": 8},
+                "train": {"steps": 1, "batch_size": 4}, "log": {"out_dir": str(out_dir)}}
+    return {
+        "model": {"preset": "tiny-sr128", "overrides": {
+            "image_size": 64, "lowres_size": 16, "channels": [8, 16], "num_res_blocks": [1, 1],
+            "self_attention": [False, False], "cross_attention": [False, True], "num_heads": 2,
+            "text_dim": 16, "context_dim": 16, "emb_dim": 32, "groups": 4, "pool_heads": 2}},
+        "diffusion": {"prediction": "v", "t_max": t_max},
+        "data": {"kind": "shapes", "path": "shapes:16:5", "resolution": 64, "lowres_resolution": 16,
+                 "crop_size": 16},
+        "text": {"encoder": "hash:16", "max_length": 8},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "seed": 7},
+        "log": {"out_dir": str(out_dir), "log_every": 1, "ckpt_every": 2, "progress": False,
+                "tensorboard": False, "sample_every": 2, "sample_steps": 2, "sample_guidance": 1.0,
+                "sample_prompts": ["a red circle"]},
+    }
 
 
-def test_training_draws_t_below_t_max(tmp_path):
+def test_training_draws_t_below_t_max(tmp_path, monkeypatch):
+    import imagen_fast.diffusion as diffusion_module
     from imagen_fast.train import Trainer
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="diffusion.t_max"):
-            config_from_dict(_raw(bad))
-    raw = _raw(0.25)
-    raw["log"]["out_dir"] = str(tmp_path / "run")
-    raw["model"]["overrides"] = {"text_dim": 16}
-    trainer = Trainer(config_from_dict(raw))
-    ts = torch.cat([trainer._draws(False)["t"] for trainer.step in range(20)])
+            config_from_dict(_raw(tmp_path, bad))
+    with pytest.raises(ValueError, match="diffusion.t_max=0.25: a base stage"):
+        Trainer(config_from_dict(_raw(tmp_path / "base", 0.25, sr=False)))
+    trainer = Trainer(config_from_dict(_raw(tmp_path / "run", 0.25)))
+    ts = torch.cat([trainer._draws(True)["t"] for trainer.step in range(20)])
     assert ts.max() < 0.25 and ts.max() > 0.15
     # the same random numbers as t_max = 1, scaled: a run's other draws do not move
-    raw["diffusion"]["t_max"] = 1.0
-    full = Trainer(config_from_dict(raw))
+    full = Trainer(config_from_dict(_raw(tmp_path / "full", 1.0)))
     full.step = trainer.step = 3
-    a, b = trainer._draws(False), full._draws(False)
+    a, b = trainer._draws(True), full._draws(True)
     torch.testing.assert_close(a["t"], b["t"] * 0.25, rtol=0, atol=0)
-    torch.testing.assert_close(a["noise"], b["noise"], rtol=0, atol=0)
+    for name in ("noise", "drop", "aug_level", "aug_noise"):
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    # its training-time grid samples from the truncated start (t_max), at the full 64 px
+    trainer.step = 0
+    starts = []
+
+    def spy(*args, **kwargs):
+        starts.append(kwargs["start"])
+        return sample(*args, **kwargs)
+    monkeypatch.setattr(diffusion_module, "sample", spy)
+    summary = trainer.run()
+    assert summary["step"] == 2 and starts == [0.25]
+    from PIL import Image
+    assert Image.open(tmp_path / "run" / "samples" / "step_00000002.png").size == (64, 64)
