@@ -38,7 +38,8 @@ __all__ = [
     "SCHEDULES", "STEP_SAMPLERS", "THRESHOLDS", "SamplingConfig", "SettingError", "alpha_sigma",
     "alpha_sigma_at",
     "check_attention_shapes", "check_choice", "check_float", "check_percentile", "check_positive_int",
-    "check_sampling_overrides", "check_setting", "coefficient_table", "cubic_resize_matrix", "diffusion_config", "logsnr", "normalize_names",
+    "check_sampling_overrides", "check_setting", "coefficient_table", "cubic_resize_matrix",
+    "diffusion_config", "logsnr", "normalize_names",
     "schedule_config",
     "step_coefficients", "time_grid",
 ]

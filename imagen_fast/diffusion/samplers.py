@@ -16,9 +16,10 @@ The time grid is uniform in t, from ``start`` (1 by default) to 0 in ``steps`` s
 final point t = 0 is treated as clean data (alpha = 1, sigma = 0), so the result is the
 last (thresholded) x0 prediction. A super-resolution stage may start below 1: from its
 low-res input upsampled bicubically (``core.cubic_resize_matrix``) and diffused to
-``start``: z = alpha_start up(lowres) + sigma_start noise. Every step's coefficients are computed and checked on the host before
-the run (``core.coefficient_table``); a step is ``step.guided_step``, a function of
-device tensors only, which ``compile=`` turns into one compiled graph for the whole run.
+``start``: z = alpha_start up(lowres) + sigma_start noise. Every step's coefficients
+are computed and checked on the host before the run (``core.coefficient_table``); a step
+is ``step.guided_step``, a function of device tensors only, which ``compile=`` turns into
+one compiled graph for the whole run.
 """
 from __future__ import annotations
 
