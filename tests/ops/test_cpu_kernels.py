@@ -462,7 +462,6 @@ def _must_not_run(*args, **kwargs):
 def test_attention_small_query_kernel(poisoned, dtype):
     """Forward (out, lse) and backward of the small-query kernel (the custom op's path)
     against float64 autograd, strided inputs, a batch with every key masked."""
-    from imagen_fast import ops
     g = _gen(40)
     for case in SMALL_ATTN:
         b, h, lq, lk, d = case
