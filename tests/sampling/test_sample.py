@@ -131,6 +131,8 @@ def _bad_cases(tmp_path, cascade_dir):
         (["sample", "x", "--stages", "3", *ck, *out], "--stages: the cascade has 2 stage(s)"),
         (["sample", "x", "--num-images", "0", *ck, *out], "--num-images"),
         (["sample", "x", "--threshold", "soft", *ck, *out], "--threshold"),
+        (["sample", "x", "--start", "0", *ck, *out], "--start: must be a time in (0, 1]"),
+        (["sample", "x", "--start", "0.5", *ck, *out], "start: stage 'base' is a base stage"),
         (["sample", "x", "--checkpoint", str(notcascade), *out], "not an imagen-fast-cascade"),
         (["sample", "x", "--checkpoint", str(tmp_path / "nowhere"), *out], "not a cascade checkpoint"),
         (["sample", "x", "--checkpoint", str(tmp_path), *out], "not a cascade checkpoint"),
@@ -204,3 +206,12 @@ def test_shipped_cascade_cli_end_to_end(tmp_path, capsys):
     ims = [np.asarray(Image.open(tmp_path / f"out-p0-i{i}.png")) for i in range(2)]
     assert all(im.shape == (64, 64, 3) for im in ims)
     assert all(im.std() > 1.0 for im in ims) and not np.array_equal(ims[0], ims[1])
+
+
+def test_cli_start_per_stage(cascade_dir, tmp_path):
+    """--start 1,0.5: the SR stage starts from its upsampled input diffused to t = 0.5."""
+    out = tmp_path / "s.png"
+    assert main(["sample", "a red circle", "--checkpoint", str(cascade_dir), "-o", str(out),
+                 "--num-images", "1", "--start", "1,0.5", *FAST]) == 0
+    from PIL import Image
+    assert Image.open(out).size == (64, 64)
