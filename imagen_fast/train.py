@@ -231,6 +231,43 @@ def compiled_loss(compile, fullgraph: bool = True):
 
 
 # ------------------------------------------------------------------ the trainer
+def init_weights(path: str, stage: str, model: torch.nn.Module) -> None:
+    """Load trained weights into ``model`` (train.init_from / init_stage): from a training
+    run or step directory (the EMA weights when it kept them), or from the stage ``stage``
+    of a cascade directory. Refuses weights of another U-Net configuration."""
+    from .cascade import CONFIG_NAME, WEIGHTS_NAME, ImagenCascade
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    if (root / CONFIG_NAME).is_file():
+        config = ImagenCascade.read_config(str(root))
+        names = [s["name"] for s in config["stages"]]
+        if stage not in names:
+            raise ValueError(f"train.init_stage={stage!r} is not a stage of {path} (stages: {names})")
+        index = names.index(stage)
+        saved = config["stages"][index]["unet"]
+        prefix = f"stages.{index}."
+        weights = {k[len(prefix):]: v for k, v in load_file(str(root / WEIGHTS_NAME)).items()
+                   if k.startswith(prefix)}
+    else:
+        if stage:
+            raise ValueError(f"train.init_stage is for a cascade directory; {path} has no {CONFIG_NAME}")
+        step_dir = root if (root / "state.json").is_file() else ck.latest_checkpoint(
+            root / "checkpoints" if (root / "checkpoints").is_dir() else root)
+        if step_dir is None:
+            raise ValueError(f"train.init_from={path!r}: no complete checkpoint and no cascade there")
+        data = ck.load_checkpoint(step_dir)
+        saved = data["state"]["model_config"]
+        weights = dict(data["model"], **(data["ema"] or {}))
+    if json.loads(json.dumps(saved)) != json.loads(json.dumps(model.config)):
+        diff = sorted(k for k in set(saved) | set(model.config) if saved.get(k) != model.config.get(k))
+        raise ck.CheckpointError(f"train.init_from={path!r} holds another U-Net (differs in {diff})")
+    ck.check_state_dict_matches(model, weights, path)
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+    log.info("initialized the weights from %s%s", path, f" (stage {stage})" if stage else "")
+
+
 class TrainLoop:
     """The loop both trainers share (torch here, JAX in imagen_fast.jax.train):
     metrics, progress, checkpoints every ckpt_every steps and at the end, sample grids,
@@ -328,6 +365,8 @@ class Trainer(TrainLoop):
         torch.manual_seed(tc.seed)
         self.model = unet_from_config(stage_model_config(cfg)).to(self.device)
         self.stage = check_stage(cfg, self.model.config)
+        if tc.init_from:
+            init_weights(tc.init_from, tc.init_stage, self.model)
         self.diffusion = build_diffusion(cfg, self.stage)
         self.train_model = self._wrap(self.model)
         self.loss_fn = compiled_loss(tc.compile, fullgraph=self.dist.world == 1)

@@ -6,7 +6,8 @@
                  crop_size (SR stages trained on aligned crops); ...
     [text]       encoder = "minilm" | "t5:<dir>"; cache = "<dir>" (optional); max_length
     [train]      steps, batch_size, grad_accum, lr, warmup_steps, optimizer, ema_decay,
-                 precision, grad_clip, channels_last, compile, seed, device, ...
+                 precision, grad_clip, channels_last, compile, seed, device,
+                 init_from + init_stage (fine-tune from a run or a cascade's stage), ...
     [log]        out_dir, log_every, ckpt_every, keep, sample_every, sample_prompts, ...
     [distributed] strategy = "ddp" | "fsdp"; mesh, multi_host, coordinator, ... (JAX)
 
@@ -137,8 +138,16 @@ class TrainConfig:
     compile: Any = False
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    # Fine-tuning: start from trained weights instead of a random initialization. A run
+    # directory or one of its step directories (its EMA weights when kept), or a cascade
+    # directory (`imagen-fast export`) with init_stage naming the stage. The optimizer,
+    # step and data position start fresh; --resume of this run takes precedence.
+    init_from: str = ""
+    init_stage: str = ""
 
     def validate(self, s: str) -> None:
+        _need(not self.init_stage or self.init_from, f"{s}.init_stage",
+              "needs train.init_from (the cascade directory it names a stage of)")
         _need(self.steps >= 1, f"{s}.steps", f"must be >= 1, got {self.steps}")
         _need(self.batch_size >= 1, f"{s}.batch_size", f"must be >= 1, got {self.batch_size}")
         _need(self.grad_accum >= 1, f"{s}.grad_accum", f"must be >= 1, got {self.grad_accum}")

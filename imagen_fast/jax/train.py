@@ -63,6 +63,9 @@ def check_config(cfg: Config) -> None:
     if tc.optimizer != "adamw":
         raise ConfigError(f"train.optimizer = {tc.optimizer!r} is not supported with "
                           f"--backend jax yet: use 'adamw'")
+    if tc.init_from:
+        raise ConfigError("train.init_from is not supported with --backend jax yet: "
+                          "fine-tune with the torch backend")
 
 
 def _host(tree):
