@@ -68,17 +68,20 @@ def ssim(images, truth) -> List[float]:
         raise ValueError(f"images {tuple(x.shape)} and truth {tuple(y.shape)} differ in shape")
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"images must be at least {SSIM_WINDOW}x{SSIM_WINDOW} for SSIM")
-    n, c, h, w = x.shape
+    c, h, w = x.shape[1:]
     win = _gaussian_window()
 
     def blur(t):
-        return F.conv2d(t.reshape(n * c, 1, h, w), win).reshape(n, c, h - SSIM_WINDOW + 1, -1)
+        return F.conv2d(t.reshape(c, 1, h, w), win)
 
     c1, c2 = (SSIM_K1 * 255.0) ** 2, (SSIM_K2 * 255.0) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).tolist()
+    out = []
+    for xi, yi in zip(x, y):             # one image at a time: float64 maps of a batch add up
+        mx, my = blur(xi), blur(yi)
+        vx, vy, cxy = blur(xi * xi) - mx * mx, blur(yi * yi) - my * my, blur(xi * yi) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        out.append(float(s.mean()))
+    return out
 
 
 def heldout_truth(num: int, resolution: int, lowres: int, seed: int = 0):
