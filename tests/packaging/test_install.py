@@ -141,7 +141,7 @@ def test_info_from_the_install(installed):
 def test_sample_on_the_shipped_cascade(installed):
     py, bindir, work, _, _ = installed
     env = dict(_clean_env(), HF_HUB_OFFLINE="1")
-    r = _run([bindir / "imagen-fast", "sample", PROMPT, "-o", "out.png", "--num-images", "2", "--steps", "6,3",
+    r = _run([bindir / "imagen-fast", "sample", PROMPT, "-o", "out.png", "--num-images", "2", "--steps", "6,3,2",
               "--each", "--quiet"], work, env, what="imagen-fast sample")
     assert r.stdout.split() == ["out.png", "out-p0-i0.png", "out-p0-i1.png"]
     check = ("import json, numpy as np; from PIL import Image; "
@@ -149,7 +149,7 @@ def test_sample_on_the_shipped_cascade(installed):
              "print(json.dumps({'grid': Image.open('out.png').size, 'shapes': [im.shape for im in ims], "
              "'std': min(float(im.std()) for im in ims), 'same': bool(np.array_equal(*ims))}))")
     got = json.loads(_run([py, "-c", check], work, env).stdout)
-    assert got["grid"] == [128, 64] and got["shapes"] == [[64, 64, 3]] * 2, got
+    assert got["grid"] == [512, 256] and got["shapes"] == [[256, 256, 3]] * 2, got
     assert got["std"] > 1.0 and not got["same"], got                      # real, distinct images
 
 

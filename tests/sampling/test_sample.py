@@ -175,16 +175,24 @@ def test_cli_entry_point_prints_no_traceback(tmp_path):
 
 
 def test_shipped_cascade_is_complete_and_small():
-    """The cascade in the package: base 32px -> SR 64px on MiniLM, fp16, < 25 MB, with its
-    training configs and log beside it."""
+    """The cascade in the package: base 32px -> SR 64px -> SR 256px on MiniLM, fp16,
+    < 40 MB, with its training configs, logs and evaluations beside it."""
     from imagen_fast.pipeline import SHIPPED_CASCADE
     files = {p.relative_to(SHIPPED_CASCADE).as_posix() for p in SHIPPED_CASCADE.rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "README.md", "training/base32.toml", "training/sr64.toml",
             "training/sampling.json", "training/retrain.sh", "training/base32-metrics.jsonl",
-            "training/sr64-metrics.jsonl", "eval/report.md"} <= files
-    assert sum(p.stat().st_size for p in SHIPPED_CASCADE.rglob("*") if p.is_file()) < 25 * 2**20
+            "training/sr64-metrics.jsonl", "training/sr256.toml", "training/sr256-tail.toml",
+            "training/sr256-metrics.jsonl", "training/sr256-ft.toml", "training/sr256-ft-metrics.jsonl",
+            "eval/report.md", "eval/sr-report.md", "eval/timing.md"} <= files
+    # the recipe at least parses (it takes hours to run)
+    assert subprocess.run(["bash", "-n", str(SHIPPED_CASCADE / "training" / "retrain.sh")]).returncode == 0
+    assert sum(p.stat().st_size for p in SHIPPED_CASCADE.rglob("*") if p.is_file()) < 40 * 2**20
     pipe = load_pipeline()
-    assert [st.resolution for st in pipe.cascade.stages] == [32, 64]
+    assert [st.resolution for st in pipe.cascade.stages] == [32, 64, 256]
+    # the last stage trained on 64 px crops, samples whole 256 px images from a truncated start
+    last = pipe.cascade.stages[-1]
+    assert last.unet.config["train_size"] == 64 and last.lowres_resolution == 64
+    assert last.sampling.start < 1 and all(st.sampling.start == 1 for st in pipe.cascade.stages[:2])
     assert pipe.cascade.text["encoder"] == "minilm"
     import json
 
@@ -192,20 +200,29 @@ def test_shipped_cascade_is_complete_and_small():
     # written with the old spelling guidance_scale, read as guidance
     shipped = [normalize_names(s) for s in json.loads((SHIPPED_CASCADE / "training" / "sampling.json").read_text())]
     assert [{k: getattr(st.sampling, k) for k in s} for st, s in zip(pipe.cascade.stages, shipped)] == shipped
-    assert [st.sampling.guidance for st in pipe.cascade.stages] == [7.0, 1.0]
+    assert [st.sampling.guidance for st in pipe.cascade.stages] == [7.0, 1.0, 1.0]
 
 
 def test_shipped_cascade_cli_end_to_end(tmp_path, capsys):
-    """`imagen-fast sample "<prompt>"` with nothing else but a few steps: real 64x64 images."""
+    """`imagen-fast sample "<prompt>"` with nothing else but a few steps: real 256x256
+    images; `--stages 2` stops at the 64 px stage."""
     out = tmp_path / "out.png"
     assert main(["sample", "two red circles above a blue square", "-o", str(out), "--num-images", "2",
                  "--steps", "3", "--seed", "1", "--quiet", "--each"]) == 0
     from PIL import Image
     import numpy as np
-    assert Image.open(out).size == (2 * 64, 64)
+    assert Image.open(out).size == (2 * 256, 256)
     ims = [np.asarray(Image.open(tmp_path / f"out-p0-i{i}.png")) for i in range(2)]
-    assert all(im.shape == (64, 64, 3) for im in ims)
+    assert all(im.shape == (256, 256, 3) for im in ims)
     assert all(im.std() > 1.0 for im in ims) and not np.array_equal(ims[0], ims[1])
+    two = tmp_path / "two.png"
+    assert main(["sample", "two red circles above a blue square", "-o", str(two), "--num-images", "2",
+                 "--steps", "3", "--seed", "1", "--quiet", "--stages", "2"]) == 0
+    assert Image.open(two).size == (2 * 64, 64)
+    # the 256 px images are the 64 px ones super-resolved: downsampled, they are close
+    small = np.asarray(Image.open(two).crop((0, 0, 64, 64)), dtype=np.float64)
+    down = np.asarray(Image.fromarray(ims[0]).resize((64, 64), Image.BICUBIC), dtype=np.float64)
+    assert np.abs(small - down).mean() < 12
 
 
 def test_cli_start_per_stage(cascade_dir, tmp_path):
