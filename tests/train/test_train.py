@@ -12,22 +12,11 @@ import torch
 
 pytest.importorskip("PIL")
 
-from support.training import TINY_MODEL, losses, write_config  # noqa: E402
+from support.training import TINY_MODEL, losses, tiny_run as _raw, write_config  # noqa: E402
 
 from imagen_fast.data import collate, open_dataset, transform_for_stage  # noqa: E402
 from imagen_fast.train import Trainer  # noqa: E402
 from imagen_fast.train_config import config_from_dict  # noqa: E402
-
-def _raw(out_dir, steps=6, **train):
-    return {
-        "model": TINY_MODEL,
-        "data": {"kind": "shapes", "path": "shapes:64:3", "resolution": 16},
-        "text": {"encoder": "hash:16", "max_length": 16},
-        "train": {"steps": steps, "batch_size": 4, "warmup_steps": 2, "lr": 1e-3, "seed": 11,
-                  "ema_decay": 0.9, **train},
-        "log": {"out_dir": str(out_dir), "log_every": 1, "ckpt_every": 2, "keep": 2,
-                "progress": False, "tensorboard": False},
-    }
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("PIL")
 
-from support.training import TINY_MODEL  # noqa: E402
+from support.training import TINY_MODEL, tiny_run  # noqa: E402
 
 from imagen_fast import checkpoint as ck  # noqa: E402
 from imagen_fast.export import cascade_from_runs  # noqa: E402
@@ -13,15 +13,7 @@ from imagen_fast.train_config import ConfigError, config_from_dict  # noqa: E402
 
 
 def _raw(out_dir, steps=3, **train):
-    return {
-        "model": TINY_MODEL,
-        "data": {"kind": "shapes", "path": "shapes:64:3", "resolution": 16},
-        "text": {"encoder": "hash:16", "max_length": 16},
-        "train": {"steps": steps, "batch_size": 4, "warmup_steps": 1, "lr": 1e-3, "seed": 5,
-                  "ema_decay": 0.9, **train},
-        "log": {"out_dir": str(out_dir), "log_every": 1, "ckpt_every": 3, "keep": 1,
-                "progress": False, "tensorboard": False},
-    }
+    return tiny_run(out_dir, steps, **dict({"seed": 5}, **train))
 
 
 @pytest.fixture(scope="module")
