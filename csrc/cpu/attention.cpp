@@ -41,15 +41,57 @@ template <typename T> inline float dot(const T* a, const T* b, int64_t D) {
   return hsum(s0 + s1);
 }
 
-// acc[0, D) += w * x[0, D)  (acc float, D padded to a multiple of W)
-template <typename T> inline void axpy(float* acc, float w, const T* x, int64_t D) {
+// Weighted sums of rows, accumulated in registers (a running sum in memory would wait on
+// store-to-load forwarding at every key):  dst[0, D) = mul * sum_{t < n} w[t] x(t)[0, D).
+// Columns go in chunks of four, two, then one vector (two interleaved accumulators there,
+// so the chain of fused multiply-adds is not one long dependency), the tail masked.
+template <int NV, typename T, typename Out, typename RowFn>
+IF_VINLINE void weighted_chunk(Out* dst, const float* w, int64_t n, RowFn x, int64_t d, float mul) {
   constexpr int W = VF::W;
-  const VF wv = VF::set1(w);
+  VF a[NV], b[NV];
+  for (int c = 0; c < NV; ++c) a[c] = b[c] = VF::zero();
+  int64_t t = 0;
+  for (; t + 2 <= n; t += 2) {
+    const VF w0 = VF::set1(w[t]), w1 = VF::set1(w[t + 1]);
+    const T* x0 = x(t) + d;
+    const T* x1 = x(t + 1) + d;
+    for (int c = 0; c < NV; ++c) {
+      a[c] = fmadd(w0, load(x0 + c * W), a[c]);
+      b[c] = fmadd(w1, load(x1 + c * W), b[c]);
+    }
+  }
+  if (t < n) {
+    const VF w0 = VF::set1(w[t]);
+    const T* x0 = x(t) + d;
+    for (int c = 0; c < NV; ++c) a[c] = fmadd(w0, load(x0 + c * W), a[c]);
+  }
+  const VF mv = VF::set1(mul);
+  for (int c = 0; c < NV; ++c) store(dst + d + c * W, (a[c] + b[c]) * mv);
+}
+
+template <typename T, typename Out, typename RowFn>
+inline void weighted_sum(Out* dst, const float* w, int64_t n, RowFn x, int64_t D, float mul) {
+  constexpr int W = VF::W;
   int64_t d = 0;
-  for (; d + W <= D; d += W) store(acc + d, fmadd(wv, load(x + d), load(acc + d)));
+  for (; d + 4 * W <= D; d += 4 * W) weighted_chunk<4, T>(dst, w, n, x, d, mul);
+  if (d + 2 * W <= D) {
+    weighted_chunk<2, T>(dst, w, n, x, d, mul);
+    d += 2 * W;
+  }
+  if (d + W <= D) {
+    weighted_chunk<1, T>(dst, w, n, x, d, mul);
+    d += W;
+  }
   if (d < D) {
-    const int n = static_cast<int>(D - d);
-    store_n(acc + d, fmadd(wv, load_n(x + d, n), load_n(acc + d, n)), n);
+    const int r = static_cast<int>(D - d);
+    VF a = VF::zero(), b = VF::zero();
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+      a = fmadd(VF::set1(w[t]), load_n(x(t) + d, r), a);
+      b = fmadd(VF::set1(w[t + 1]), load_n(x(t + 1) + d, r), b);
+    }
+    if (t < n) a = fmadd(VF::set1(w[t]), load_n(x(t) + d, r), a);
+    store_n(dst + d, (a + b) * VF::set1(mul), r);
   }
 }
 
@@ -73,16 +115,7 @@ inline float exp_shifted(float* p, const float* s, int64_t n, float m) {
   return hsum(sum);
 }
 
-template <typename T> inline void store_row(T* dst, const float* src, float mul, int64_t D) {
-  constexpr int W = VF::W;
-  const VF mv = VF::set1(mul);
-  int64_t d = 0;
-  for (; d + W <= D; d += W) store(dst + d, load(src + d) * mv);
-  if (d < D) {
-    const int n = static_cast<int>(D - d);
-    store_n(dst + d, load_n(src + d, n) * mv, n);
-  }
-}
+template <typename T> inline void zero_row(T* dst, int64_t D) { std::fill(dst, dst + D, from_acc<T>(0.0f)); }
 
 // Valid key indices of each batch (all keys without a mask).
 std::vector<std::vector<int32_t>> valid_keys(const uint8_t* mask, int64_t B, int64_t Lk) {
@@ -99,22 +132,22 @@ template <typename T>
 void forward(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, float* lse, int64_t B, int64_t H,
              int64_t Lq, int64_t Lk, int64_t D, float scale, Strides sq, Strides sk, Strides sv, int threads) {
   const auto keys = valid_keys(mask, B, Lk);
-  const int64_t Dp = (D + VF::W - 1) / VF::W * VF::W;
   // A thread team only where the work is worth waking it (the text pooling is not).
-  threads = pick_threads(threads, B * H * Lq * Lk * D / 16);
+  threads = pick_threads(threads, B * H * Lq * Lk * D / 2);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> s(static_cast<size_t>(Lk) + VF::W), acc(static_cast<size_t>(Dp));
+    std::vector<float> s(static_cast<size_t>(Lk) + VF::W);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const auto& kv = keys[b];
       const int64_t nk = static_cast<int64_t>(kv.size());
+      const auto v_row = [&](int64_t t) { return row(v, sv, b, h, kv[t]); };
       for (int64_t i = 0; i < Lq; ++i) {
         T* o = out + (bh * Lq + i) * D;
         float* l = lse + bh * Lq + i;
         if (nk == 0) {
-          std::fill(o, o + D, from_acc<T>(0.0f));
+          zero_row(o, D);
           *l = -std::numeric_limits<float>::infinity();
           continue;
         }
@@ -125,58 +158,69 @@ void forward(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, fl
           m = std::max(m, s[t]);
         }
         const float sum = exp_shifted(s.data(), s.data(), nk, m);
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t t = 0; t < nk; ++t) axpy(acc.data(), s[t], row(v, sv, b, h, kv[t]), D);
-        store_row(o, acc.data(), 1.0f / sum, D);
+        weighted_sum<T>(o, s.data(), nk, v_row, D, 1.0f / sum);
         *l = m + std::log(sum);
       }
     }
   }
 }
 
+// dS = P (dP - delta) scale with P = exp(scale q k^T - lse), dP = g v^T, delta_i = g_i . out_i;
+// dq_i = sum_t dS_it k_t, dk_t = sum_i dS_it q_i, dv_t = sum_i P_it g_i (t over the valid
+// keys; a masked key gets zero dk, dv). P and dS are kept key-major, so every sum runs
+// in registers and each output row is written once.
 template <typename T>
 void backward(const T* go, const T* q, const T* k, const T* v, const uint8_t* mask, const T* out, const float* lse,
               T* dq, T* dk, T* dv, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, float scale, Strides sg,
               Strides sq, Strides sk, Strides sv, int threads) {
   const auto keys = valid_keys(mask, B, Lk);
-  const int64_t Dp = (D + VF::W - 1) / VF::W * VF::W;
-  threads = pick_threads(threads, B * H * Lq * Lk * D / 8);
+  threads = pick_threads(threads, B * H * Lq * Lk * D);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> p(static_cast<size_t>(Lk) + VF::W), gq(static_cast<size_t>(Dp));
-    std::vector<float> gk(static_cast<size_t>(Lk * Dp)), gv(static_cast<size_t>(Lk * Dp));
+    std::vector<float> ds_row(static_cast<size_t>(Lk) + VF::W);
+    std::vector<float> p_t(static_cast<size_t>(Lk * Lq)), ds_t(static_cast<size_t>(Lk * Lq));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const auto& kv = keys[b];
       const int64_t nk = static_cast<int64_t>(kv.size());
-      std::fill(gk.begin(), gk.end(), 0.0f);
-      std::fill(gv.begin(), gv.end(), 0.0f);
+      const auto k_row = [&](int64_t t) { return row(k, sk, b, h, kv[t]); };
       for (int64_t i = 0; i < Lq; ++i) {
         T* dqi = dq + (bh * Lq + i) * D;
         const float li = lse[bh * Lq + i];
         if (nk == 0 || !(li > -std::numeric_limits<float>::infinity())) {
-          std::fill(dqi, dqi + D, from_acc<T>(0.0f));
+          for (int64_t t = 0; t < nk; ++t) p_t[t * Lq + i] = ds_t[t * Lq + i] = 0.0f;
+          zero_row(dqi, D);
           continue;
         }
         const T* qi = row(q, sq, b, h, i);
         const T* gi = row(go, sg, b, h, i);
         const float delta = dot(gi, out + (bh * Lq + i) * D, D);
-        for (int64_t t = 0; t < nk; ++t) p[t] = scale * dot(qi, row(k, sk, b, h, kv[t]), D);
-        exp_shifted(p.data(), p.data(), nk, li);
-        std::fill(gq.begin(), gq.end(), 0.0f);
+        for (int64_t t = 0; t < nk; ++t) ds_row[t] = scale * dot(qi, k_row(t), D);
+        exp_shifted(ds_row.data(), ds_row.data(), nk, li);
         for (int64_t t = 0; t < nk; ++t) {
-          const int64_t j = kv[t];
-          const float ds = p[t] * (dot(gi, row(v, sv, b, h, j), D) - delta) * scale;
-          axpy(gq.data(), ds, row(k, sk, b, h, j), D);
-          axpy(gk.data() + j * Dp, ds, qi, D);
-          axpy(gv.data() + j * Dp, p[t], gi, D);
+          const float p = ds_row[t];
+          const float ds = p * (dot(gi, row(v, sv, b, h, kv[t]), D) - delta) * scale;
+          ds_row[t] = ds;
+          p_t[t * Lq + i] = p;
+          ds_t[t * Lq + i] = ds;
         }
-        store_row(dqi, gq.data(), 1.0f, D);
+        weighted_sum<T>(dqi, ds_row.data(), nk, k_row, D, 1.0f);
       }
+      const auto q_row = [&](int64_t i) { return row(q, sq, b, h, i); };
+      const auto g_row = [&](int64_t i) { return row(go, sg, b, h, i); };
+      int64_t t = 0;
       for (int64_t j = 0; j < Lk; ++j) {
-        store_row(dk + (bh * Lk + j) * D, gk.data() + j * Dp, 1.0f, D);
-        store_row(dv + (bh * Lk + j) * D, gv.data() + j * Dp, 1.0f, D);
+        T* dkj = dk + (bh * Lk + j) * D;
+        T* dvj = dv + (bh * Lk + j) * D;
+        if (t < nk && kv[t] == j) {
+          weighted_sum<T>(dkj, ds_t.data() + t * Lq, Lq, q_row, D, 1.0f);
+          weighted_sum<T>(dvj, p_t.data() + t * Lq, Lq, g_row, D, 1.0f);
+          ++t;
+        } else {
+          zero_row(dkj, D);
+          zero_row(dvj, D);
+        }
       }
     }
   }

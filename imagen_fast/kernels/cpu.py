@@ -22,6 +22,7 @@ import os
 from typing import Dict, Iterator, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._compiled import load_extension
 # The shared layout rules, under the names this module's kernel calls have always used.
@@ -235,19 +236,20 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
 
 
 # ----------------------------------------------------------------------- attention
-# Three paths, each keeping the contract (a query whose batch masks every key gets zeros
-# and zero gradients):
+# Each path keeps the contract (a query whose batch masks every key gets zeros and zero
+# gradients):
 #  - short query sequences (Lq <= SMALL_QUERIES, float32/16-bit): csrc/cpu/attention.cpp,
 #    where torch's flash kernel is mostly fixed cost (Imagen's text pooling: one query);
-#  - otherwise torch's flash-attention CPU kernel (aten._scaled_dot_product_flash_attention
-#    _for_cpu and its backward) with an additive 0 / -inf mask, for the custom ops that
-#    torch.compile and export see (they return the log-sum-exp too);
-#  - in eager mode, ops.attention asks `attention` below for a differentiable result:
-#    F.scaled_dot_product_attention with the boolean mask and its own autograd, at every
-#    length (the custom op's Python autograd costs more than the whole tiny call). At the
-#    text-pooling shapes SDPA matched the small kernel forward and beat it forward+backward
-#    (quiet 2-core run: 8x8x1x64x32 masked 37.8 vs 36.4 us forward, 177 vs 189 us with
-#    backward; without a mask 42.8 vs 45.2 and 176 vs 221 us).
+#    in eager mode through _SmallAttention (a bare autograd.Function): at 8x8x1x64x32
+#    masked, bench_ops, 1.48x the best SDPA backend forward+backward, 1.7x forward;
+#  - the custom ops (what torch.compile and export see; they return the log-sum-exp too),
+#    above SMALL_QUERIES: torch's flash-attention CPU kernel (aten._scaled_dot_product_flash
+#    _attention_for_cpu and its backward) with an additive 0 / -inf mask;
+#  - in eager mode above SMALL_QUERIES, ops.attention asks `attention` below for a
+#    differentiable result: for mid-size float32/64 score matrices with gradients (or
+#    small ones without a mask) matmuls and a softmax (_MatmulAttention with gradients,
+#    the softmax saved), else F.scaled_dot_product_attention with the boolean mask and
+#    its own autograd (the custom op's Python autograd costs more than a small call).
 SMALL_QUERIES = 16
 _SMALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -318,19 +320,24 @@ def _sdpa_zeroes_empty_rows(dtype: torch.dtype) -> bool:
     return known
 
 
-# Without a mask, small score matrices (16 <= Lq, Lq * Lk <= 8192: the 8 px self+text
-# attention of the small presets) run faster as two matmuls and a softmax than through
-# SDPA's flash kernel: quiet 2-core run, 8x3x64x128x64 1.11x forward / 1.12x forward+backward,
-# 1x32x64x128x64 1.10x / 1.26x; SDPA wins at one query (0.5-0.8x) and at 1024 queries (0.72x).
-_MATMUL_MAX_SCORES = 8192
+# Above SMALL_QUERIES, float32/64 score matrices up to a size run as two matmuls and a
+# softmax (_matmul_forward; with gradients _MatmulAttention, the probabilities saved) faster
+# than through SDPA's flash or math kernels. 2-core AVX-512 host, bench_ops' rotated inputs,
+# best SDPA backend over the matmuls, forward+backward with a mask: 8x4x64x128x64 1.10x,
+# 8x3x64x320x64 1.14x, 1x8x256x320x128 1.22x, 8x2x256x320x64 1.04-1.12x, but
+# 8x2x256x512x64 0.94x and 64x2x256x320x64 0.94x (flash: the saved probabilities outgrow
+# the caches) and flash far ahead at 1x16x1024x1088x64 (0.80x). Forward only, the masked
+# matmuls lose to flash (0.84x at 8x3x64x128x64: the additive mask costs a pass); without
+# a mask they win up to 8192 scores (8x3x64x128x64 1.24x, 1x32x64x128x64 1.10x).
+_MATMUL_MAX_SCORES = 8192              # per head, forward only, no mask
+_TRAIN_MATMUL_MAX_SCORES = 100_000     # per head, with gradients (81920 wins, 131072 loses)
+_TRAIN_MATMUL_MAX_TOTAL = 1 << 22      # in all, with gradients
+_MATMUL_DTYPES = (torch.float32, torch.float64)
 
 
 def _sdpa(q, k, v, mask, scale):
     F = torch.nn.functional
     if mask is None:
-        lq, lk = q.shape[2], k.shape[2]
-        if lq >= 16 and lq * lk <= _MATMUL_MAX_SCORES:
-            return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, -1), v)
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     b, lk = mask.shape
     if _sdpa_zeroes_empty_rows(q.dtype):   # mask is contiguous (ops.attention): a view is cheapest
@@ -343,10 +350,98 @@ def _sdpa(q, k, v, mask, scale):
     return out * (~empty).to(out.dtype)[:, None, None, None]   # zeros, and zero gradients
 
 
+class _SmallAttention(torch.autograd.Function):
+    """The short-query kernels (csrc/cpu/attention.cpp) with autograd, for eager mode."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = _small_fwd(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = _small_bwd(grad_out, q, k, v, mask, out, lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _matmul_forward(q, k, v, mask, scale):
+    """softmax(q k^T scale + mask) v as two matmuls, and what the backward needs. A batch
+    whose mask is all False attends to every key, then its output is zeroed."""
+    qs = q * scale
+    s = torch.matmul(qs, k.transpose(-2, -1))
+    add, empty = _additive_mask(mask, q)
+    if add is not None:
+        s.add_(add)
+    p = torch.softmax(s, -1)
+    out = torch.matmul(p, v)
+    if empty is not None:
+        out = _zero_batches(out, empty)
+    return out, (qs, p, empty)
+
+
+class _MatmulAttention(torch.autograd.Function):
+    """_matmul_forward with the probabilities P saved; backward dv = P^T g, dS =
+    softmax_backward(g v^T, P), dq = dS k scale, dk = dS^T q scale (a fully masked batch's
+    output gradient zeroed first, so all of its gradients are zero)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, (qs, p, empty) = _matmul_forward(q, k, v, mask, scale)
+        ctx.save_for_backward(qs, k, v, p, empty)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        qs, k, v, p, empty = ctx.saved_tensors
+        if empty is not None:
+            grad_out = _zero_batches(grad_out, empty)
+        dv = torch.matmul(p.transpose(-2, -1), grad_out)
+        ds = torch._softmax_backward_data(torch.matmul(grad_out, v.transpose(-2, -1)), p, -1, p.dtype)
+        dq = torch.matmul(ds, k).mul_(ctx.scale)
+        dk = torch.matmul(ds.transpose(-2, -1), qs)
+        return dq, dk, dv, None, None
+
+
+def _eager_path(q, k, v, masked: bool, grad: bool) -> str:
+    """Which of `attention`'s paths runs a call (see the comments above)."""
+    if _small(q, k, v):
+        return "small"
+    if q.dtype in _MATMUL_DTYPES:
+        b, h, lq, _ = q.shape
+        scores = lq * k.shape[2]
+        if grad:
+            if scores <= _TRAIN_MATMUL_MAX_SCORES and b * h * scores <= _TRAIN_MATMUL_MAX_TOTAL:
+                return "matmul"
+        elif not masked and scores <= _MATMUL_MAX_SCORES:
+            return "matmul"
+    return "sdpa"
+
+
+def _run_small(q, k, v, mask, scale, grad):
+    return _SmallAttention.apply(q, k, v, mask, scale) if grad else _small_fwd(q, k, v, mask, scale)[0]
+
+
+def _run_matmul(q, k, v, mask, scale, grad):
+    return _MatmulAttention.apply(q, k, v, mask, scale) if grad else _matmul_forward(q, k, v, mask, scale)[0]
+
+
+_EAGER_PATHS = {"small": _run_small, "matmul": _run_matmul,
+                "sdpa": lambda q, k, v, mask, scale, grad: _sdpa(q, k, v, mask, scale)}
+
+
 @register("attention", "cpu", supports=_attention_supports)
 def attention(q, k, v, mask, scale):
-    """Differentiable attention for ops.attention in eager mode (see above)."""
-    return _sdpa(q, k, v, mask, scale)
+    """Differentiable attention for ops.attention in eager mode: the short-query kernel for
+    Lq <= SMALL_QUERIES, matmuls where they win (`_eager_path`), otherwise SDPA with its
+    own autograd."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _EAGER_PATHS[_eager_path(q, k, v, mask is not None, grad)](q, k, v, mask, scale, grad)
 
 
 def _use_flash(q) -> bool:

@@ -494,36 +494,68 @@ def test_attention_small_query_kernel(poisoned, dtype):
                     assert (gr[-1] == 0).all()
 
 
-@pytest.mark.parametrize("lq", [1, cb.SMALL_QUERIES + 9])
+# (B, Lq, Lk, dtype, masked, grad) -> the path eager mode picks for a Bx2xLqxLkx24 call
+EAGER_CHOICES = [
+    (3, 1, 19, torch.float32, True, True, "small"), (3, 1, 19, torch.float32, False, False, "small"),
+    (3, cb.SMALL_QUERIES, 19, torch.bfloat16, True, True, "small"),
+    (3, cb.SMALL_QUERIES + 9, 19, torch.float32, True, True, "matmul"),
+    (3, cb.SMALL_QUERIES + 9, 19, torch.float64, False, False, "matmul"),
+    (3, cb.SMALL_QUERIES + 9, 19, torch.float32, True, False, "sdpa"),   # masked forward: flash
+    (3, cb.SMALL_QUERIES + 9, 19, torch.bfloat16, True, True, "sdpa"),
+    (3, 128, 128, torch.float32, False, False, "sdpa"),   # forward: flash above 8192 scores
+    (8, 256, 320, torch.float32, True, True, "matmul"),
+    (8, 256, 512, torch.float32, True, True, "sdpa"),     # training: flash above 100k scores
+    (1024, 64, 64, torch.float32, True, True, "sdpa"),    # and above 2^22 in all (saved)
+]
+
+
+def test_attention_eager_path_choice():
+    for b, lq, lk, dtype, masked, grad, path in EAGER_CHOICES:
+        q, k = torch.empty(b, 2, lq, 24, dtype=dtype), torch.empty(b, 2, lk, 24, dtype=dtype)
+        assert cb._eager_path(q, k, k, masked, grad) == path, (b, lq, lk, dtype, masked, grad)
+
+
+@pytest.mark.parametrize("path, lq", [(p, lq) for p in sorted(cb._EAGER_PATHS) for lq in (1, cb.SMALL_QUERIES + 9)
+                                      if p != "small" or lq <= cb.SMALL_QUERIES])
 @pytest.mark.parametrize("zeroes", [True, False])
-def test_attention_eager_sdpa_path_keeps_the_contract(zeroes, lq, monkeypatch):
-    """Eager mode runs SDPA with its own autograd at every query length (the text pooling's
-    single query too); where a torch's SDPA would not zero a fully masked query, the fix-up
-    must (forced with zeroes=False)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_eager_paths_keep_the_contract(path, zeroes, lq, dtype, monkeypatch):
+    """Every eager path (forced for the call), through ops.attention with and without
+    gradients, with and without a mask, against float64 autograd; a fully masked batch
+    gets zeros and zero gradients. zeroes=False: a torch whose SDPA would not zero it."""
     from imagen_fast import ops
-    monkeypatch.setitem(cb._SDPA_ZEROES_EMPTY, torch.float32, zeroes)
-    monkeypatch.setattr(cb, "_small_fwd", _must_not_run)
-    monkeypatch.setattr(cb, "_small_bwd", _must_not_run)
-    g = _gen(41)
+    monkeypatch.setitem(cb._SDPA_ZEROES_EMPTY, dtype, zeroes)
+    ran = []
+    monkeypatch.setattr(cb, "_eager_path", lambda q, k, v, masked, grad: ran.append(grad) or path)
+    g = _gen(41 + lq)
     b, h, lk, d = 3, 2, 19, 24
-    q, k, v = (randn(b, h, n, d, generator=g).requires_grad_() for n in (lq, lk, lk))
+    q, k, v = (randn(b, h, n, d, generator=g).to(dtype).requires_grad_() for n in (lq, lk, lk))
     mask = torch.rand(b, lk, generator=g) > 0.4
     mask[0, 0] = True
     mask[1] = False
-    out = ops.attention(q, k, v, mask)
-    go = randn(b, h, lq, d, generator=g)
-    grads = torch.autograd.grad(out, [q, k, v], go)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference.attention(*leaves, mask)
-    rg = torch.autograd.grad(ref, leaves, go.double())
-    lp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    lref = reference.attention(*lp, mask)
-    lg = torch.autograd.grad(lref, lp, go)
-    assert (out[1] == 0).all()
-    assert_close_to_reference(out.detach(), ref.detach(), lref.detach())
-    for gr, r, t in zip(grads, rg, lg):
-        assert torch.isfinite(gr).all() and (gr[1] == 0).all()
-        assert_close_to_reference(gr, r, t)
+    go = randn(b, h, lq, d, generator=g).to(dtype)
+    for m in (mask, None):
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = reference.attention(*leaves, m)
+        rg = torch.autograd.grad(ref, leaves, go.double())
+        lp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        lref = reference.attention(*lp, m)
+        lg = torch.autograd.grad(lref, lp, go)
+        with torch.no_grad():
+            plain = ops.attention(q, k, v, m)
+        out = ops.attention(q, k, v, m)
+        assert ran[-2:] == [False, True]
+        grads = torch.autograd.grad(out, [q, k, v], go)
+        for o in (plain, out):
+            assert o.dtype == dtype and o.shape == (b, h, lq, d)
+            assert_close_to_reference(o.detach(), ref.detach(), lref.detach(), what=f"out {path}")
+            if m is not None:
+                assert (o[1] == 0).all()
+        for name, gr, r, t in zip("qkv", grads, rg, lg):
+            assert gr.dtype == dtype and torch.isfinite(gr).all()
+            if m is not None:
+                assert (gr[1] == 0).all(), f"grad {name} of the fully masked batch ({path})"
+            assert_close_to_reference(gr, r, t, what=f"grad {name} {path}")
 
 
 def test_attention_without_mask():
@@ -538,14 +570,15 @@ def test_attention_without_mask():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lq, lk", [(16, 40), (64, 128), (1, 64), (70, 130)])
 def test_attention_eager_without_mask(lq, lk, dtype):
-    """Eager ops.attention without a mask: two matmuls and a softmax for small score
-    matrices (16 <= Lq, Lq * Lk <= 8192), SDPA otherwise; forward and gradients against
-    float64 autograd, strided inputs."""
+    """Eager ops.attention without a mask on strided inputs (the short-query kernel, the
+    matmuls, SDPA for bfloat16 above SMALL_QUERIES): forward and gradients against
+    float64 autograd."""
     from imagen_fast import ops
     g = _gen(43)
     b, h, d = 2, 3, 24
-    assert (lq >= 16 and lq * lk <= cb._MATMUL_MAX_SCORES) == ((lq, lk) in ((16, 40), (64, 128)))
     q, k, v = (_strided(randn(b, h, n, d, generator=g).to(dtype)).requires_grad_() for n in (lq, lk, lk))
+    small, matmul = lq <= cb.SMALL_QUERIES, dtype == torch.float32
+    assert cb._eager_path(q, k, v, False, True) == ("small" if small else "matmul" if matmul else "sdpa")
     out = ops.attention(q, k, v, None, 0.4)
     go = randn(b, h, lq, d, generator=g).to(dtype)
     grads = torch.autograd.grad(out, [q, k, v], go)
