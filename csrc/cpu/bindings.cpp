@@ -108,17 +108,20 @@ void dynamic_threshold(uintptr_t x, uintptr_t y, int64_t N, int64_t L, int dtype
 }
 
 void sampler_step(uintptr_t z, uintptr_t cond, uintptr_t uncond, uintptr_t noise, uintptr_t out, uintptr_t coefs,
-                  int64_t N, int64_t L, int dtype, double guidance_scale, int threshold, double percentile,
-                  double min_value, int threads) {
+                  int64_t coef_stride, int64_t N, int64_t L, int dtype, double guidance_scale, int threshold,
+                  double percentile, double min_value, int threads) {
   check_sizes("sampler_step", N, L, dtype, percentile, min_value);
   if (!z || !cond || !out || !coefs)
     throw std::invalid_argument("sampler_step: z_t, pred_cond, out and coefs are required");
+  if (coef_stride != 0 && coef_stride != 5)
+    throw std::invalid_argument("sampler_step: coef_stride must be 5 (a row per sample) or 0 (one row), got " +
+                                std::to_string(coef_stride));
   if (threshold < 0 || threshold > 2) throw std::invalid_argument("sampler_step: threshold must be 0, 1 or 2");
   if (!std::isfinite(guidance_scale)) throw std::invalid_argument("sampler_step: guidance_scale must be finite");
   const KernelTable& k = active_kernels();
   py::gil_scoped_release nogil;
-  k.sampler_step(z, cond, uncond, noise, out, coefs, N, L, dtype, guidance_scale, threshold, percentile, min_value,
-                 threads);
+  k.sampler_step(z, cond, uncond, noise, out, coefs, coef_stride, N, L, dtype, guidance_scale, threshold, percentile,
+                 min_value, threads);
 }
 
 py::tuple quantile_abs(uintptr_t x, int64_t N, int64_t L, int dtype, double percentile, int threads,
@@ -229,9 +232,10 @@ void register_cpu(py::module_& m) {
   m.def("sampler_step", &sampler_step,
         "Fused guided reverse-diffusion step: pred = uncond + w (cond - uncond) (cond if no uncond), "
         "x0 = a z + b pred, threshold (0 none, 1 static, 2 dynamic), out = c_x0 x0 + c_z z + c_noise noise. "
-        "coefs: (N, 5) float64 [a, b, c_x0, c_z, c_noise]. uncond and noise may be 0.",
+        "coefs: float64 [a, b, c_x0, c_z, c_noise], sample n's at coefs + n * coef_stride (5: (N, 5) "
+        "contiguous; 0: one row for all). uncond and noise may be 0.",
         py::arg("z"), py::arg("cond"), py::arg("uncond"), py::arg("noise"), py::arg("out"), py::arg("coefs"),
-        py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("guidance_scale"), py::arg("threshold"),
+        py::arg("coef_stride"), py::arg("N"), py::arg("L"), py::arg("dtype"), py::arg("guidance_scale"), py::arg("threshold"),
         py::arg("percentile"), py::arg("min_value"), py::arg("threads") = 0);
   m.def("attention_fwd", &attention_fwd,
         "Masked attention of short query sequences on CPU buffers (data pointers): out (B, H, Lq, D) contiguous "

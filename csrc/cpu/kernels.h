@@ -23,8 +23,8 @@ using RmsNormBwd = void(uintptr_t gy, uintptr_t x, uintptr_t rstd, uintptr_t w, 
 using DynamicThreshold = void(uintptr_t x, uintptr_t y, int64_t N, int64_t L, int dtype, double percentile,
                               double min_value, double max_value, int threads);
 using SamplerStep = void(uintptr_t z, uintptr_t cond, uintptr_t uncond, uintptr_t noise, uintptr_t out,
-                         uintptr_t coefs, int64_t N, int64_t L, int dtype, double guidance_scale, int threshold,
-                         double percentile, double min_value, int threads);
+                         uintptr_t coefs, int64_t coef_stride, int64_t N, int64_t L, int dtype,
+                         double guidance_scale, int threshold, double percentile, double min_value, int threads);
 // Writes N doubles to out: the quantile of |x| per sample as dynamic_threshold finds it.
 using QuantileAbs = void(uintptr_t x, int64_t N, int64_t L, int dtype, double percentile, int threads,
                          bool radix_only, double* out);

@@ -586,7 +586,8 @@ enum class Thresh : int { None = 0, Static = 1, Dynamic = 2 };
 template <typename T> struct StepArgs {
   const T *z, *cond, *uncond, *noise;
   T* out;
-  const double* coefs;
+  const double* coefs;  // sample n's [a, b, c_x0, c_z, c_noise] at coefs + n * coef_stride
+  int64_t coef_stride;  // 5, or 0: one row for every sample
   int64_t N, L;
   double w;
 };
@@ -598,7 +599,7 @@ void compute_x0(const StepArgs<T>& g, int64_t n, int64_t b, int64_t e, AccOf<T>*
   using V = typename VecOf<T>::type;
   using A = AccOf<T>;
   constexpr int W = V::W;
-  const double* c = g.coefs + n * 5;
+  const double* c = g.coefs + n * g.coef_stride;
   const V av = V::set1(static_cast<A>(c[0])), bv = V::set1(static_cast<A>(c[1]));
   const V wv = V::set1(static_cast<A>(g.w));
   const int64_t off = n * g.L;
@@ -624,7 +625,7 @@ void compute_x0(const StepArgs<T>& g, int64_t n, int64_t b, int64_t e, AccOf<T>*
 // The same x0 for one element (for the sampled estimate of the percentile).
 template <typename T> AccOf<T> x0_at(const StepArgs<T>& g, int64_t n, int64_t i) {
   using A = AccOf<T>;
-  const double* c = g.coefs + n * 5;
+  const double* c = g.coefs + n * g.coef_stride;
   const int64_t o = n * g.L + i;
   A pred = to_acc(g.cond[o]);
   if (g.uncond) {
@@ -641,7 +642,7 @@ void step_out(const StepArgs<T>& g, int64_t n, int64_t b, int64_t e, const X0* x
   using V = typename VecOf<T>::type;
   using A = AccOf<T>;
   constexpr int W = V::W;
-  const double* c = g.coefs + n * 5;
+  const double* c = g.coefs + n * g.coef_stride;
   const V cx = V::set1(static_cast<A>(c[2])), cz = V::set1(static_cast<A>(c[3]));
   const V cn = V::set1(static_cast<A>(c[4]));
   const V av = V::set1(static_cast<A>(c[0])), bv = V::set1(static_cast<A>(c[1]));
@@ -755,12 +756,12 @@ void dynamic_threshold(uintptr_t x, uintptr_t y, int64_t N, int64_t L, int dtype
 }
 
 void sampler_step(uintptr_t z, uintptr_t cond, uintptr_t uncond, uintptr_t noise, uintptr_t out, uintptr_t coefs,
-                  int64_t N, int64_t L, int dtype, double guidance_scale, int threshold, double percentile,
-                  double min_value, int threads) {
+                  int64_t coef_stride, int64_t N, int64_t L, int dtype, double guidance_scale, int threshold,
+                  double percentile, double min_value, int threads) {
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     StepArgs<T> g{ptr<const T>(z), ptr<const T>(cond), ptr<const T>(uncond), ptr<const T>(noise), ptr<T>(out),
-                  ptr<const double>(coefs), N, L, guidance_scale};
+                  ptr<const double>(coefs), coef_stride, N, L, guidance_scale};
     sampler_step_impl<T>(g, static_cast<Thresh>(threshold), percentile, min_value, threads);
   });
 }

@@ -11,10 +11,13 @@ Candidates per case, timed in one process, interleaved round by round (imagen_fa
              (forced with imagen_fast.ops.api.custom_ops_only): what torch.compile and
              torch.export graphs run, and what every eager call ran before the fast path
   kernel     the cpu backend's functions (imagen_fast/kernels/cpu.py) called directly with
-             prepared arguments: no checks, no backend choice, no autograd (forward+backward:
-             its forward function, then its backward function)
+             prepared arguments: no checks, no backend choice; forward+backward: inside a
+             bare torch.autograd.Function (forward calls the forward function and keeps its
+             outputs, backward calls the backward function), the least any autograd op pays
+  kernel, no autograd   (forward+backward) the forward function, then the backward function
   torch      the stock PyTorch ops the op replaces (imagen_fast/bench/baselines.py)
-overhead = op - kernel: what the op layer adds to each call (the same for custom op).
+overhead = op - kernel: what the op layer adds to each call (the same for custom op); the
+autograd engine's own cost (kernel - kernel, no autograd) is not the op layer's.
 Modes: forward (no input requires grad: sampling) and forward+backward (every input
 requires grad; torch.autograd.grad from a given output gradient, so no .grad accumulates).
 Inputs are not rotated over copies: tiny tensors stay in the L1 cache whatever one does,
@@ -37,12 +40,14 @@ from typing import Callable, Dict, List, Optional
 
 
 import torch  # noqa: E402
+from torch.autograd.function import once_differentiable  # noqa: E402
 
 from imagen_fast.bench import harness  # noqa: E402
 from imagen_fast.bench.baselines import (STEP, eager_chan_rms_norm, eager_group_norm, eager_sampler_step,  # noqa: E402
                                   plain_attention, quantile_threshold)
 
 CANDIDATES = ("op", "custom op", "kernel", "torch")
+BARE = "kernel, no autograd"      # forward+backward only
 MODES = ("fwd", "fwd+bwd")
 # group-norm calls the shipped cascade makes per 4-image sample (issue 21): the table's
 # note turns the group-norm overhead into time per sample. Counted on the three-stage
@@ -73,6 +78,34 @@ def _inputs(*shapes, grad: bool, dtype=torch.float32, channels_last=False):
 def _grad_of(fn, leaves, gy):
     """fn() then autograd.grad of its output with the given output gradient."""
     return lambda i: torch.autograd.grad(fn(), leaves, gy)
+
+
+class _BareFunction(torch.autograd.Function):
+    """run_fwd(*inputs) -> (y, saved tensors); backward: run_bwd(grad_y, saved) -> the inputs'
+    grads. What any correct autograd op does: tensors kept with save_for_backward (checked
+    for in-place changes), a backward that refuses double differentiation."""
+
+    @staticmethod
+    def forward(ctx, run_fwd, run_bwd, *inputs):
+        y, saved = run_fwd(*inputs)
+        ctx.save_for_backward(*saved)
+        ctx.run_bwd = run_bwd
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        return (None, None) + tuple(ctx.run_bwd(gy, ctx.saved_tensors))
+
+
+def _kernel_candidates(run_fwd, run_bwd, leaves, gy) -> Dict[str, Callable[[int], object]]:
+    """The kernel candidates of a forward+backward case: in a bare autograd.Function, and not."""
+    detached = [t.detach() for t in leaves]
+
+    def bare(i):
+        y, saved = run_fwd(*detached)
+        return run_bwd(gy, saved)
+    return {"kernel": _grad_of(lambda: _BareFunction.apply(run_fwd, run_bwd, *leaves), leaves, gy), BARE: bare}
 
 
 def _custom(fn):
@@ -106,11 +139,15 @@ def _gn_case(shape, groups, channels_last=False) -> Case:
         leaves = [x, w, b, s, sh]
         needs = (True,) * 5
 
-        def kern(i):
-            y, mean, rstd = K.group_norm_silu_fwd(xd, groups, wd, bd, 1e-5, sd, shd, "silu")
-            return K.group_norm_silu_bwd(gy, xd, mean, rstd, groups, wd, bd, sd, shd, "silu", needs)
+        def run_fwd(x, w, b, s, sh):
+            y, mean, rstd = K.group_norm_silu_fwd(x, groups, w, b, 1e-5, s, sh, "silu")
+            return y, (x, w, b, s, sh, mean, rstd)
+
+        def run_bwd(g, saved):
+            x, w, b, s, sh, mean, rstd = saved
+            return K.group_norm_silu_bwd(g, x, mean, rstd, groups, w, b, s, sh, "silu", needs)
         return {"op": _grad_of(op, leaves, gy), "custom op": _custom(_grad_of(op, leaves, gy)),
-                "kernel": kern, "torch": _grad_of(torch_, leaves, gy)}
+                **_kernel_candidates(run_fwd, run_bwd, leaves, gy), "torch": _grad_of(torch_, leaves, gy)}
 
     name = "group_norm_silu" + (" channels-last" if channels_last else "")
     return Case(name, "x".join(map(str, shape)) + f" g{groups} w,b,FiLM", build, MODES)
@@ -136,11 +173,15 @@ def _rms_case(shape) -> Case:
         gy = torch.randn_like(xd)
         leaves = [x, w, s, sh]
 
-        def kern(i):
-            y, rstd = K.channel_rms_norm_silu_fwd(xd, wd, eps, sd, shd, "silu")
-            return K.channel_rms_norm_silu_bwd(gy, xd, rstd, wd, eps, sd, shd, "silu", (True,) * 4)
+        def run_fwd(x, w, s, sh):
+            y, rstd = K.channel_rms_norm_silu_fwd(x, w, eps, s, sh, "silu")
+            return y, (x, w, s, sh, rstd)
+
+        def run_bwd(g, saved):
+            x, w, s, sh, rstd = saved
+            return K.channel_rms_norm_silu_bwd(g, x, rstd, w, eps, s, sh, "silu", (True,) * 4)
         return {"op": _grad_of(op, leaves, gy), "custom op": _custom(_grad_of(op, leaves, gy)),
-                "kernel": kern, "torch": _grad_of(torch_, leaves, gy)}
+                **_kernel_candidates(run_fwd, run_bwd, leaves, gy), "torch": _grad_of(torch_, leaves, gy)}
 
     return Case("channel_rms_norm_silu", "x".join(map(str, shape)) + " w,FiLM", build, MODES)
 
@@ -158,15 +199,20 @@ def _attn_case(b, h, lq, lk, d) -> Case:
         op = lambda: ops.attention(q, k, v, mask)  # noqa: E731
         torch_ = lambda: plain_attention(q, k, v, mask)  # noqa: E731
         # kernel: what the op runs in eager mode, the backend's differentiable attention
-        # (SDPA with its own autograd); the custom op runs attention_fwd/_bwd instead.
+        # (with its own autograd); the custom op runs attention_fwd/_bwd instead.
         kern = lambda: K.attention(q, k, v, mask, scale)  # noqa: E731
         if not grad:
             return {"op": lambda i: op(), "custom op": _custom(lambda i: op()),
                     "kernel": lambda i: kern(), "torch": lambda i: torch_()}
         gy = torch.randn(b, h, lq, d)
         leaves = [q, k, v]
+        qd, kd, vd = (t.detach() for t in leaves)
+
+        def bare(i):
+            out, lse = K.attention_fwd(qd, kd, vd, mask, scale)
+            return K.attention_bwd(gy, qd, kd, vd, mask, out, lse, scale)
         return {"op": _grad_of(op, leaves, gy), "custom op": _custom(_grad_of(op, leaves, gy)),
-                "kernel": _grad_of(kern, leaves, gy), "torch": _grad_of(torch_, leaves, gy)}
+                "kernel": _grad_of(kern, leaves, gy), BARE: bare, "torch": _grad_of(torch_, leaves, gy)}
 
     return Case("attention", f"{b}x{h}x{lq}x{lk}x{d} (BxHxLqxLkxD) masked", build, MODES)
 
@@ -196,8 +242,8 @@ def _step_case(shape, row: bool = False) -> Case:
         times = {k: STEP[k] for k in ("alpha_t", "sigma_t", "alpha_s", "sigma_s")}
         coefs = ops.step_coefficients(*(torch.full((shape[0],), v, dtype=torch.float64) for v in times.values()))
         w = STEP["guidance_scale"]
-        if row:   # the kernel gets what the op passes it: the row expanded to (N, 5)
-            c = coefs[0].float()
+        if row:   # a float64 row as diffusion/step.py passes it; the kernel gets it expanded to (N, 5)
+            c = coefs[0]
             op = lambda i: ops.sampler_step(z, cond, uncond, guidance_scale=w, coefs=c, noise=noise)  # noqa: E731
             coefs = c.expand(shape[0], 5)
         else:
@@ -226,29 +272,31 @@ def run(cases: List[Case], rounds: int, min_round_s: float) -> List[dict]:
         for mode in case.modes:
             cands = case.build(mode)
             t = harness.compare(cands, rounds=rounds, min_round_s=min_round_s)
-            us = {name: t[name].median_ms * 1e3 for name in CANDIDATES}
+            us = {name: t[name].median_ms * 1e3 for name in cands}
             rows.append(dict(op=case.name, shape=case.shape, mode=mode,
                              **{f"{name}_us": round(v, 2) for name, v in us.items()},
                              overhead_us=round(us["op"] - us["kernel"], 2),
                              custom_op_overhead_us=round(us["custom op"] - us["kernel"], 2),
-                             raw={name: t[name].as_dict() for name in CANDIDATES}))
+                             raw={name: t[name].as_dict() for name in cands}))
     return rows
 
 
 def make_table(rows: List[dict], threads: int) -> harness.Table:
     table = harness.Table(
         title=f"Per-call cost at tiny shapes, microseconds (median; CPU, {threads} threads)",
-        columns=["op", "shape", "mode", "op", "custom op", "kernel", "torch", "overhead = op - kernel",
+        columns=["op", "shape", "mode", "op", "custom op", "kernel", BARE, "torch", "overhead = op - kernel",
                  "custom op - kernel"])
     for r in rows:
         table.add(r["op"], r["shape"], r["mode"], r["op_us"], r["custom op_us"], r["kernel_us"],
-                  r["torch_us"], r["overhead_us"], r["custom_op_overhead_us"])
+                  r.get(f"{BARE}_us", ""), r["torch_us"], r["overhead_us"], r["custom_op_overhead_us"])
     table.notes += [
         "op: imagen_fast.ops as models call it (eager fast path); custom op: the same call through its "
         "torch.library custom op (what compiled graphs run); kernel: the cpu backend's functions called "
         "directly; torch: the stock PyTorch ops (imagen_fast/bench/baselines.py).",
-        "fwd+bwd: every input requires grad; torch.autograd.grad from a given output gradient "
-        "(the kernel candidate calls its forward and backward functions, no autograd).",
+        "fwd+bwd: every input requires grad; torch.autograd.grad from a given output gradient. kernel: "
+        "the backend's functions inside a bare torch.autograd.Function (attention: the backend's own "
+        "differentiable eager path), the least an autograd op costs; kernel, no autograd: its forward "
+        "then its backward function, called directly.",
     ]
     gn = next((r for r in rows if r["op"] == "group_norm_silu" and r["mode"] == "fwd"), None)
     if gn is not None:

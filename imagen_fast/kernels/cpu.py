@@ -224,14 +224,18 @@ def _step_supports(z_t, pred_cond, pred_uncond=None, noise=None, *rest) -> Optio
 def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, threshold,
                  percentile, min_value):
     n = z_t.shape[0]
-    coefs = coefs.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    if coefs.dtype != torch.float64 or not coefs.is_cpu:
+        coefs = coefs.detach().to(device="cpu", dtype=torch.float64)
     if coefs.shape != (n, 5):
         raise ValueError(f"coefs must have shape ({n}, 5), got {tuple(coefs.shape)}")
+    st = coefs.stride()
+    if st[1] != 1 or st[0] not in (0, 5):    # a row expanded to (n, 5) passes as stride 0
+        coefs, st = coefs.contiguous(), (5, 1)
     out = torch.empty_like(z_t)
     _C.sampler_step(z_t.data_ptr(), pred_cond.data_ptr(), _ptr(pred_uncond), _ptr(noise),
-                    out.data_ptr(), coefs.data_ptr(), n, z_t.numel() // n, _DTYPE_CODES[z_t.dtype],
-                    float(guidance_scale), _THRESHOLD_CODES[threshold], float(percentile),
-                    float(min_value), _threads())
+                    out.data_ptr(), coefs.data_ptr(), st[0] if n > 1 else 5, n, z_t.numel() // n,
+                    _DTYPE_CODES[z_t.dtype], float(guidance_scale), _THRESHOLD_CODES[threshold],
+                    float(percentile), float(min_value), _threads())
     return out
 
 

@@ -548,13 +548,19 @@ def step_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, *, sampler: str = "ddp
                                               eta=eta, prediction=prediction, xp=torch), dim=1)
 
 
+_COEF_DTYPES = (torch.float32, torch.float64)
+
+
 def _step_coefs(coefs, n: int, z_t: Tensor) -> Tensor:
     """The tensor path's coefficients: (5,) or (N, 5), float, on z_t's device -> (N, 5).
     Metadata checks only (no host read of the values: capture-safe)."""
-    _check_tensor(coefs, "coefs", dtypes=(torch.float32, torch.float64))
+    _check_tensor(coefs, "coefs", dtypes=_COEF_DTYPES)
     _check_same_device(z_t, coefs, "coefs", "z_t")
-    if tuple(coefs.shape) not in ((5,), (n, 5)):
-        raise ValueError(f"coefs must have shape (5,) or (N, 5) = ({n}, 5), got {tuple(coefs.shape)}")
+    cs = coefs.shape
+    if cs == (n, 5):
+        return coefs
+    if cs != (5,):
+        raise ValueError(f"coefs must have shape (5,) or (N, 5) = ({n}, 5), got {tuple(cs)}")
     return coefs.expand(n, 5)
 
 
@@ -605,11 +611,14 @@ def sampler_step(
     to write z_s.
     """
     _check_tensor(z_t, "z_t", min_ndim=2)
-    if z_t.numel() == 0:
-        raise ValueError(f"z_t must not be empty, got shape {tuple(z_t.shape)}")
     zshape, zdtype = z_t.shape, z_t.dtype
+    if zshape.numel() == 0:
+        raise ValueError(f"z_t must not be empty, got shape {tuple(zshape)}")
+    zcpu = z_t.is_cpu
     for t, name in ((pred_cond, "pred_cond"), (pred_uncond, "pred_uncond"), (noise, "noise")):
-        if t is None:
+        # z_t passed its checks: a plain tensor with its dtype, shape and (CPU) device passes
+        # them too (the samplers' case, every step), anything else gets them one by one
+        if t is None or (type(t) is Tensor and t.dtype is zdtype and t.shape == zshape and zcpu and t.is_cpu):
             continue
         _check_tensor(t, name)
         _check_same_device(z_t, t, name, "z_t")
@@ -622,16 +631,18 @@ def sampler_step(
         raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
     p = check_percentile(percentile)
     m = check_float(min_value, "min_value", low=0.0, low_open=True)
-    n = z_t.shape[0]
-    times = (("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s))
+    n = zshape[0]
     if coefs is not None:
-        given = [name for name, v in times + (("sampler", sampler), ("eta", eta),
-                                              ("prediction", prediction), ("generator", generator))
-                 if v is not None]
-        if given:
+        if not (alpha_t is None and sigma_t is None and alpha_s is None and sigma_s is None and sampler is None
+                and eta is None and prediction is None and generator is None):
+            given = [name for name, v in (("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s),
+                                          ("sigma_s", sigma_s), ("sampler", sampler), ("eta", eta),
+                                          ("prediction", prediction), ("generator", generator))
+                     if v is not None]
             raise ValueError(f"coefs holds the whole step: do not also give {', '.join(given)}")
         coefs = _step_coefs(coefs, n, z_t)
     else:
+        times = (("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s))
         missing = [name for name, v in times if v is None]
         if missing:
             raise TypeError(f"sampler_step needs alpha_t, sigma_t, alpha_s and sigma_s (or coefs); "
@@ -654,7 +665,9 @@ def sampler_step(
         if not z_t.is_cpu:
             coefs = coefs.to(z_t.device)
     x = kernel_layout(z_t)
-    pc, pu, nz = (None if t is None else like_layout(t, x) for t in (pred_cond, pred_uncond, noise))
+    xst = x.stride()     # the others have x's dtype: copied only when their strides differ
+    pc, pu, nz = (t if t is None or t.stride() == xst else like_layout(t, x)
+                  for t in (pred_cond, pred_uncond, noise))
     if _eager(x) and not _wants_grad(x, pc, pu, nz):     # no autograd: as the op's, a gradient fails
         fn = dispatch.resolve("sampler_step", x.device, x, pc, pu, nz)
         return fn(x, pc, pu, w, coefs, nz, threshold, p, m)

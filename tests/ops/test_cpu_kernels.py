@@ -408,6 +408,29 @@ def test_sampler_step_threads(threads, dtype):
         assert_close_to_reference(out, ref, same, what=f"z_s {shape}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampler_step_coefficient_layouts(dtype):
+    """One row for every sample (a (5,) row expanded to (N, 5): the kernel reads it in place,
+    stride 0), a float32 table, a non-contiguous (N, 5) view: all as the per-sample table."""
+    z, cond, uncond, noise, coefs = _step_inputs((3, 3, 9, 11), dtype, seed=12)
+    row = coefs[1]
+    every = row.expand(3, 5)
+    table = torch.stack([row] * 3)
+    want = reference.sampler_step(z.double(), cond.double(), uncond.double(), 4.0, table, noise.double(),
+                                  "dynamic", 0.95, 1.0)
+    same = reference.sampler_step(z, cond, uncond, 4.0, table, noise, "dynamic", 0.95, 1.0)
+    padded = torch.zeros(3, 7, dtype=torch.float64)
+    padded[:, 1:6] = table
+    for c in (every, table, table.float(), padded[:, 1:6], row.float().expand(3, 5)):
+        out = cb.sampler_step(z, cond, uncond, 4.0, c, noise, "dynamic", 0.95, 1.0)
+        assert_close_to_reference(out, want, same, what=f"coefs strides {c.stride()} {c.dtype}")
+    per_sample = cb.sampler_step(z, cond, uncond, 4.0, coefs, noise, "dynamic", 0.95, 1.0)
+    assert not torch.equal(per_sample[0], cb.sampler_step(z, cond, uncond, 4.0, every, noise, "dynamic",
+                                                          0.95, 1.0)[0])
+    with pytest.raises(ValueError, match="coefs must have shape"):
+        cb.sampler_step(z, cond, uncond, 4.0, coefs[:2], noise, "dynamic", 0.95, 1.0)
+
+
 # ----------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_attention_fully_masked_batches(poisoned, dtype):
@@ -618,11 +641,12 @@ def test_cpp_rejects_what_could_corrupt_memory():
         with pytest.raises(ValueError):
             _C.dynamic_threshold(**kw)
     coefs = torch.zeros(2, 5, dtype=torch.float64)
-    base = dict(z=p, cond=p, uncond=0, noise=0, out=y.data_ptr(), coefs=coefs.data_ptr(), N=2, L=36,
-                dtype=0, guidance_scale=1.0, threshold=2, percentile=0.9, min_value=1.0)
+    base = dict(z=p, cond=p, uncond=0, noise=0, out=y.data_ptr(), coefs=coefs.data_ptr(), coef_stride=5, N=2,
+                L=36, dtype=0, guidance_scale=1.0, threshold=2, percentile=0.9, min_value=1.0)
     _C.sampler_step(**base)
+    _C.sampler_step(**{**base, "coef_stride": 0})
     for bad in (dict(z=0), dict(cond=0), dict(out=0), dict(coefs=0), dict(threshold=3), dict(N=-1),
-                dict(guidance_scale=float("inf"))):
+                dict(guidance_scale=float("inf")), dict(coef_stride=1), dict(coef_stride=-5)):
         with pytest.raises(ValueError):
             _C.sampler_step(**{**base, **bad})
 
