@@ -181,13 +181,15 @@ inline int64_t chunk_rows_for(const Period& per) {
 
 // Column-blocked sums over `np` whole periods (rows of P elements) of q: K vectors of
 // accumulators stay in registers while the rows stream by. acc[j..j+K*W) is overwritten.
+// next (or null): the following chunk, whose same columns are pulled into L2 meanwhile.
 template <int K, typename T, typename V>
-inline void col_sums(const T* q, int64_t np, int64_t P, int64_t j, typename V::A* acc) {
+inline void col_sums(const T* q, int64_t np, int64_t P, int64_t j, typename V::A* acc, const T* next) {
   constexpr int W = V::W;
   V s[K];
   for (int k = 0; k < K; ++k) s[k] = V::zero();
   for (int64_t r = 0; r < np; ++r) {
     const T* p = q + r * P + j;
+    if (next) prefetch_span<int(K * W * sizeof(T))>(next + r * P + j);
     for (int k = 0; k < K; ++k) s[k] = s[k] + load(p + k * W);
   }
   for (int k = 0; k < K; ++k) store(acc + j + k * W, s[k]);
@@ -195,7 +197,7 @@ inline void col_sums(const T* q, int64_t np, int64_t P, int64_t j, typename V::A
 // Same for sum (x - m)^2 (into acc) and sum (x - m) (into acc1) with m per position.
 template <int K, typename T, typename V>
 inline void col_m2(const T* q, int64_t np, int64_t P, int64_t j, const typename V::A* m,
-                   typename V::A* acc, typename V::A* acc1) {
+                   typename V::A* acc, typename V::A* acc1, const T* next) {
   constexpr int W = V::W;
   V s[K], t[K], mv[K];
   for (int k = 0; k < K; ++k) {
@@ -205,6 +207,7 @@ inline void col_m2(const T* q, int64_t np, int64_t P, int64_t j, const typename 
   }
   for (int64_t r = 0; r < np; ++r) {
     const T* p = q + r * P + j;
+    if (next) prefetch_span<int(K * W * sizeof(T))>(next + r * P + j);
     for (int k = 0; k < K; ++k) {
       V d = load(p + k * W) - mv[k];
       t[k] = t[k] + d;
@@ -245,6 +248,10 @@ void rows_moments(const T* x, int64_t rows, int64_t C, int64_t G, const Period& 
     // Whole periods column-blocked in registers (P a multiple of W), the rest generic.
     const int64_t np = P % W == 0 ? E / P : 0;
     const double cntd = static_cast<double>(nr * Cg);
+    // The next chunk (when it holds as many whole periods) streams into L2 during the
+    // first pass over this one.
+    const T* next = r0 + 2 * chunk_rows <= rows ? q + E : nullptr;
+    bool fetched = false;
     // One pass shifted by the running group means when they verify as centred (see
     // range_moments); else chunk means first, then the pass about them.
     bool shifted = gm[0].n > 0;
@@ -253,7 +260,10 @@ void rows_moments(const T* x, int64_t rows, int64_t C, int64_t G, const Period& 
         for (int64_t g = 0; g < G; ++g) gmean[g] = static_cast<A>(gm[g].mean);
       } else {
         if (np > 0) {
-          for_col_blocks<W>(P / W, [&](auto k, int64_t j) { col_sums<decltype(k)::value, T, V>(q, np, P, j, acc); });
+          for_col_blocks<W>(P / W, [&](auto k, int64_t j) {
+            col_sums<decltype(k)::value, T, V>(q, np, P, j, acc, next);
+          });
+          fetched = true;
         } else {
           std::fill(acc, acc + P, A(0));
         }
@@ -278,8 +288,9 @@ void rows_moments(const T* x, int64_t rows, int64_t C, int64_t G, const Period& 
       A* acc1 = sc.acc2.data();
       if (np > 0) {
         for_col_blocks<W>(P / W, [&](auto k, int64_t j) {
-          col_m2<decltype(k)::value, T, V>(q, np, P, j, mpos, acc, acc1);
+          col_m2<decltype(k)::value, T, V>(q, np, P, j, mpos, acc, acc1, fetched ? nullptr : next);
         });
+        fetched = true;
       } else {
         std::fill(acc, acc + P, A(0));
         std::fill(acc1, acc1 + P, A(0));
@@ -438,6 +449,8 @@ void fwd_slice_part(const T* xs, T* ys, int64_t p0, int64_t p1, int64_t n, int64
 
 // Whole periods, K vectors per step (K * W divides P); the per-position coefficients
 // come from L1 in each step (hoisting them would spill on AVX2's 16 registers).
+constexpr int64_t kAheadBytes = 2048;  // software prefetch distance of the second pass
+
 template <Activation act, typename T, typename V, int K>
 inline void fwd_period_steps(const T* x, T* y, int64_t periods, int64_t P, const ClScratch<typename V::A>& sc) {
   constexpr int W = V::W;
@@ -447,6 +460,8 @@ inline void fwd_period_steps(const T* x, T* y, int64_t periods, int64_t P, const
   const auto* bp = sc.bpos.data();
   for (int64_t r = 0; r < periods; ++r, x += P, y += P) {
     for (int64_t j = 0; j < P; j += K * W) {
+      // ahead of the hardware prefetchers, which stop at every 4 KiB page
+      prefetch_span<int(K * W * sizeof(T))>(x + j + kAheadBytes / int64_t(sizeof(T)));
       V h[K];
       for (int k = 0; k < K; ++k) {
         const int64_t o = j + k * W;
@@ -658,14 +673,22 @@ inline void bwd_sums_run(const T* gy, const T* x, int64_t len, typename V::A mea
 }
 
 // gx = k1 * dh + (x - mean) * k3 + k2 over a contiguous run (dh from dhs when given).
+// pfx, pfg (or null): the same run of the next tile's x and gy, pulled into L2 meanwhile
+// so that tile's sums pass does not wait on memory (as the forward's fwd_run does).
 template <Activation act, typename T, typename V>
 inline void bwd_gx_run(const T* gy, const T* x, T* gx, int64_t len, typename V::A mean,
                        typename V::A a, typename V::A b, typename V::A k1, typename V::A k2,
-                       typename V::A k3, const typename V::A* dhs) {
+                       typename V::A k3, const typename V::A* dhs, const T* pfx = nullptr,
+                       const T* pfg = nullptr) {
   constexpr int W = V::W;
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));  // elements per cache line
   const V mv = V::set1(mean), av = V::set1(a), bv = V::set1(b);
   const V k1v = V::set1(k1), k2v = V::set1(k2), k3v = V::set1(k3);
   for (int64_t i = 0; i < len; i += W) {
+    if (pfx && i % kLine == 0) {
+      prefetch_l2(pfx + i);
+      prefetch_l2(pfg + i);
+    }
     const int n = static_cast<int>(std::min<int64_t>(W, len - i));
     V d, g;
     if (n == W) {
@@ -841,6 +864,8 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
     const int64_t D = Cg * S, tiles = N * G;
     const bool whole = whole_tiles(tiles, threads, 2 * D * int64_t(sizeof(T)), int64_t(1) << 20);
     const bool short_runs = S % V::W == 0 && S < 4 * V::W;
+    // Pull the next tile's x and gy into L2 during the gx pass while both tiles fit there.
+    const bool prefetch_next = 4 * D * int64_t(sizeof(T)) <= (int64_t(1) << 19);
     std::vector<double> part(2 * threads * 2 * Cg);
 #pragma omp parallel num_threads(threads)
     {
@@ -877,10 +902,12 @@ void gn_backward(const T* gy, const T* x, const typename VecOf<T>::type::A* mean
           if (!gx) continue;
           A k2, k3;
           gx_coefs(pr, n, g, Cg, S, rs, s1, s2, k1.data(), &k2, &k3);
+          const bool pf = prefetch_next && t + 1 < tiles;
           for (int64_t cl = 0; cl < Cg; ++cl) {
             const int64_t c = g * Cg + cl, o = t * D + cl * S;
             bwd_gx_run<act, T, V>(gy + o, x + o, gx + o, S, mu, pr.coef_a(n, c, rs), pr.coef_b(n, c),
-                                  k1[cl], k2, k3, dh ? dh + cl * S : nullptr);
+                                  k1[cl], k2, k3, dh ? dh + cl * S : nullptr, pf ? x + o + D : nullptr,
+                                  pf ? gy + o + D : nullptr);
           }
         }
       } else {

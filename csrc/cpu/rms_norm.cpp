@@ -67,9 +67,12 @@ template <typename V, typename T> inline void store_k(T* p, V v, int n) {
 
 // ---------------------------------------------------------------------- forward
 // Contiguous: positions [s0, s0 + len) of sample n (len <= block_vecs<V>() * W).
+// next_block: whether the block after this one (s0 + len, same length) exists; its runs
+// are pulled into L2 during the sum pass (each channel's run is a short strided piece
+// that the hardware prefetchers do not follow).
 template <Activation act, typename T, typename V>
 void fwd_block(const T* x, T* y, typename V::A* rstd, int64_t C, int64_t S, int64_t s0, int64_t len,
-               const typename V::A* a, const typename V::A* b, double eps) {
+               const typename V::A* a, const typename V::A* b, double eps, bool next_block) {
   using A = typename V::A;
   constexpr int W = V::W, K = block_vecs<V>();
   int nk[K];
@@ -78,6 +81,7 @@ void fwd_block(const T* x, T* y, typename V::A* rstd, int64_t C, int64_t S, int6
   for (int k = 0; k < K; ++k) acc[k] = V::zero();
   for (int64_t c = 0; c < C; ++c) {
     const T* p = x + c * S + s0;
+    if (next_block) prefetch_span<int(K * W * sizeof(T))>(p + K * W);
     for (int k = 0; k < K; ++k)
       if (nk[k]) {
         V v = load_k<V>(p + k * W, nk[k]);
@@ -105,6 +109,8 @@ template <Activation act, typename T, typename V>
 void fwd_row(const T* x, T* y, typename V::A* rstd, int64_t C, const typename V::A* a, const typename V::A* b,
              double eps) {
   constexpr int W = V::W;
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T)), kAhead = 2048 / int64_t(sizeof(T));
+  for (int64_t c = 0; c < C; c += kLine) prefetch_l2(x + kAhead + c);   // rows stream by: stay ahead
   V s0 = V::zero(), s1 = V::zero();
   int64_t c = 0;
   for (; c + 2 * W <= C; c += 2 * W) {
@@ -140,7 +146,7 @@ void rms_forward(const T* x, T* y, typename VecOf<T>::type::A* rstd, const RmsPa
     for (int64_t t = 0; t < N * nb; ++t) {
       const int64_t n = t / nb, s0 = (t % nb) * B;
       fwd_block<act, T, V>(x + n * C * S, y + n * C * S, rstd + n * S, C, S, s0, std::min(B, S - s0),
-                           &a[n * C], &b[n * C], eps);
+                           &a[n * C], &b[n * C], eps, s0 + 2 * B <= S);
     }
     return;
   }

@@ -82,6 +82,7 @@ PAPER_PRESETS = ("base64", "sr256", "sr1024")
 # size caps per device: tensor elements, and attention score-matrix elements (B H Lq Lk)
 CPU_MAX_NUMEL, CPU_MAX_SCORES = 1 << 24, 1 << 26
 GPU_MAX_NUMEL, GPU_MAX_SCORES = 1 << 28, 1 << 32
+USER_GN_SHAPE = (8, 256, 32, 32)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -176,6 +177,10 @@ def build_cases(device: torch.device, quick: bool, which, presets=None) -> List[
             add(0, Case(op, "fwd", img.shape, torch.float32, "NCHW", f"{preset} output"))
             if not cpu and not quick:
                 add(1, Case(op, "fwd", img.shape, torch.bfloat16, "NCHW", f"{preset} output"))
+    if cpu and not quick:   # a user's call (issue 21): a diffusers-style block, NCHW float32, w and b
+        for mode in ("fwd", "fwd+bwd"):
+            add(0, Case("gn", mode, USER_GN_SHAPE, torch.float32, "NCHW", "user block (w, b; no FiLM)",
+                        groups=32, film=False))
     if not quick:                       # the batch sweep, at the first preset's third stage
         preset = chosen[0][0]
         call = shape_table.stage_calls(preset)[2]
