@@ -326,16 +326,18 @@ def _sdpa_zeroes_empty_rows(dtype: torch.dtype) -> bool:
 
 # Above SMALL_QUERIES, float32/64 score matrices up to a size run as two matmuls and a
 # softmax (_matmul_forward; with gradients _MatmulAttention, the probabilities saved) faster
-# than through SDPA's flash or math kernels. 2-core AVX-512 host, bench_ops' rotated inputs,
-# best SDPA backend over the matmuls, forward+backward with a mask: 8x4x64x128x64 1.10x,
-# 8x3x64x320x64 1.14x, 1x8x256x320x128 1.22x, 8x2x256x320x64 1.04-1.12x, but
-# 8x2x256x512x64 0.94x and 64x2x256x320x64 0.94x (flash: the saved probabilities outgrow
-# the caches) and flash far ahead at 1x16x1024x1088x64 (0.80x). Forward only, the masked
-# matmuls lose to flash (0.84x at 8x3x64x128x64: the additive mask costs a pass); without
-# a mask they win up to 8192 scores (8x3x64x128x64 1.24x, 1x32x64x128x64 1.10x).
+# than through SDPA's flash or math kernels, where the head dimension gives the matmuls
+# work. 2-core Xeon (AVX-512), bench_ops' rotated inputs, best SDPA backend over the
+# matmuls, forward+backward with a mask: 8x4x64x128x64 1.10x, 8x3x64x320x64 1.14x; but
+# 8x2x256x320x64 0.96x, 1x2x256x320x64 0.94x, 8x2x256x512x64 0.94x (flash: the saved
+# probabilities outgrow the caches), the training step of tiny-base32 (8x4x256x320x16)
+# 0.89x plain PyTorch's, flash far ahead at 1x16x1024x1088x64 (0.80x). Forward only, the
+# masked matmuls lose to flash (0.84x at 8x3x64x128x64: the additive mask costs a pass);
+# without a mask they win up to 8192 scores (8x3x64x128x64 1.24x, 1x32x64x128x64 1.10x).
 _MATMUL_MAX_SCORES = 8192              # per head, forward only, no mask
-_TRAIN_MATMUL_MAX_SCORES = 100_000     # per head, with gradients (81920 wins, 131072 loses)
+_TRAIN_MATMUL_MAX_SCORES = 1 << 15     # per head, with gradients (20480 wins, 81920 does not)
 _TRAIN_MATMUL_MAX_TOTAL = 1 << 22      # in all, with gradients
+_TRAIN_MATMUL_MIN_D = 32               # head dimension, with gradients
 _MATMUL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -420,7 +422,8 @@ def _eager_path(q, k, v, masked: bool, grad: bool) -> str:
         b, h, lq, _ = q.shape
         scores = lq * k.shape[2]
         if grad:
-            if scores <= _TRAIN_MATMUL_MAX_SCORES and b * h * scores <= _TRAIN_MATMUL_MAX_TOTAL:
+            if (scores <= _TRAIN_MATMUL_MAX_SCORES and b * h * scores <= _TRAIN_MATMUL_MAX_TOTAL
+                    and q.shape[3] >= _TRAIN_MATMUL_MIN_D):
                 return "matmul"
         elif not masked and scores <= _MATMUL_MAX_SCORES:
             return "matmul"

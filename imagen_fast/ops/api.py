@@ -666,8 +666,9 @@ def sampler_step(
             coefs = coefs.to(z_t.device)
     x = kernel_layout(z_t)
     xst = x.stride()     # the others have x's dtype: copied only when their strides differ
-    pc, pu, nz = (t if t is None or t.stride() == xst else like_layout(t, x)
-                  for t in (pred_cond, pred_uncond, noise))
+    pc = pred_cond if pred_cond.stride() == xst else like_layout(pred_cond, x)
+    pu = pred_uncond if pred_uncond is None or pred_uncond.stride() == xst else like_layout(pred_uncond, x)
+    nz = noise if noise is None or noise.stride() == xst else like_layout(noise, x)
     if _eager(x) and not _wants_grad(x, pc, pu, nz):     # no autograd: as the op's, a gradient fails
         fn = dispatch.resolve("sampler_step", x.device, x, pc, pu, nz)
         return fn(x, pc, pu, w, coefs, nz, threshold, p, m)

@@ -517,7 +517,7 @@ def test_attention_small_query_kernel(poisoned, dtype):
                     assert (gr[-1] == 0).all()
 
 
-# (B, Lq, Lk, dtype, masked, grad) -> the path eager mode picks for a Bx2xLqxLkx24 call
+# (B, Lq, Lk, dtype, masked, grad) -> the path eager mode picks for a Bx2xLqxLkx32 call
 EAGER_CHOICES = [
     (3, 1, 19, torch.float32, True, True, "small"), (3, 1, 19, torch.float32, False, False, "small"),
     (3, cb.SMALL_QUERIES, 19, torch.bfloat16, True, True, "small"),
@@ -526,16 +526,18 @@ EAGER_CHOICES = [
     (3, cb.SMALL_QUERIES + 9, 19, torch.float32, True, False, "sdpa"),   # masked forward: flash
     (3, cb.SMALL_QUERIES + 9, 19, torch.bfloat16, True, True, "sdpa"),
     (3, 128, 128, torch.float32, False, False, "sdpa"),   # forward: flash above 8192 scores
-    (8, 256, 320, torch.float32, True, True, "matmul"),
-    (8, 256, 512, torch.float32, True, True, "sdpa"),     # training: flash above 100k scores
+    (8, 64, 320, torch.float32, True, True, "matmul"),
+    (8, 256, 320, torch.float32, True, True, "sdpa"),     # training: flash above 2^15 scores
     (1024, 64, 64, torch.float32, True, True, "sdpa"),    # and above 2^22 in all (saved)
 ]
 
 
 def test_attention_eager_path_choice():
     for b, lq, lk, dtype, masked, grad, path in EAGER_CHOICES:
-        q, k = torch.empty(b, 2, lq, 24, dtype=dtype), torch.empty(b, 2, lk, 24, dtype=dtype)
+        q, k = torch.empty(b, 2, lq, 32, dtype=dtype), torch.empty(b, 2, lk, 32, dtype=dtype)
         assert cb._eager_path(q, k, k, masked, grad) == path, (b, lq, lk, dtype, masked, grad)
+    q16, k16 = torch.empty(8, 4, 64, 16), torch.empty(8, 4, 128, 16)
+    assert cb._eager_path(q16, k16, k16, True, True) == "sdpa"    # head dim 16: flash trains faster
 
 
 @pytest.mark.parametrize("path, lq", [(p, lq) for p in sorted(cb._EAGER_PATHS) for lq in (1, cb.SMALL_QUERIES + 9)
@@ -598,7 +600,7 @@ def test_attention_eager_without_mask(lq, lk, dtype):
     float64 autograd."""
     from imagen_fast import ops
     g = _gen(43)
-    b, h, d = 2, 3, 24
+    b, h, d = 2, 3, 32
     q, k, v = (_strided(randn(b, h, n, d, generator=g).to(dtype)).requires_grad_() for n in (lq, lk, lk))
     small, matmul = lq <= cb.SMALL_QUERIES, dtype == torch.float32
     assert cb._eager_path(q, k, v, False, True) == ("small" if small else "matmul" if matmul else "sdpa")
