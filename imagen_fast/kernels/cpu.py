@@ -245,7 +245,7 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
 #  - short query sequences (Lq <= SMALL_QUERIES, float32/16-bit): csrc/cpu/attention.cpp,
 #    where torch's flash kernel is mostly fixed cost (Imagen's text pooling: one query);
 #    in eager mode through _SmallAttention (a bare autograd.Function): at 8x8x1x64x32
-#    masked, bench_ops, 1.48x the best SDPA backend forward+backward, 1.7x forward;
+#    masked, bench_ops, 1.48x the best SDPA backend forward+backward, 1.95x forward;
 #  - the custom ops (what torch.compile and export see; they return the log-sum-exp too),
 #    above SMALL_QUERIES: torch's flash-attention CPU kernel (aten._scaled_dot_product_flash
 #    _attention_for_cpu and its backward) with an additive 0 / -inf mask;
