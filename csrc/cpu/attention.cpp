@@ -165,6 +165,314 @@ void forward(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, fl
   }
 }
 
+// ---------------------------------------------------------------- tiled forward
+// For longer query sequences: per (batch, head) the valid keys are packed once per thread
+// (K transposed into strips of kStrip columns, V as rows of Dp floats, 16-bit storage
+// widened), then blocks of up to kBlock queries run S = (scale Q) K^T into a buffer, a
+// row softmax over the valid keys (the masked ones were never packed), and O = P V, both
+// products in register tiles. Scores stay in the L2 cache, so no online rescaling.
+constexpr int64_t kSmallQueries = 16;              // at most: the per-query forward above
+constexpr int kStripV = VF::W == 16 ? 4 : 2;       // vectors per score-tile row
+constexpr int kStrip = kStripV * VF::W;             // key columns per strip
+constexpr int kScoreRows = 6;                       // score tile: rows x kStripV vectors
+constexpr int kOutRows = VF::W == 16 ? 6 : 3;       // output tile: rows x up to 4 vectors
+constexpr int64_t kBlock = 64;                      // queries per work item
+
+// s[r][0, NV W) = sum_d qs[r][d] kt[d][0, NV W) for r < R (qs rows D apart, kt rows kStrip
+// apart, s rows lds apart).
+template <int R, int NV>
+IF_VINLINE void score_tile(const float* qs, int64_t D, const float* kt, float* s, int64_t lds) {
+  constexpr int W = VF::W;
+  VF acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = VF::zero();
+  for (int64_t d = 0; d < D; ++d) {
+    VF kv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) kv[c] = load(kt + d * kStrip + c * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const VF qv = VF::set1(qs[r * D + d]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = fmadd(qv, kv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) store(s + r * lds + c * W, acc[r][c]);
+}
+
+// out[r][c0, c0 + NV W) = inv[r] sum_{t < n} p[r][t] vrows[t][c0, ...) for r < R, columns
+// past D not stored (vrows hold at least c0 + NV W floats).
+template <int R, int NV, typename T>
+IF_VINLINE void out_tile(const float* p, int64_t ldp, int64_t n, const float* const* vrows, int64_t c0,
+                         const float* inv, T* out, int64_t ldo, int64_t D) {
+  constexpr int W = VF::W;
+  VF acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = VF::zero();
+  for (int64_t t = 0; t < n; ++t) {
+    const float* vrow = vrows[t] + c0;
+    VF vv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) vv[c] = load(vrow + c * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const VF pr = VF::set1(p[r * ldp + t]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = fmadd(pr, vv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const VF iv = VF::set1(inv[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) {
+      const int64_t col = c0 + c * W;
+      if (col + W <= D) store(out + r * ldo + col, acc[r][c] * iv);
+      else if (col < D) store_n(out + r * ldo + col, acc[r][c] * iv, static_cast<int>(D - col));
+    }
+  }
+}
+
+template <int R, int NV>
+void score_rows(int rows, const float* qs, int64_t D, const float* kt, float* s, int64_t lds) {
+  if constexpr (R > 1) {
+    if (rows < R) return score_rows<R - 1, NV>(rows, qs, D, kt, s, lds);
+  }
+  score_tile<R, NV>(qs, D, kt, s, lds);
+}
+
+// Scores of up to kScoreRows queries against one strip of nv vectors of keys.
+inline void score_strip(int rows, int nv, const float* qs, int64_t D, const float* kt, float* s, int64_t lds) {
+  if (nv == kStripV) return score_rows<kScoreRows, kStripV>(rows, qs, D, kt, s, lds);
+  if constexpr (kStripV > 3) {
+    if (nv == 3) return score_rows<kScoreRows, 3>(rows, qs, D, kt, s, lds);
+  }
+  if constexpr (kStripV > 2) {
+    if (nv == 2) return score_rows<kScoreRows, 2>(rows, qs, D, kt, s, lds);
+  }
+  score_rows<kScoreRows, 1>(rows, qs, D, kt, s, lds);
+}
+
+template <int R, int NV, typename T>
+void out_rows(int rows, const float* p, int64_t ldp, int64_t n, const float* const* vrows, int64_t c0,
+              const float* inv, T* out, int64_t ldo, int64_t D) {
+  if constexpr (R > 1) {
+    if (rows < R) return out_rows<R - 1, NV>(rows, p, ldp, n, vrows, c0, inv, out, ldo, D);
+  }
+  out_tile<R, NV>(p, ldp, n, vrows, c0, inv, out, ldo, D);
+}
+
+struct RowSoftmax {
+  float max, sum;
+};
+
+// Row softmax of s[0, n): p in place, returns (max, sum of exp(s - max)).
+inline RowSoftmax softmax_row(float* s, int64_t n) {
+  constexpr int W = VF::W;
+  VF mv = VF::set1(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) mv = vmax(mv, load(s + j));
+  float m = hmax(mv);
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return {m, exp_shifted(s, s, n, m)};
+}
+
+// dst[j * ld + i] = src[i][j] for an 8 x 8 block (src: 8 row pointers).
+inline void transpose8(const float* const* src, float* dst, int64_t ld) {
+#if defined(__AVX__)
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src[i]);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {   // rows 4h .. 4h + 3: t[4h .. 4h + 3]
+    const __m256 a = t[4 * h], b = t[4 * h + 1], c = t[4 * h + 2], d = t[4 * h + 3];
+    r[4 * h] = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * h + 1] = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * h + 2] = _mm256_shuffle_ps(b, d, _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * h + 3] = _mm256_shuffle_ps(b, d, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ld, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ld, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+  }
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) dst[j * ld + i] = src[i][j];
+#endif
+}
+
+// The valid keys' rows transposed into strips: kt[t / kStrip][d][t % kStrip] = k_t[d], the
+// columns of the last strip past nk zero. krow(t): key t's row (D elements of T).
+template <typename T, typename RowFn> void pack_keys(float* kt, int64_t nk, int64_t D, RowFn krow) {
+  const int64_t nkp = (nk + kStrip - 1) / kStrip * kStrip;
+  if (nk < nkp) std::fill(kt + (nkp - kStrip) * D, kt + nkp * D, 0.0f);
+  float wide[8][8];
+  const float* src[8];
+  int64_t t0 = 0;
+  for (; t0 + 8 <= nk; t0 += 8) {
+    float* strip = kt + t0 / kStrip * kStrip * D + t0 % kStrip;
+    int64_t d0 = 0;
+    for (; d0 + 8 <= D; d0 += 8) {
+      for (int i = 0; i < 8; ++i) {
+        if constexpr (std::is_same_v<T, float>) {
+          src[i] = krow(t0 + i) + d0;
+        } else {
+          for (int j = 0; j < 8; ++j) wide[i][j] = to_acc(krow(t0 + i)[d0 + j]);
+          src[i] = wide[i];
+        }
+      }
+      transpose8(src, strip + d0 * kStrip, kStrip);
+    }
+    for (int i = 0; i < 8; ++i)
+      for (int64_t d = d0; d < D; ++d) strip[d * kStrip + i] = to_acc(krow(t0 + i)[d]);
+  }
+  for (; t0 < nk; ++t0) {
+    float* dst = kt + t0 / kStrip * kStrip * D + t0 % kStrip;
+    const T* kr = krow(t0);
+    for (int64_t d = 0; d < D; ++d) dst[d * kStrip] = to_acc(kr[d]);
+  }
+}
+
+// Software prefetch into L2 of the rows the next work item reads (one head's inputs are
+// tens of KB read once from memory, and the hardware prefetchers restart at every short
+// row), spread a few lines at a time over the current item's tiles.
+class RowPrefetch {
+ public:
+  explicit RowPrefetch(int64_t row_bytes) : lines_per_row_((row_bytes + 127) / 64) {}
+  void clear() {
+    rows_.clear();
+    row_ = 0;
+    line_ = 0;
+  }
+  void add(const void* row) { rows_.push_back(static_cast<const char*>(row)); }
+  int64_t lines() const { return static_cast<int64_t>(rows_.size()) * lines_per_row_; }
+  void issue(int64_t n) {
+    for (; n > 0 && row_ < rows_.size(); --n) {
+      prefetch_l2(rows_[row_] + line_ * 64);
+      if (++line_ == lines_per_row_) {
+        line_ = 0;
+        ++row_;
+      }
+    }
+  }
+
+ private:
+  int64_t lines_per_row_;
+  std::vector<const char*> rows_;
+  size_t row_ = 0;
+  int64_t line_ = 0;
+};
+
+template <typename T>
+void forward_tiled(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, float* lse, int64_t B,
+                   int64_t H, int64_t Lq, int64_t Lk, int64_t D, float scale, Strides sq, Strides sk, Strides sv,
+                   int threads) {
+  constexpr int W = VF::W;
+  const auto keys = valid_keys(mask, B, Lk);
+  const int64_t Dp = (D + W - 1) / W * W;
+  const int64_t Lkp = (Lk + kStrip - 1) / kStrip * kStrip;
+  const int64_t nblocks = (Lq + kBlock - 1) / kBlock;
+  // float rows of D a multiple of the vector width are read where they are; others widened
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const bool v_in_place = kFloat && D == Dp;
+  threads = pick_threads(threads, B * H * Lq * Lk * D / 2);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> kt(static_cast<size_t>(Lkp * D)), vp(v_in_place ? 0 : static_cast<size_t>(Lk * Dp));
+    std::vector<float> qs(static_cast<size_t>(kBlock * D)), s(static_cast<size_t>(kBlock * Lkp));
+    std::vector<float> inv(static_cast<size_t>(kBlock));
+    std::vector<const float*> vrows(static_cast<size_t>(Lk));
+    int64_t packed = -1;
+    RowPrefetch ahead(D * static_cast<int64_t>(sizeof(T)));
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < B * H * nblocks; ++item) {
+      const int64_t bh = item / nblocks, i0 = item % nblocks * kBlock;
+      const int64_t b = bh / H, h = bh % H, mb = std::min(kBlock, Lq - i0);
+      const auto& kv = keys[b];
+      const int64_t nk = static_cast<int64_t>(kv.size());
+      if (nk == 0) {
+        for (int64_t i = i0; i < i0 + mb; ++i) {
+          zero_row(out + (bh * Lq + i) * D, D);
+          lse[bh * Lq + i] = -std::numeric_limits<float>::infinity();
+        }
+        continue;
+      }
+      const int64_t nkp = (nk + W - 1) / W * W;  // score row length: the last strip may be narrower
+      if (packed != bh) {
+        pack_keys<T>(kt.data(), nk, D, [&](int64_t t) { return row(k, sk, b, h, kv[t]); });
+        for (int64_t t = 0; t < nk; ++t) {
+          const T* vr = row(v, sv, b, h, kv[t]);
+          if constexpr (kFloat) {
+            if (v_in_place) {
+              vrows[t] = vr;
+              continue;
+            }
+          }
+          float* vd = vp.data() + t * Dp;
+          for (int64_t d = 0; d < D; ++d) vd[d] = to_acc(vr[d]);
+          for (int64_t d = D; d < Dp; ++d) vd[d] = 0.0f;
+          vrows[t] = vd;
+        }
+        packed = bh;
+      }
+      for (int64_t r = 0; r < mb; ++r) {
+        const T* qr = row(q, sq, b, h, i0 + r);
+        for (int64_t d = 0; d < D; ++d) qs[r * D + d] = scale * to_acc(qr[d]);
+      }
+      ahead.clear();
+      if (item + 1 < B * H * nblocks) {
+        const int64_t nbh = (item + 1) / nblocks, ni0 = (item + 1) % nblocks * kBlock;
+        const int64_t nb = nbh / H, nh = nbh % H;
+        for (int64_t i = ni0; i < std::min(Lq, ni0 + kBlock); ++i) ahead.add(row(q, sq, nb, nh, i));
+        if (nbh != bh)
+          for (const int32_t j : keys[nb]) {
+            ahead.add(row(k, sk, nb, nh, j));
+            ahead.add(row(v, sv, nb, nh, j));
+          }
+      }
+      const int64_t tiles = (nkp + kStrip - 1) / kStrip * ((mb + kScoreRows - 1) / kScoreRows);
+      const int64_t per_tile = (ahead.lines() + tiles - 1) / tiles;
+      for (int64_t j0 = 0; j0 < nkp; j0 += kStrip) {
+        const int nv = static_cast<int>(std::min<int64_t>(kStrip, nkp - j0) / W);
+        for (int64_t r = 0; r < mb; r += kScoreRows) {
+          score_strip(static_cast<int>(std::min<int64_t>(kScoreRows, mb - r)), nv, qs.data() + r * D, D,
+                      kt.data() + j0 * D, s.data() + r * nkp + j0, nkp);
+          ahead.issue(per_tile);
+        }
+      }
+      for (int64_t r = 0; r < mb; ++r) {
+        const RowSoftmax sm = softmax_row(s.data() + r * nkp, nk);
+        inv[r] = 1.0f / sm.sum;
+        lse[bh * Lq + i0 + r] = sm.max + std::log(sm.sum);
+      }
+      T* o = out + (bh * Lq + i0) * D;
+      for (int64_t r = 0; r < mb; r += kOutRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kOutRows, mb - r));
+        const float* pr = s.data() + r * nkp;
+        const float* iv = inv.data() + r;
+        T* orow = o + r * D;
+        int64_t c0 = 0;
+        for (; c0 + 4 * W <= Dp; c0 += 4 * W) out_rows<kOutRows, 4>(rows, pr, nkp, nk, vrows.data(), c0, iv, orow, D, D);
+        switch ((Dp - c0) / W) {
+          case 3: out_rows<kOutRows, 3>(rows, pr, nkp, nk, vrows.data(), c0, iv, orow, D, D); break;
+          case 2: out_rows<kOutRows, 2>(rows, pr, nkp, nk, vrows.data(), c0, iv, orow, D, D); break;
+          case 1: out_rows<kOutRows, 1>(rows, pr, nkp, nk, vrows.data(), c0, iv, orow, D, D); break;
+          default: break;
+        }
+      }
+    }
+  }
+}
+
 // dS = P (dP - delta) scale with P = exp(scale q k^T - lse), dP = g v^T, delta_i = g_i . out_i;
 // dq_i = sum_t dS_it k_t, dk_t = sum_i dS_it q_i, dv_t = sum_i P_it g_i (t over the valid
 // keys; a masked key gets zero dk, dv). P and dS are kept key-major, so every sum runs
@@ -242,7 +550,7 @@ void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintpt
                    int threads) {
   with_attention_type(dtype, [&](auto tag) {
     using T = decltype(tag);
-    forward<T>(ptr<const T>(q), ptr<const T>(k), ptr<const T>(v), ptr<const uint8_t>(mask), ptr<T>(out),
+    (Lq <= kSmallQueries ? forward<T> : forward_tiled<T>)(ptr<const T>(q), ptr<const T>(k), ptr<const T>(v), ptr<const uint8_t>(mask), ptr<T>(out),
                ptr<float>(lse), B, H, Lq, Lk, D, static_cast<float>(scale), {strides[0], strides[1], strides[2]},
                {strides[3], strides[4], strides[5]}, {strides[6], strides[7], strides[8]}, threads);
   });

@@ -157,6 +157,8 @@ IF_VINLINE VF vexp(VF x) {
 }
 
 inline VF vabs(VF a) { return _mm512_abs_ps(a.v); }
+inline VF vmax(VF a, VF b) { return _mm512_max_ps(a.v, b.v); }
+inline float hmax(VF a) { return _mm512_reduce_max_ps(a.v); }
 
 // erfc(a) for a >= 0 given e = exp(-a^2): t = 1 / (1 + 0.47 a),
 // erfc(a) = e * t * P(t), P a degree-9 fit of erfc(a) exp(a^2) / t on a in [0, 10]
@@ -279,6 +281,12 @@ inline VF operator*(VF a, VF b) { return a.v * b.v; }
 inline VF operator/(VF a, VF b) { return a.v / b.v; }
 inline VF fmadd(VF a, VF b, VF c) { return a.v * b.v + c.v; }  // contracted to FMA where there is one
 inline VF keep_first(VF a, int n) { return bits_f(bits_i(a.v) & (lane_index() < n)); }
+inline VF vmax(VF a, VF b) { return pick(a.v > b.v, a.v, b.v); }
+inline float hmax(VF a) {
+  float m = a.v[0];
+  for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;
+  return m;
+}
 inline float hsum(VF a) {
 #ifdef __AVX__
   const __m256 v = reinterpret_cast<__m256>(a.v);

@@ -242,20 +242,28 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
 # ----------------------------------------------------------------------- attention
 # Each path keeps the contract (a query whose batch masks every key gets zeros and zero
 # gradients):
-#  - short query sequences (Lq <= SMALL_QUERIES, float32/16-bit): csrc/cpu/attention.cpp,
-#    where torch's flash kernel is mostly fixed cost (Imagen's text pooling: one query);
-#    in eager mode through _SmallAttention (a bare autograd.Function): at 8x8x1x64x32
-#    masked, bench_ops, 1.48x the best SDPA backend forward+backward, 1.95x forward;
-#  - the custom ops (what torch.compile and export see; they return the log-sum-exp too),
-#    above SMALL_QUERIES: torch's flash-attention CPU kernel (aten._scaled_dot_product_flash
-#    _attention_for_cpu and its backward) with an additive 0 / -inf mask;
-#  - in eager mode above SMALL_QUERIES, ops.attention asks `attention` below for a
-#    differentiable result: for mid-size float32/64 score matrices with gradients (or
-#    small ones without a mask) matmuls and a softmax (_MatmulAttention with gradients,
-#    the softmax saved), else F.scaled_dot_product_attention with the boolean mask and
-#    its own autograd (the custom op's Python autograd costs more than a small call).
+#  - csrc/cpu/attention.cpp's forward (float32/16-bit): per query for Lq <= SMALL_QUERIES
+#    (torch's flash kernel is mostly fixed cost there: Imagen's text pooling has one
+#    query), tiled above (register-tiled Q K^T and P V over the valid keys only, scores of
+#    a 64-query block kept in L2; up to _KERNEL_MAX_KEYS keys). bench_ops' rotated inputs,
+#    2-core Xeon (AVX-512), over the default SDPA kernel forward: 8x3x64x128x64 masked
+#    1.48x, no mask 1.28x, 1x2x256x320x64 1.11x / 1.07x, 1x16x1024x1088x64 1.21x / 1.11x.
+#    Its backward: the per-query kernel's for Lq <= SMALL_QUERIES, else torch's flash
+#    backward (aten._scaled_dot_product_flash_attention_for_cpu_backward) given the
+#    kernel's output and log-sum-exp;
+#  - the custom ops (what torch.compile and export see; they return the log-sum-exp too)
+#    run that pair, and torch's flash forward with an additive 0 / -inf mask beyond it;
+#  - in eager mode ops.attention asks `attention` below for a differentiable result:
+#    short queries through _KernelAttention (a bare autograd.Function: at 8x8x1x64x32
+#    masked 1.48x the best SDPA backend forward+backward); without gradients the kernel;
+#    with gradients matmuls and a softmax for the float32/64 score matrices where they win
+#    (_MatmulAttention, the softmax saved), else F.scaled_dot_product_attention with the
+#    boolean mask and its own autograd (its C++ autograd node costs ~60 us less per call
+#    than the kernel's forward + flash backward through a Python autograd.Function, which
+#    measured 0.93-1.05x SDPA).
 SMALL_QUERIES = 16
-_SMALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_MAX_KEYS = 4096
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -270,16 +278,23 @@ def _attention_supports(q, k, v, mask=None) -> Optional[str]:
     return None
 
 
+def _kernel(q, k, v) -> bool:
+    """Whether csrc/cpu/attention.cpp runs the call: float32 / 16-bit rows of unit stride,
+    and above SMALL_QUERIES at most _KERNEL_MAX_KEYS keys (a block's scores stay in L2)."""
+    return (q.dtype in _KERNEL_DTYPES and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and (q.shape[2] <= SMALL_QUERIES or k.shape[2] <= _KERNEL_MAX_KEYS))
+
+
 def _small(q, k, v) -> bool:
-    return (q.shape[2] <= SMALL_QUERIES and q.dtype in _SMALL_DTYPES and q.stride(-1) == 1
-            and k.stride(-1) == 1 and v.stride(-1) == 1)
+    """The kernel with its short-query backward (csrc/cpu/attention.cpp's `backward`)."""
+    return q.shape[2] <= SMALL_QUERIES and _kernel(q, k, v)
 
 
 def _bhl_strides(*ts) -> list:
     return [st for t in ts for st in t.stride()[:3]]
 
 
-def _small_fwd(q, k, v, mask, scale):
+def _kernel_fwd(q, k, v, mask, scale):
     b, h, lq, d = q.shape
     out = torch.empty((b, h, lq, d), dtype=q.dtype)
     lse = torch.empty((b, h, lq), dtype=torch.float32)
@@ -324,18 +339,18 @@ def _sdpa_zeroes_empty_rows(dtype: torch.dtype) -> bool:
     return known
 
 
-# Above SMALL_QUERIES, float32/64 score matrices up to a size run as two matmuls and a
-# softmax (_matmul_forward; with gradients _MatmulAttention, the probabilities saved) faster
-# than through SDPA's flash or math kernels, where the head dimension gives the matmuls
-# work. 2-core Xeon (AVX-512), bench_ops' rotated inputs, best SDPA backend over the
-# matmuls, forward+backward with a mask: 8x4x64x128x64 1.10x, 8x3x64x320x64 1.14x; but
-# 8x2x256x320x64 0.96x, 1x2x256x320x64 0.94x, 8x2x256x512x64 0.94x (flash: the saved
-# probabilities outgrow the caches), the training step of tiny-base32 (8x4x256x320x16)
-# 0.89x plain PyTorch's, flash far ahead at 1x16x1024x1088x64 (0.80x). Forward only, the
-# masked matmuls lose to flash (0.84x at 8x3x64x128x64: the additive mask costs a pass);
-# without a mask they win up to 8192 scores (8x3x64x128x64 1.24x, 1x32x64x128x64 1.10x).
+# With gradients, float32/64 score matrices up to a size run as two matmuls and a softmax
+# (_MatmulAttention, the probabilities saved) faster than SDPA's flash or math kernels,
+# where the head dimension gives the matmuls work. 2-core Xeon (AVX-512), rotated inputs,
+# forward+backward over SDPA: 8x4x64x128x64 1.11x, 8x3x64x320x64 1.09x, 1x32x64x128x64
+# 1.17x (masked); D = 128: 1x8x256x320x128 1.13x, 1x8x4096x64x128 1.20x; but
+# 1x2x256x320x64 0.93x, 8x2x256x320x64 0.90-0.95x, 8x2x256x512x64 0.94x (D = 64: the
+# saved probabilities outgrow the caches first), the training step of tiny-base32
+# (8x4x256x320x16) 0.66x, flash far ahead at 1x16x1024x1088x64 (0.80x). Without gradients
+# they serve float64 only (the kernel takes the others): no mask, up to 8192 scores.
 _MATMUL_MAX_SCORES = 8192              # per head, forward only, no mask
-_TRAIN_MATMUL_MAX_SCORES = 1 << 15     # per head, with gradients (20480 wins, 81920 does not)
+_TRAIN_MATMUL_MAX_SCORES = 1 << 15     # per head, with gradients, D < _TRAIN_MATMUL_WIDE_D
+_TRAIN_MATMUL_WIDE_D = 128             # from this head dimension no per-head limit
 _TRAIN_MATMUL_MAX_TOTAL = 1 << 22      # in all, with gradients
 _TRAIN_MATMUL_MIN_D = 32               # head dimension, with gradients
 _MATMUL_DTYPES = (torch.float32, torch.float64)
@@ -356,12 +371,13 @@ def _sdpa(q, k, v, mask, scale):
     return out * (~empty).to(out.dtype)[:, None, None, None]   # zeros, and zero gradients
 
 
-class _SmallAttention(torch.autograd.Function):
-    """The short-query kernels (csrc/cpu/attention.cpp) with autograd, for eager mode."""
+class _KernelAttention(torch.autograd.Function):
+    """csrc/cpu/attention.cpp's forward with autograd, for eager mode; the backward is the
+    custom op's (the short-query kernel's, or torch's flash backward above SMALL_QUERIES)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
-        out, lse = _small_fwd(q, k, v, mask, scale)
+        out, lse = _kernel_fwd(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, mask, out, lse)
         ctx.scale = scale
         return out
@@ -370,7 +386,7 @@ class _SmallAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = _small_bwd(grad_out, q, k, v, mask, out, lse, ctx.scale)
+        dq, dk, dv = attention_bwd(grad_out, q, k, v, mask, out, lse, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -417,36 +433,38 @@ class _MatmulAttention(torch.autograd.Function):
 def _eager_path(q, k, v, masked: bool, grad: bool) -> str:
     """Which of `attention`'s paths runs a call (see the comments above)."""
     if _small(q, k, v):
-        return "small"
-    if q.dtype in _MATMUL_DTYPES:
-        b, h, lq, _ = q.shape
-        scores = lq * k.shape[2]
-        if grad:
-            if (scores <= _TRAIN_MATMUL_MAX_SCORES and b * h * scores <= _TRAIN_MATMUL_MAX_TOTAL
-                    and q.shape[3] >= _TRAIN_MATMUL_MIN_D):
-                return "matmul"
-        elif not masked and scores <= _MATMUL_MAX_SCORES:
+        return "kernel"
+    b, h, lq, d = q.shape
+    scores = lq * k.shape[2]
+    if grad:
+        if (q.dtype in _MATMUL_DTYPES and d >= _TRAIN_MATMUL_MIN_D and b * h * scores <= _TRAIN_MATMUL_MAX_TOTAL
+                and (scores <= _TRAIN_MATMUL_MAX_SCORES or d >= _TRAIN_MATMUL_WIDE_D)):
             return "matmul"
+        return "sdpa"
+    if _kernel(q, k, v):
+        return "kernel"
+    if q.dtype in _MATMUL_DTYPES and not masked and scores <= _MATMUL_MAX_SCORES:
+        return "matmul"
     return "sdpa"
 
 
-def _run_small(q, k, v, mask, scale, grad):
-    return _SmallAttention.apply(q, k, v, mask, scale) if grad else _small_fwd(q, k, v, mask, scale)[0]
+def _run_kernel(q, k, v, mask, scale, grad):
+    return _KernelAttention.apply(q, k, v, mask, scale) if grad else _kernel_fwd(q, k, v, mask, scale)[0]
 
 
 def _run_matmul(q, k, v, mask, scale, grad):
     return _MatmulAttention.apply(q, k, v, mask, scale) if grad else _matmul_forward(q, k, v, mask, scale)[0]
 
 
-_EAGER_PATHS = {"small": _run_small, "matmul": _run_matmul,
+_EAGER_PATHS = {"kernel": _run_kernel, "matmul": _run_matmul,
                 "sdpa": lambda q, k, v, mask, scale, grad: _sdpa(q, k, v, mask, scale)}
 
 
 @register("attention", "cpu", supports=_attention_supports)
 def attention(q, k, v, mask, scale):
-    """Differentiable attention for ops.attention in eager mode: the short-query kernel for
-    Lq <= SMALL_QUERIES, matmuls where they win (`_eager_path`), otherwise SDPA with its
-    own autograd."""
+    """Differentiable attention for ops.attention in eager mode: csrc/cpu/attention.cpp
+    for short queries and for forward-only calls, matmuls where they train faster
+    (`_eager_path`), otherwise SDPA with its own autograd."""
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return _EAGER_PATHS[_eager_path(q, k, v, mask is not None, grad)](q, k, v, mask, scale, grad)
 
@@ -472,8 +490,8 @@ def _zero_batches(t, empty, value=0.0):
 
 @register("attention_fwd", "cpu", supports=_attention_supports)
 def attention_fwd(q, k, v, mask, scale):
-    if _small(q, k, v):
-        return _small_fwd(q, k, v, mask, scale)
+    if _kernel(q, k, v):
+        return _kernel_fwd(q, k, v, mask, scale)
     if not _use_flash(q):
         return implementation("attention_fwd", "torch")(q, k, v, mask, scale)
     add, empty = _additive_mask(mask, q)

@@ -460,11 +460,19 @@ def test_attention_fully_masked_batches(poisoned, dtype):
         assert_close_to_reference(gr, r, t, what=f"grad {name}")
 
 
-SMALL_ATTN = [  # B, H, Lq, Lk, D: Lq up to SMALL_QUERIES runs csrc/cpu/attention.cpp
+KERNEL_ATTN = [  # B, H, Lq, Lk, D: csrc/cpu/attention.cpp, per query up to SMALL_QUERIES
     (3, 2, 1, 64, 32),      # the text pooling of the small presets
     (2, 3, 16, 77, 40),
     (1, 1, 7, 5, 3),        # D below one vector
     (2, 2, 4, 130, 129),    # D with a tail after full vectors
+    # tiled above SMALL_QUERIES: query blocks of 64, key strips of 4 (AVX-512) / 2 vectors,
+    # tiles of 6 rows; tails of each, keys fewer than one vector, D not a multiple of 8
+    (2, 3, 17, 77, 64),
+    (3, 1, 130, 37, 33),
+    (2, 2, 65, 1, 16),
+    (2, 1, 70, 300, 80),
+    (3, 2, 23, 9, 7),
+    (2, 1, 64, 129, 129),
 ]
 
 
@@ -482,14 +490,17 @@ def _must_not_run(*args, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_attention_small_query_kernel(poisoned, dtype):
-    """Forward (out, lse) and backward of the small-query kernel (the custom op's path)
+@pytest.mark.parametrize("case", KERNEL_ATTN)
+def test_attention_kernel(poisoned, dtype, case):
+    """Forward (out, lse) of csrc/cpu/attention.cpp and the backward paired with it (the
+    custom op's path: the per-query kernel's, torch's flash backward above SMALL_QUERIES)
     against float64 autograd, strided inputs, a batch with every key masked."""
     g = _gen(40)
-    for case in SMALL_ATTN:
-        b, h, lq, lk, d = case
-        assert lq <= cb.SMALL_QUERIES
-        q, k, v = (_strided(randn(b, h, n, d, generator=g).to(dtype)) for n in (lq, lk, lk))
+    b, h, lq, lk, d = case
+    assert cb._kernel(*(torch.empty(b, h, n, d, dtype=dtype) for n in (lq, lk, lk)))
+    for strided in (True, False):
+        make = _strided if strided else (lambda t: t)
+        q, k, v = (make(randn(b, h, n, d, generator=g).to(dtype)) for n in (lq, lk, lk))
         mask = torch.rand(b, lk, generator=g) > 0.3
         mask[0, 0] = True
         mask[-1] = False
@@ -519,13 +530,15 @@ def test_attention_small_query_kernel(poisoned, dtype):
 
 # (B, Lq, Lk, dtype, masked, grad) -> the path eager mode picks for a Bx2xLqxLkx32 call
 EAGER_CHOICES = [
-    (3, 1, 19, torch.float32, True, True, "small"), (3, 1, 19, torch.float32, False, False, "small"),
-    (3, cb.SMALL_QUERIES, 19, torch.bfloat16, True, True, "small"),
+    (3, 1, 19, torch.float32, True, True, "kernel"), (3, 1, 19, torch.float32, False, False, "kernel"),
+    (3, cb.SMALL_QUERIES, 19, torch.bfloat16, True, True, "kernel"),
     (3, cb.SMALL_QUERIES + 9, 19, torch.float32, True, True, "matmul"),
-    (3, cb.SMALL_QUERIES + 9, 19, torch.float64, False, False, "matmul"),
-    (3, cb.SMALL_QUERIES + 9, 19, torch.float32, True, False, "sdpa"),   # masked forward: flash
+    (3, cb.SMALL_QUERIES + 9, 19, torch.float64, False, False, "matmul"),   # float64: no kernel
+    (3, cb.SMALL_QUERIES + 9, 19, torch.float64, True, False, "sdpa"),
+    (3, cb.SMALL_QUERIES + 9, 19, torch.float32, True, False, "kernel"),    # forward: the tiled kernel
+    (3, 128, 128, torch.bfloat16, False, False, "kernel"),
+    (1, 64, cb._KERNEL_MAX_KEYS + 1, torch.float32, True, False, "sdpa"),   # scores outgrow L2
     (3, cb.SMALL_QUERIES + 9, 19, torch.bfloat16, True, True, "sdpa"),
-    (3, 128, 128, torch.float32, False, False, "sdpa"),   # forward: flash above 8192 scores
     (8, 64, 320, torch.float32, True, True, "matmul"),
     (8, 256, 320, torch.float32, True, True, "sdpa"),     # training: flash above 2^15 scores
     (1024, 64, 64, torch.float32, True, True, "sdpa"),    # and above 2^22 in all (saved)
@@ -538,10 +551,13 @@ def test_attention_eager_path_choice():
         assert cb._eager_path(q, k, k, masked, grad) == path, (b, lq, lk, dtype, masked, grad)
     q16, k16 = torch.empty(8, 4, 64, 16), torch.empty(8, 4, 128, 16)
     assert cb._eager_path(q16, k16, k16, True, True) == "sdpa"    # head dim 16: flash trains faster
+    q128, k128 = torch.empty(1, 8, 4096, 128), torch.empty(1, 8, 64, 128)
+    assert cb._eager_path(q128, k128, k128, True, True) == "matmul"   # head dim 128: no per-head limit
+    q64, k64 = torch.empty(1, 8, 4096, 64), torch.empty(1, 8, 64, 64)
+    assert cb._eager_path(q64, k64, k64, True, True) == "sdpa"
 
 
-@pytest.mark.parametrize("path, lq", [(p, lq) for p in sorted(cb._EAGER_PATHS) for lq in (1, cb.SMALL_QUERIES + 9)
-                                      if p != "small" or lq <= cb.SMALL_QUERIES])
+@pytest.mark.parametrize("path, lq", [(p, lq) for p in sorted(cb._EAGER_PATHS) for lq in (1, cb.SMALL_QUERIES + 9)])
 @pytest.mark.parametrize("zeroes", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_eager_paths_keep_the_contract(path, zeroes, lq, dtype, monkeypatch):
@@ -595,15 +611,16 @@ def test_attention_without_mask():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lq, lk", [(16, 40), (64, 128), (1, 64), (70, 130)])
 def test_attention_eager_without_mask(lq, lk, dtype):
-    """Eager ops.attention without a mask on strided inputs (the short-query kernel, the
-    matmuls, SDPA for bfloat16 above SMALL_QUERIES): forward and gradients against
-    float64 autograd."""
+    """Eager ops.attention without a mask on strided inputs (the kernel, the matmuls, SDPA
+    for bfloat16 above SMALL_QUERIES with gradients): forward with and without gradients,
+    and gradients, against float64 autograd."""
     from imagen_fast import ops
     g = _gen(43)
     b, h, d = 2, 3, 32
     q, k, v = (_strided(randn(b, h, n, d, generator=g).to(dtype)).requires_grad_() for n in (lq, lk, lk))
     small, matmul = lq <= cb.SMALL_QUERIES, dtype == torch.float32
-    assert cb._eager_path(q, k, v, False, True) == ("small" if small else "matmul" if matmul else "sdpa")
+    assert cb._eager_path(q, k, v, False, True) == ("kernel" if small else "matmul" if matmul else "sdpa")
+    assert cb._eager_path(q, k, v, False, False) == "kernel"
     out = ops.attention(q, k, v, None, 0.4)
     go = randn(b, h, lq, d, generator=g).to(dtype)
     grads = torch.autograd.grad(out, [q, k, v], go)
@@ -613,8 +630,11 @@ def test_attention_eager_without_mask(lq, lk, dtype):
     lp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     lref = reference.attention(*lp, None, 0.4)
     lg = torch.autograd.grad(lref, lp, go)
-    assert out.dtype == dtype and out.shape == (b, h, lq, d)
-    assert_close_to_reference(out.detach(), ref.detach(), lref.detach())
+    with torch.no_grad():
+        plain = ops.attention(q, k, v, None, 0.4)
+    for o in (out.detach(), plain):
+        assert o.dtype == dtype and o.shape == (b, h, lq, d)
+        assert_close_to_reference(o, ref.detach(), lref.detach())
     for gr, r, t in zip(grads, rg, lg):
         assert gr.dtype == dtype
         assert_close_to_reference(gr, r, t)
