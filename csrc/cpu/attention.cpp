@@ -7,7 +7,8 @@
 // (Imagen's attention pooling of the text: one query over the text tokens): one pass per
 // (batch, head) with no tiling, scores of the valid keys in a small per-thread buffer,
 // float arithmetic for float / half / bfloat16 storage. q, k, v, grad_out: (B, H, L, D)
-// with unit stride on D and any strides on B, H, L; outputs contiguous.
+// with unit stride on D and any strides on B, H, L; outputs contiguous; the forward's lse
+// may be null (not written).
 #include "isa_begin.h"
 #include "vec.h"
 
@@ -145,10 +146,9 @@ void forward(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, fl
       const auto v_row = [&](int64_t t) { return row(v, sv, b, h, kv[t]); };
       for (int64_t i = 0; i < Lq; ++i) {
         T* o = out + (bh * Lq + i) * D;
-        float* l = lse + bh * Lq + i;
         if (nk == 0) {
           zero_row(o, D);
-          *l = -std::numeric_limits<float>::infinity();
+          if (lse) lse[bh * Lq + i] = -std::numeric_limits<float>::infinity();
           continue;
         }
         const T* qi = row(q, sq, b, h, i);
@@ -159,7 +159,7 @@ void forward(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, fl
         }
         const float sum = exp_shifted(s.data(), s.data(), nk, m);
         weighted_sum<T>(o, s.data(), nk, v_row, D, 1.0f / sum);
-        *l = m + std::log(sum);
+        if (lse) lse[bh * Lq + i] = m + std::log(sum);
       }
     }
   }
@@ -402,7 +402,7 @@ void forward_tiled(const T* q, const T* k, const T* v, const uint8_t* mask, T* o
       if (nk == 0) {
         for (int64_t i = i0; i < i0 + mb; ++i) {
           zero_row(out + (bh * Lq + i) * D, D);
-          lse[bh * Lq + i] = -std::numeric_limits<float>::infinity();
+          if (lse) lse[bh * Lq + i] = -std::numeric_limits<float>::infinity();
         }
         continue;
       }
@@ -452,7 +452,7 @@ void forward_tiled(const T* q, const T* k, const T* v, const uint8_t* mask, T* o
       for (int64_t r = 0; r < mb; ++r) {
         const RowSoftmax sm = softmax_row(s.data() + r * nkp, nk);
         inv[r] = 1.0f / sm.sum;
-        lse[bh * Lq + i0 + r] = sm.max + std::log(sm.sum);
+        if (lse) lse[bh * Lq + i0 + r] = sm.max + std::log(sm.sum);
       }
       T* o = out + (bh * Lq + i0) * D;
       for (int64_t r = 0; r < mb; r += kOutRows) {

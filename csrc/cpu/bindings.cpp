@@ -158,7 +158,7 @@ void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintpt
                    int64_t H, int64_t Lq, int64_t Lk, int64_t D, double scale, const std::vector<int64_t>& strides,
                    int dtype, int threads) {
   check_attention("attention_fwd", B, H, Lq, Lk, D, scale, strides, 9, dtype);
-  if (!q || !k || !v || !out || !lse) throw std::invalid_argument("attention_fwd: q, k, v, out and lse are required");
+  if (!q || !k || !v || !out) throw std::invalid_argument("attention_fwd: q, k, v and out are required");
   const KernelTable& t = active_kernels();
   py::gil_scoped_release nogil;
   t.attention_fwd(q, k, v, mask, out, lse, B, H, Lq, Lk, D, scale, strides.data(), dtype, threads);
@@ -239,7 +239,7 @@ void register_cpu(py::module_& m) {
         py::arg("percentile"), py::arg("min_value"), py::arg("threads") = 0);
   m.def("attention_fwd", &attention_fwd,
         "Masked attention of short query sequences on CPU buffers (data pointers): out (B, H, Lq, D) contiguous "
-        "in q's dtype and lse (B, H, Lq) float32; mask (B, Lk) bool or 0; strides: the (B, H, L) element "
+        "in q's dtype and lse (B, H, Lq) float32 (or 0: not written); mask (B, Lk) bool or 0; strides: the (B, H, L) element "
         "strides of q, k, v (unit stride on D). A query with no valid key gets zeros and lse = -inf.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"), py::arg("lse"), py::arg("B"),
         py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"), py::arg("scale"), py::arg("strides"),

@@ -290,17 +290,18 @@ def _small(q, k, v) -> bool:
     return q.shape[2] <= SMALL_QUERIES and _kernel(q, k, v)
 
 
-def _bhl_strides(*ts) -> list:
-    return [st for t in ts for st in t.stride()[:3]]
+def _bhl_strides(*ts) -> tuple:
+    return sum((t.stride()[:3] for t in ts), ())
 
 
-def _kernel_fwd(q, k, v, mask, scale):
+def _kernel_fwd(q, k, v, mask, scale, with_lse: bool = True):
+    """out (and the log-sum-exp, or None without with_lse) of csrc/cpu/attention.cpp."""
     b, h, lq, d = q.shape
-    out = torch.empty((b, h, lq, d), dtype=q.dtype)
-    lse = torch.empty((b, h, lq), dtype=torch.float32)
-    _C.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), lse.data_ptr(),
-                     b, h, lq, k.shape[2], d, float(scale), _bhl_strides(q, k, v), _DTYPE_CODES[q.dtype],
-                     _threads())
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, h, lq), dtype=torch.float32) if with_lse else None
+    _C.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), _ptr(lse),
+                     b, h, lq, k.shape[2], d, scale, q.stride()[:3] + k.stride()[:3] + v.stride()[:3],
+                     _DTYPE_CODES[q.dtype], _threads())
     return out, lse
 
 
@@ -449,7 +450,7 @@ def _eager_path(q, k, v, masked: bool, grad: bool) -> str:
 
 
 def _run_kernel(q, k, v, mask, scale, grad):
-    return _KernelAttention.apply(q, k, v, mask, scale) if grad else _kernel_fwd(q, k, v, mask, scale)[0]
+    return _KernelAttention.apply(q, k, v, mask, scale) if grad else _kernel_fwd(q, k, v, mask, scale, False)[0]
 
 
 def _run_matmul(q, k, v, mask, scale, grad):

@@ -425,6 +425,19 @@ torch.library.register_autograd("imagen_fast::attention_fwd", _attn_backward,
                                 setup_context=_attn_setup)
 
 
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+
+
+def _check_qkv(q, k, v) -> None:
+    _check_tensor(q, "q", ndim=4)
+    _check_tensor(k, "k", ndim=4)
+    _check_tensor(v, "v", ndim=4)
+    for t, name in ((k, "k"), (v, "v")):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        _check_same_device(q, t, name, "q")
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
               scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v with a key padding mask, flash-style where a kernel exists.
@@ -434,22 +447,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     attend to (its batch's mask all False) outputs zeros and gets zero gradients.
     scale defaults to 1 / sqrt(D).
     """
-    _check_tensor(q, "q", ndim=4)
-    _check_tensor(k, "k", ndim=4)
-    _check_tensor(v, "v", ndim=4)
-    for t, name in ((k, "k"), (v, "v")):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        _check_same_device(q, t, name, "q")
+    # The usual call (CPU tensors, one float dtype, 4 dims) passes in one expression; any
+    # other goes through the checks that say what is wrong (or accept it: CUDA tensors).
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.dtype in _FLOAT_SET
+            and k.dtype is q.dtype and v.dtype is q.dtype and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
+            and q.is_cpu and k.is_cpu and v.is_cpu):
+        _check_qkv(q, k, v)
     b, h, lq, d = check_attention_shapes(q.shape, k.shape, v.shape)
     if key_padding_mask is not None:
-        _check_tensor(key_padding_mask, "key_padding_mask", ndim=2, dtypes=(torch.bool,))
-        _check_same_device(q, key_padding_mask, "key_padding_mask", "q")
-        ms, lk = key_padding_mask.shape, k.shape[2]
+        m = key_padding_mask
+        if not (isinstance(m, Tensor) and m.dtype is torch.bool and m.ndim == 2 and m.is_cpu and q.is_cpu):
+            _check_tensor(m, "key_padding_mask", ndim=2, dtypes=(torch.bool,))
+            _check_same_device(q, m, "key_padding_mask", "q")
+        ms, lk = m.shape, k.shape[2]
         if ms[0] != b or ms[1] != lk:
             raise ValueError(f"key_padding_mask must have shape (B, Lk) = ({b}, {lk}), got {tuple(ms)}")
-        if not key_padding_mask.is_contiguous():
-            key_padding_mask = key_padding_mask.contiguous()
+        if not m.is_contiguous():
+            key_padding_mask = m.contiguous()
     scale = 1.0 / math.sqrt(d) if scale is None else check_float(scale, "scale", low=0.0, low_open=True)
     if q.stride(-1) != 1:
         q = q.contiguous()
