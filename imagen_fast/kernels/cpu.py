@@ -278,11 +278,22 @@ def _attention_supports(q, k, v, mask=None) -> Optional[str]:
     return None
 
 
+# torch's own kernels (SDPA's flash, its GEMMs) run AVX-512 where the CPU has it; the
+# tiled forward of the portable (AVX2) variant has half that width and measured 0.55-0.87x
+# SDPA above 64 queries on such a host (portable forced on the AVX-512 Xeon), so there the
+# portable variant leaves calls above SMALL_QUERIES to torch. (ATEN_CPU_CAPABILITY=avx2
+# puts torch on AVX2 as on an AVX2-only CPU.)
+_TORCH_AVX512 = torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
+
+
 def _kernel(q, k, v) -> bool:
     """Whether csrc/cpu/attention.cpp runs the call: float32 / 16-bit rows of unit stride,
-    and above SMALL_QUERIES at most _KERNEL_MAX_KEYS keys (a block's scores stay in L2)."""
-    return (q.dtype in _KERNEL_DTYPES and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-            and (q.shape[2] <= SMALL_QUERIES or k.shape[2] <= _KERNEL_MAX_KEYS))
+    and above SMALL_QUERIES at most _KERNEL_MAX_KEYS keys (a block's scores stay in L2) in
+    a variant as wide as torch's kernels."""
+    if not (q.dtype in _KERNEL_DTYPES and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1):
+        return False
+    return q.shape[2] <= SMALL_QUERIES or (k.shape[2] <= _KERNEL_MAX_KEYS
+                                          and not (_TORCH_AVX512 and _C.cpu_isa() == "portable"))
 
 
 def _small(q, k, v) -> bool:

@@ -491,10 +491,11 @@ def _must_not_run(*args, **kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", KERNEL_ATTN)
-def test_attention_kernel(poisoned, dtype, case):
+def test_attention_kernel(poisoned, dtype, case, monkeypatch):
     """Forward (out, lse) of csrc/cpu/attention.cpp and the backward paired with it (the
     custom op's path: the per-query kernel's, torch's flash backward above SMALL_QUERIES)
     against float64 autograd, strided inputs, a batch with every key masked."""
+    monkeypatch.setattr(cb, "_TORCH_AVX512", False)     # the portable variant's tiled kernel too
     g = _gen(40)
     b, h, lq, lk, d = case
     assert cb._kernel(*(torch.empty(b, h, n, d, dtype=dtype) for n in (lq, lk, lk)))
@@ -545,7 +546,8 @@ EAGER_CHOICES = [
 ]
 
 
-def test_attention_eager_path_choice():
+def test_attention_eager_path_choice(monkeypatch):
+    monkeypatch.setattr(cb, "_TORCH_AVX512", False)
     for b, lq, lk, dtype, masked, grad, path in EAGER_CHOICES:
         q, k = torch.empty(b, 2, lq, 32, dtype=dtype), torch.empty(b, 2, lk, 32, dtype=dtype)
         assert cb._eager_path(q, k, k, masked, grad) == path, (b, lq, lk, dtype, masked, grad)
@@ -555,6 +557,12 @@ def test_attention_eager_path_choice():
     assert cb._eager_path(q128, k128, k128, True, True) == "matmul"   # head dim 128: no per-head limit
     q64, k64 = torch.empty(1, 8, 4096, 64), torch.empty(1, 8, 64, 64)
     assert cb._eager_path(q64, k64, k64, True, True) == "sdpa"
+    # torch on AVX-512: the portable variant's tiled forward is narrower, SDPA runs it
+    monkeypatch.setattr(cb, "_TORCH_AVX512", True)
+    q, k = torch.empty(3, 2, 64, 32), torch.empty(3, 2, 19, 32)
+    assert cb._eager_path(q, k, k, True, False) == ("kernel" if cb.cpu_isa() == "avx512" else "sdpa")
+    q1 = torch.empty(3, 2, 1, 32)
+    assert cb._eager_path(q1, k, k, True, False) == "kernel"
 
 
 @pytest.mark.parametrize("path, lq", [(p, lq) for p in sorted(cb._EAGER_PATHS) for lq in (1, cb.SMALL_QUERIES + 9)])
@@ -610,11 +618,12 @@ def test_attention_without_mask():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lq, lk", [(16, 40), (64, 128), (1, 64), (70, 130)])
-def test_attention_eager_without_mask(lq, lk, dtype):
+def test_attention_eager_without_mask(lq, lk, dtype, monkeypatch):
     """Eager ops.attention without a mask on strided inputs (the kernel, the matmuls, SDPA
     for bfloat16 above SMALL_QUERIES with gradients): forward with and without gradients,
     and gradients, against float64 autograd."""
     from imagen_fast import ops
+    monkeypatch.setattr(cb, "_TORCH_AVX512", False)
     g = _gen(43)
     b, h, d = 2, 3, 32
     q, k, v = (_strided(randn(b, h, n, d, generator=g).to(dtype)).requires_grad_() for n in (lq, lk, lk))
