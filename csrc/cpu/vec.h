@@ -272,7 +272,7 @@ struct VF {
   V8f v;
   VF() = default;
   VF(V8f x) : v(x) {}
-  static VF set1(float a) { return VF(V8f{} + a); }
+  static VF set1(float a) { return VF(V8f{a, a, a, a, a, a, a, a}); }  // not {} + a: that adds 0.0 (kept, for -0.0) then shuffles
   static VF zero() { return VF(V8f{}); }
 };
 inline VF operator+(VF a, VF b) { return a.v + b.v; }

@@ -278,22 +278,31 @@ def _attention_supports(q, k, v, mask=None) -> Optional[str]:
     return None
 
 
-# torch's own kernels (SDPA's flash, its GEMMs) run AVX-512 where the CPU has it; the
-# tiled forward of the portable (AVX2) variant has half that width and measured 0.55-0.87x
-# SDPA above 64 queries on such a host (portable forced on the AVX-512 Xeon), so there the
-# portable variant leaves calls above SMALL_QUERIES to torch. (ATEN_CPU_CAPABILITY=avx2
-# puts torch on AVX2 as on an AVX2-only CPU.)
+# The portable (AVX2) variant's tiled forward, measured on the AVX-512 Xeon with torch
+# restricted to AVX2 as on an AVX2-only CPU (ATEN_CPU_CAPABILITY=avx2, MKL and oneDNN
+# likewise), over SDPA: 1.1-1.6x up to 2^15 scores per head or 128 keys (8x4x64x320x64,
+# 1x32x64x128x64, 1x8x4096x64x128), 0.75-0.93x at 256 x 320 and beyond, where torch's GEMMs
+# are the more efficient; against torch's AVX-512 kernels (the portable variant forced on an
+# AVX-512 CPU) it loses from 64 queries on (0.55-0.96x unmasked). So the portable variant
+# runs it above SMALL_QUERIES only where torch is no wider, up to that size.
 _TORCH_AVX512 = torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
+_PORTABLE_MAX_SCORES = 1 << 15     # per head, or any count with up to _PORTABLE_MAX_KEYS keys
+_PORTABLE_MAX_KEYS = 128
 
 
 def _kernel(q, k, v) -> bool:
     """Whether csrc/cpu/attention.cpp runs the call: float32 / 16-bit rows of unit stride,
-    and above SMALL_QUERIES at most _KERNEL_MAX_KEYS keys (a block's scores stay in L2) in
-    a variant as wide as torch's kernels."""
+    and above SMALL_QUERIES at most _KERNEL_MAX_KEYS keys (a block's scores stay in L2),
+    limited further in the portable variant (above)."""
     if not (q.dtype in _KERNEL_DTYPES and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1):
         return False
-    return q.shape[2] <= SMALL_QUERIES or (k.shape[2] <= _KERNEL_MAX_KEYS
-                                          and not (_TORCH_AVX512 and _C.cpu_isa() == "portable"))
+    lq, lk = q.shape[2], k.shape[2]
+    if lq <= SMALL_QUERIES:
+        return True
+    if lk > _KERNEL_MAX_KEYS:
+        return False
+    return _C.cpu_isa() != "portable" or (not _TORCH_AVX512 and (lq * lk <= _PORTABLE_MAX_SCORES
+                                                                 or lk <= _PORTABLE_MAX_KEYS))
 
 
 def _small(q, k, v) -> bool:

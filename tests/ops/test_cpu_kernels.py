@@ -460,13 +460,14 @@ def test_attention_fully_masked_batches(poisoned, dtype):
         assert_close_to_reference(gr, r, t, what=f"grad {name}")
 
 
-KERNEL_ATTN = [  # B, H, Lq, Lk, D: csrc/cpu/attention.cpp, per query up to SMALL_QUERIES
+KERNEL_ATTN = [  # B, H, Lq, Lk, D: csrc/cpu/attention.cpp's forward per query up to 2 queries,
     (3, 2, 1, 64, 32),      # the text pooling of the small presets
+    (2, 2, 2, 33, 24),
     (2, 3, 16, 77, 40),
     (1, 1, 7, 5, 3),        # D below one vector
     (2, 2, 4, 130, 129),    # D with a tail after full vectors
-    # tiled above SMALL_QUERIES: query blocks of 64, key strips of 4 (AVX-512) / 2 vectors,
-    # tiles of 6 rows; tails of each, keys fewer than one vector, D not a multiple of 8
+    # tiled above: query blocks of 64, key strips of 4 (AVX-512) / 2 vectors, tiles of 6
+    # rows; tails of each, keys fewer than one vector, D not a multiple of 8
     (2, 3, 17, 77, 64),
     (3, 1, 130, 37, 33),
     (2, 2, 65, 1, 16),
@@ -563,6 +564,13 @@ def test_attention_eager_path_choice(monkeypatch):
     assert cb._eager_path(q, k, k, True, False) == ("kernel" if cb.cpu_isa() == "avx512" else "sdpa")
     q1 = torch.empty(3, 2, 1, 32)
     assert cb._eager_path(q1, k, k, True, False) == "kernel"
+    # the portable variant up to 2^15 scores per head (or 128 keys) where torch is no wider
+    monkeypatch.setattr(cb, "_TORCH_AVX512", False)
+    big_q, big_k = torch.empty(1, 2, 256, 64), torch.empty(1, 2, 320, 64)
+    long_q, short_k = torch.empty(1, 2, 4096, 64), torch.empty(1, 2, 128, 64)
+    portable = cb.cpu_isa() == "portable"
+    assert cb._eager_path(big_q, big_k, big_k, True, False) == ("sdpa" if portable else "kernel")
+    assert cb._eager_path(long_q, short_k, short_k, True, False) == "kernel"
 
 
 @pytest.mark.parametrize("path, lq", [(p, lq) for p in sorted(cb._EAGER_PATHS) for lq in (1, cb.SMALL_QUERIES + 9)])
