@@ -177,7 +177,8 @@ constexpr int64_t kPerQuery = 2;                  // at most this many queries: 
 constexpr int kStripV = VF::W == 16 ? 4 : 2;       // vectors per score-tile row
 constexpr int kStrip = kStripV * VF::W;             // key columns per strip
 constexpr int kScoreRows = 6;                       // score tile: rows x kStripV vectors
-constexpr int kOutRows = VF::W == 16 ? 6 : 2;       // output tile: rows x up to 4 vectors
+constexpr int kOutRows = VF::W == 16 ? 6 : 4;       // output tile: rows x up to kOutVecs vectors
+constexpr int kOutVecs = VF::W == 16 ? 4 : 2;
 constexpr int64_t kBlock = 64;                      // queries per work item
 
 // s[r][0, NV W) = sum_d qs[r][d] kt[d][0, NV W) for r < R (qs rows D apart, kt rows kStrip
@@ -269,6 +270,20 @@ void out_rows(int rows, const float* p, int64_t ldp, int64_t n, const float* con
     if (rows < R) return out_rows<R - 1, NV>(rows, p, ldp, n, vrows, c0, inv, out, ldo, D);
   }
   out_tile<R, NV>(p, ldp, n, vrows, c0, inv, out, ldo, D);
+}
+
+// Output rows of up to kOutRows queries over a chunk of nv vectors of columns.
+template <typename T>
+inline void out_chunk(int rows, int nv, const float* p, int64_t ldp, int64_t n, const float* const* vrows,
+                      int64_t c0, const float* inv, T* out, int64_t D) {
+  if (nv == kOutVecs) return out_rows<kOutRows, kOutVecs>(rows, p, ldp, n, vrows, c0, inv, out, D, D);
+  if constexpr (kOutVecs > 3) {
+    if (nv == 3) return out_rows<kOutRows, 3>(rows, p, ldp, n, vrows, c0, inv, out, D, D);
+  }
+  if constexpr (kOutVecs > 2) {
+    if (nv == 2) return out_rows<kOutRows, 2>(rows, p, ldp, n, vrows, c0, inv, out, D, D);
+  }
+  out_rows<kOutRows, 1>(rows, p, ldp, n, vrows, c0, inv, out, D, D);
 }
 
 struct RowSoftmax {
@@ -457,19 +472,16 @@ void forward_tiled(const T* q, const T* k, const T* v, const uint8_t* mask, T* o
         inv[r] = 1.0f / sm.sum;
         if (lse) lse[bh * Lq + i0 + r] = sm.max + std::log(sm.sum);
       }
+      // column chunks outside the row tiles: the chunk's V rows stay in L1 across the tiles
       T* o = out + (bh * Lq + i0) * D;
-      for (int64_t r = 0; r < mb; r += kOutRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kOutRows, mb - r));
-        const float* pr = s.data() + r * nkp;
-        const float* iv = inv.data() + r;
-        T* orow = o + r * D;
-        int64_t c0 = 0;
-        for (; c0 + 4 * W <= Dp; c0 += 4 * W) out_rows<kOutRows, 4>(rows, pr, nkp, nk, vrows.data(), c0, iv, orow, D, D);
-        switch ((Dp - c0) / W) {
-          case 3: out_rows<kOutRows, 3>(rows, pr, nkp, nk, vrows.data(), c0, iv, orow, D, D); break;
-          case 2: out_rows<kOutRows, 2>(rows, pr, nkp, nk, vrows.data(), c0, iv, orow, D, D); break;
-          case 1: out_rows<kOutRows, 1>(rows, pr, nkp, nk, vrows.data(), c0, iv, orow, D, D); break;
-          default: break;
+      for (int64_t c0 = 0; c0 < Dp; c0 += kOutVecs * W) {
+        const int nv = static_cast<int>(std::min<int64_t>(kOutVecs, (Dp - c0) / W));
+        for (int64_t r = 0; r < mb; r += kOutRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kOutRows, mb - r));
+          const float* pr = s.data() + r * nkp;
+          const float* iv = inv.data() + r;
+          T* orow = o + r * D;
+          out_chunk(rows, nv, pr, nkp, nk, vrows.data(), c0, iv, orow, D);
         }
       }
     }
