@@ -181,26 +181,35 @@ constexpr int kOutRows = VF::W == 16 ? 6 : 4;       // output tile: rows x up to
 constexpr int kOutVecs = VF::W == 16 ? 4 : 2;
 constexpr int64_t kBlock = 64;                      // queries per work item
 
+// The register tiles: acc[R][NV] vectors, updated by rank-1 products acc[r][c] += a(r) b[c].
+template <int R, int NV> IF_VINLINE void zero_tile(VF (&acc)[R][NV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = VF::zero();
+}
+
+template <int R, int NV, typename AFn> IF_VINLINE void rank1(VF (&acc)[R][NV], const VF (&b)[NV], AFn a) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const VF ar = VF::set1(a(r));
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = fmadd(ar, b[c], acc[r][c]);
+  }
+}
+
 // s[r][0, NV W) = sum_d qs[r][d] kt[d][0, NV W) for r < R (qs rows D apart, kt rows kStrip
 // apart, s rows lds apart).
 template <int R, int NV>
 IF_VINLINE void score_tile(const float* qs, int64_t D, const float* kt, float* s, int64_t lds) {
   constexpr int W = VF::W;
   VF acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = VF::zero();
+  zero_tile(acc);
   for (int64_t d = 0; d < D; ++d) {
     VF kv[NV];
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) kv[c] = load(kt + d * kStrip + c * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const VF qv = VF::set1(qs[r * D + d]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = fmadd(qv, kv[c], acc[r][c]);
-    }
+    rank1(acc, kv, [&](int r) { return qs[r * D + d]; });
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -215,21 +224,13 @@ IF_VINLINE void out_tile(const float* p, int64_t ldp, int64_t n, const float* co
                          const float* inv, T* out, int64_t ldo, int64_t D) {
   constexpr int W = VF::W;
   VF acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = VF::zero();
+  zero_tile(acc);
   for (int64_t t = 0; t < n; ++t) {
     const float* vrow = vrows[t] + c0;
     VF vv[NV];
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) vv[c] = load(vrow + c * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const VF pr = VF::set1(p[r * ldp + t]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = fmadd(pr, vv[c], acc[r][c]);
-    }
+    rank1(acc, vv, [&](int r) { return p[r * ldp + t]; });
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
