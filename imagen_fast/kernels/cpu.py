@@ -509,7 +509,7 @@ def _zero_batches(t, empty, value=0.0):
     return t.masked_fill(empty.reshape(-1, *([1] * (t.ndim - 1))), value)
 
 
-@register("attention_fwd", "cpu", supports=_attention_supports)
+@register("attention_fwd", "cpu", supports=_attention_supports, by_dtype=True)
 def attention_fwd(q, k, v, mask, scale):
     if _kernel(q, k, v):
         return _kernel_fwd(q, k, v, mask, scale)

@@ -28,25 +28,30 @@ OPS = (
 class Impl:
     fn: Callable
     supports: Callable[..., Optional[str]]
+    # supports' answer depends on nothing but the first tensor's device and dtype, for
+    # calls whose tensors the op layer has checked to share both (the automatic choice
+    # is then remembered per (op, device, dtype): imagen_fast.ops.dispatch)
+    by_dtype: bool = False
 
 
 implementations: Dict[Tuple[str, str], Impl] = {}   # (op, backend) -> Impl
 unavailable: Dict[str, str] = {}                    # backend -> why it could not load
 
 
-def register(op: str, backend: str, supports: Optional[Callable[..., Optional[str]]] = None):
+def register(op: str, backend: str, supports: Optional[Callable[..., Optional[str]]] = None,
+             by_dtype: bool = False):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``.
 
     ``supports(*tensors)`` returns None when the backend can serve a call, else a
     one-line reason (shown in the fallback log and in the error when the backend was
-    asked for explicitly)."""
+    asked for explicitly); ``by_dtype``: see Impl."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def deco(fn):
-        implementations[(op, backend)] = Impl(fn, supports or (lambda *a, **k: None))
+        implementations[(op, backend)] = Impl(fn, supports or (lambda *a, **k: None), by_dtype)
         return fn
 
     return deco

@@ -166,6 +166,10 @@ def resolve(op: str, device: torch.device, *args) -> Callable:
 
 
 _KINDS: Dict[torch.device, str] = {}   # device -> its type: torch.device.type costs more than a dict hit
+# (op, device, dtype) -> the Impl of the first backend of the automatic order, remembered
+# when that Impl is registered by_dtype and accepted the call; valid while that same Impl
+# object is registered and its backend is available (both checked at every hit)
+_first_by_dtype: Dict[tuple, object] = {}
 
 
 def _pick(op: str, device: torch.device, args) -> str:
@@ -182,6 +186,13 @@ def _pick(op: str, device: torch.device, args) -> str:
             raise ValueError(f"{op}: requested backend {wanted!r} cannot run this call: {why}")
         return wanted
     order = _AUTO_ORDER.get(kind, ("torch",))
+    first = order[0]
+    impl = _registry.get((op, first))
+    memo_key = None
+    if impl is not None and impl.by_dtype and not (kind == "cuda" and op in gpu_choice.CHOSEN_OPS):
+        memo_key = (op, device, args[0].dtype)
+        if _first_by_dtype.get(memo_key) is impl and first not in _unavailable:
+            return first
     reasons: Dict[str, Optional[str]] = {}
     if kind == "cuda" and op in gpu_choice.CHOSEN_OPS:
         reasons = {b: _reason(op, b, kind, args) for b in gpu_choice.GPU_BACKENDS}
@@ -192,6 +203,8 @@ def _pick(op: str, device: torch.device, args) -> str:
     for backend in order:
         why = reasons[backend] if backend in reasons else _reason(op, backend, kind, args)
         if why is None:
+            if memo_key is not None and backend == first:
+                _first_by_dtype[memo_key] = impl
             if skipped:
                 key = (backend, tuple(skipped))
                 if key not in _logged:

@@ -131,6 +131,32 @@ def test_fallback_is_logged_once(monkeypatch, caplog):
     assert len(msgs) == 1 and "using backend 'torch'" in msgs[0]
 
 
+def test_choice_remembered_by_dtype_follows_the_registry(monkeypatch):
+    """attention_fwd's cpu implementation is registered by_dtype: the automatic choice is
+    remembered per (op, device, dtype), and a backend that becomes unavailable or an
+    implementation replaced in the registry is seen at the next call."""
+    if ops.available_backends()["cpu"] != "available":
+        pytest.skip("the cpu backend is not built")
+    monkeypatch.setattr(dispatch, "_first_by_dtype", {})
+    monkeypatch.setattr(dispatch, "_logged", set())
+    q = torch.randn(1, 2, 3, 4)
+    cpu_impl = registry.implementations[("attention_fwd", "cpu")]
+    assert cpu_impl.by_dtype
+    for _ in range(2):
+        assert dispatch.selected_backend("attention_fwd", q.device, q, q, q, None) == "cpu"
+    assert dispatch._first_by_dtype == {("attention_fwd", q.device, torch.float32): cpu_impl}
+    assert dispatch.selected_backend("attention_fwd", q.device, *(q.double(),) * 3, None) == "cpu"
+    assert len(dispatch._first_by_dtype) == 2
+    monkeypatch.setitem(registry.unavailable, "cpu", "pretend it was not built")
+    assert dispatch.selected_backend("attention_fwd", q.device, q, q, q, None) == "torch"
+    monkeypatch.delitem(registry.unavailable, "cpu")
+    refuses = registry.Impl(cpu_impl.fn, lambda *a: "pretend it refuses", True)
+    monkeypatch.setitem(registry.implementations, ("attention_fwd", "cpu"), refuses)
+    assert dispatch.selected_backend("attention_fwd", q.device, q, q, q, None) == "torch"
+    with ops.use_backend("cpu"), pytest.raises(ValueError, match="pretend it refuses"):
+        dispatch.selected_backend("attention_fwd", q.device, q, q, q, None)
+
+
 _BACKENDS_PROBE = """
 import sys
 for name in sys.argv[1:]:
