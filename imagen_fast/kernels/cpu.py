@@ -246,8 +246,8 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
 #    (torch's flash kernel is mostly fixed cost there: Imagen's text pooling has one
 #    query), tiled above (register-tiled Q K^T and P V over the valid keys only, scores of
 #    a 64-query block kept in L2; up to _KERNEL_MAX_KEYS keys). The op over the best SDPA
-#    backend forward, bench_ops at c237ee6 (2-core Xeon, AVX-512): 8x3x64x128x64 masked
-#    1.66x, no mask 1.39x, 1x2x256x320x64 1.20x, 1x16x1024x1088x64 1.32x, 1.01-2.01x in all.
+#    backend forward, bench_ops at ba47b4f (2-core Xeon, AVX-512): 8x3x64x128x64 masked
+#    1.67x, no mask 1.41x, 1x2x256x320x64 1.18x, 1x16x1024x1088x64 1.33x, 1.04-2.21x in all.
 #    Its backward: the per-query kernel's for Lq <= SMALL_QUERIES, else torch's flash
 #    backward (aten._scaled_dot_product_flash_attention_for_cpu_backward) given the
 #    kernel's output and log-sum-exp;
