@@ -280,29 +280,29 @@ def _attention_supports(q, k, v, mask=None) -> Optional[str]:
 
 # The portable (AVX2) variant's tiled forward, measured on the AVX-512 Xeon with torch
 # restricted to AVX2 as on an AVX2-only CPU (ATEN_CPU_CAPABILITY=avx2, MKL and oneDNN
-# likewise), over SDPA: 1.1-1.6x up to 2^15 scores per head or 128 keys (8x4x64x320x64,
-# 1x32x64x128x64, 1x8x4096x64x128), 0.75-0.93x at 256 x 320 and beyond, where torch's GEMMs
-# are the more efficient; against torch's AVX-512 kernels (the portable variant forced on an
-# AVX-512 CPU) it loses from 64 queries on (0.55-0.96x unmasked). So the portable variant
-# runs it above SMALL_QUERIES only where torch is no wider, up to that size.
+# likewise), over SDPA: 1.05-1.15x at 256 x 320 (1x2x256x320x64 1.05, 8x2x256x320x64 1.15,
+# D 128 1.11), 1.26-1.51x at 64 queries, 1.11x at 1x16x1024x1088x64, 1.01-1.08x at 2048
+# keys, 0.90-0.95x at 4096 keys, where torch's GEMMs keep more of the scores in registers.
+# Against torch's AVX-512 kernels (the portable variant forced on an AVX-512 CPU) it wins
+# up to 128 keys (masked 1.24-1.36x, unmasked 0.96-1.01x where SDPA through the op layer
+# measured 0.90-0.94x) and loses from 256 x 320 on (0.79-0.89x).
 _TORCH_AVX512 = torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
-_PORTABLE_MAX_SCORES = 1 << 15     # per head, or any count with up to _PORTABLE_MAX_KEYS keys
-_PORTABLE_MAX_KEYS = 128
+_PORTABLE_MAX_KEYS = 2048          # torch as wide as the portable variant (an AVX2 CPU)
+_PORTABLE_MAX_KEYS_AVX512 = 128    # torch on AVX-512
 
 
 def _kernel(q, k, v) -> bool:
     """Whether csrc/cpu/attention.cpp runs the call: float32 / 16-bit rows of unit stride,
     and above SMALL_QUERIES at most _KERNEL_MAX_KEYS keys (a block's scores stay in L2),
-    limited further in the portable variant (above)."""
+    fewer in the portable variant (above)."""
     if not (q.dtype in _KERNEL_DTYPES and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1):
         return False
     lq, lk = q.shape[2], k.shape[2]
     if lq <= SMALL_QUERIES:
         return True
-    if lk > _KERNEL_MAX_KEYS:
-        return False
-    return _C.cpu_isa() != "portable" or (not _TORCH_AVX512 and (lq * lk <= _PORTABLE_MAX_SCORES
-                                                                 or lk <= _PORTABLE_MAX_KEYS))
+    if _C.cpu_isa() != "portable":
+        return lk <= _KERNEL_MAX_KEYS
+    return lk <= (_PORTABLE_MAX_KEYS_AVX512 if _TORCH_AVX512 else _PORTABLE_MAX_KEYS)
 
 
 def _small(q, k, v) -> bool:

@@ -558,19 +558,17 @@ def test_attention_eager_path_choice(monkeypatch):
     assert cb._eager_path(q128, k128, k128, True, True) == "matmul"   # head dim 128: no per-head limit
     q64, k64 = torch.empty(1, 8, 4096, 64), torch.empty(1, 8, 64, 64)
     assert cb._eager_path(q64, k64, k64, True, True) == "sdpa"
-    # torch on AVX-512: the portable variant's tiled forward is narrower, SDPA runs it
-    monkeypatch.setattr(cb, "_TORCH_AVX512", True)
-    q, k = torch.empty(3, 2, 64, 32), torch.empty(3, 2, 19, 32)
-    assert cb._eager_path(q, k, k, True, False) == ("kernel" if cb.cpu_isa() == "avx512" else "sdpa")
-    q1 = torch.empty(3, 2, 1, 32)
-    assert cb._eager_path(q1, k, k, True, False) == "kernel"
-    # the portable variant up to 2^15 scores per head (or 128 keys) where torch is no wider
-    monkeypatch.setattr(cb, "_TORCH_AVX512", False)
-    big_q, big_k = torch.empty(1, 2, 256, 64), torch.empty(1, 2, 320, 64)
-    long_q, short_k = torch.empty(1, 2, 4096, 64), torch.empty(1, 2, 128, 64)
+    # the portable variant's tiled forward: up to 2048 keys where torch is no wider, 128
+    # where torch runs AVX-512; the AVX-512 variant up to _KERNEL_MAX_KEYS
     portable = cb.cpu_isa() == "portable"
-    assert cb._eager_path(big_q, big_k, big_k, True, False) == ("sdpa" if portable else "kernel")
-    assert cb._eager_path(long_q, short_k, short_k, True, False) == "kernel"
+    for torch_avx512, limit in ((True, cb._PORTABLE_MAX_KEYS_AVX512), (False, cb._PORTABLE_MAX_KEYS)):
+        monkeypatch.setattr(cb, "_TORCH_AVX512", torch_avx512)
+        q = torch.empty(1, 2, 256, 64)
+        for lk, path in ((limit, "kernel"), (limit + 1, "sdpa" if portable else "kernel")):
+            k = torch.empty(1, 2, lk, 64)
+            assert cb._eager_path(q, k, k, True, False) == path, (torch_avx512, lk)
+        q1, k1 = torch.empty(3, 2, 1, 32), torch.empty(3, 2, limit + 1, 32)
+        assert cb._eager_path(q1, k1, k1, True, False) == "kernel"     # per query: any key count
 
 
 @pytest.mark.parametrize("path, lq", [(p, lq) for p in sorted(cb._EAGER_PATHS) for lq in (1, cb.SMALL_QUERIES + 9)])
