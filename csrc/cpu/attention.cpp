@@ -139,6 +139,36 @@ std::vector<std::vector<int32_t>> valid_keys(const uint8_t* mask, int64_t B, int
   return keys;
 }
 
+// Software prefetch into L2 of the rows the next work item reads (one head's inputs are
+// tens of KB read once from memory, and the hardware prefetchers restart at every short
+// row), spread a few lines at a time over the current item's tiles.
+class RowPrefetch {
+ public:
+  explicit RowPrefetch(int64_t row_bytes) : lines_per_row_((row_bytes + 127) / 64) {}
+  void clear() {
+    rows_.clear();
+    row_ = 0;
+    line_ = 0;
+  }
+  void add(const void* row) { rows_.push_back(static_cast<const char*>(row)); }
+  int64_t lines() const { return static_cast<int64_t>(rows_.size()) * lines_per_row_; }
+  void issue(int64_t n) {
+    for (; n > 0 && row_ < rows_.size(); --n) {
+      prefetch_l2(rows_[row_] + line_ * 64);
+      if (++line_ == lines_per_row_) {
+        line_ = 0;
+        ++row_;
+      }
+    }
+  }
+
+ private:
+  int64_t lines_per_row_;
+  std::vector<const char*> rows_;
+  size_t row_ = 0;
+  int64_t line_ = 0;
+};
+
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, float* lse, int64_t B, int64_t H,
              int64_t Lq, int64_t Lk, int64_t D, float scale, Strides sq, Strides sk, Strides sv, int threads) {
@@ -148,12 +178,25 @@ void forward(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, fl
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> s(static_cast<size_t>(Lk) + VF::W);
+    RowPrefetch ahead(D * static_cast<int64_t>(sizeof(T)));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const auto& kv = keys[b];
       const int64_t nk = static_cast<int64_t>(kv.size());
       const auto v_row = [&](int64_t t) { return row(v, sv, b, h, kv[t]); };
+      // the next (batch, head)'s rows, a few lines per key of this one (a head's keys are
+      // a few KB: the hardware prefetchers barely start before they end)
+      ahead.clear();
+      if (bh + 1 < B * H) {
+        const int64_t nb = (bh + 1) / H, nh = (bh + 1) % H;
+        for (int64_t i = 0; i < Lq; ++i) ahead.add(row(q, sq, nb, nh, i));
+        for (const int32_t j : keys[nb]) {
+          ahead.add(row(k, sk, nb, nh, j));
+          ahead.add(row(v, sv, nb, nh, j));
+        }
+      }
+      const int64_t per_key = (ahead.lines() + Lq * nk - 1) / std::max<int64_t>(1, Lq * nk);
       for (int64_t i = 0; i < Lq; ++i) {
         T* o = out + (bh * Lq + i) * D;
         if (nk == 0) {
@@ -166,6 +209,7 @@ void forward(const T* q, const T* k, const T* v, const uint8_t* mask, T* out, fl
         for (int64_t t = 0; t < nk; ++t) {
           s[t] = scale * dot(qi, row(k, sk, b, h, kv[t]), D);
           m = std::max(m, s[t]);
+          ahead.issue(per_key);
         }
         const float sum = exp_shifted(s.data(), s.data(), nk, m);
         weighted_sum<T>(o, s.data(), nk, v_row, D, 1.0f / sum);
@@ -376,36 +420,6 @@ template <typename T, typename RowFn> void pack_keys(float* kt, int64_t nk, int6
     for (int64_t d = 0; d < D; ++d) dst[d * kStrip] = to_acc(kr[d]);
   }
 }
-
-// Software prefetch into L2 of the rows the next work item reads (one head's inputs are
-// tens of KB read once from memory, and the hardware prefetchers restart at every short
-// row), spread a few lines at a time over the current item's tiles.
-class RowPrefetch {
- public:
-  explicit RowPrefetch(int64_t row_bytes) : lines_per_row_((row_bytes + 127) / 64) {}
-  void clear() {
-    rows_.clear();
-    row_ = 0;
-    line_ = 0;
-  }
-  void add(const void* row) { rows_.push_back(static_cast<const char*>(row)); }
-  int64_t lines() const { return static_cast<int64_t>(rows_.size()) * lines_per_row_; }
-  void issue(int64_t n) {
-    for (; n > 0 && row_ < rows_.size(); --n) {
-      prefetch_l2(rows_[row_] + line_ * 64);
-      if (++line_ == lines_per_row_) {
-        line_ = 0;
-        ++row_;
-      }
-    }
-  }
-
- private:
-  int64_t lines_per_row_;
-  std::vector<const char*> rows_;
-  size_t row_ = 0;
-  int64_t line_ = 0;
-};
 
 // A float buffer left uninitialised (a std::vector would zero it: 160 KB per thread and
 // call at 64 queries x 320 keys x D 64, a few percent of a 0.3 ms call).

@@ -453,16 +453,17 @@ class _MatmulAttention(torch.autograd.Function):
 
 def _eager_path(q, k, v, masked: bool, grad: bool) -> str:
     """Which of `attention`'s paths runs a call (see the comments above)."""
-    if _small(q, k, v):
-        return "kernel"
+    kernel = _kernel(q, k, v)
     b, h, lq, d = q.shape
+    if kernel and lq <= SMALL_QUERIES:
+        return "kernel"
     scores = lq * k.shape[2]
     if grad:
         if (q.dtype in _MATMUL_DTYPES and d >= _TRAIN_MATMUL_MIN_D and b * h * scores <= _TRAIN_MATMUL_MAX_TOTAL
                 and (scores <= _TRAIN_MATMUL_MAX_SCORES or d >= _TRAIN_MATMUL_WIDE_D)):
             return "matmul"
         return "sdpa"
-    if _kernel(q, k, v):
+    if kernel:
         return "kernel"
     if q.dtype in _MATMUL_DTYPES and not masked and scores <= _MATMUL_MAX_SCORES:
         return "matmul"
