@@ -489,6 +489,24 @@ inline VF clamp_sym(VF x, VF s) {
 }
 #endif
 
+// A store that bypasses the caches (no read for ownership of the line first), for
+// outputs much larger than the caches; p aligned to the vector size. stream_fence()
+// after the last one, before other threads read the data.
+inline void store_stream(float* p, VF a) {
+#if IMAGEN_FAST_AVX512
+  _mm512_stream_ps(p, a.v);
+#elif defined(__AVX__)
+  _mm256_stream_ps(p, reinterpret_cast<__m256>(a.v));
+#else
+  store(p, a);
+#endif
+}
+inline void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
 // Asks for the cache line holding p in L2 (read, moderate locality).
 inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 

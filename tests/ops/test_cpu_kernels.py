@@ -210,6 +210,21 @@ def test_group_norm_split_reduction(poisoned, threads, channels_last, dtype):
                                    atol=1e-5)
 
 
+STREAMED = [  # float32 channels-last outputs of 16 MiB and more go out by streaming stores
+    ((1, 256, 128, 128), 32),    # one sample split over the threads
+    ((64, 64, 32, 32), 32),      # whole samples per thread, the next one prefetched
+    ((1, 40, 320, 330), 8),      # a period not a multiple of the vector: some blocks unaligned
+]
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+def test_group_norm_streamed_output(poisoned, threads):
+    for i, (shape, groups) in enumerate(STREAMED):
+        x, params = _gn_case(shape, torch.float32, (True, True, True, True), seed=230 + i)
+        assert x.numel() * 4 >= 16 << 20
+        _check_gn(_layout(x, True), params, groups, "silu", backward=False)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_group_norm_statistics_far_from_zero(channels_last):
     """Mean 1e4 and std 1 in float32: E[x^2] - mean^2 would lose every digit of the variance."""
