@@ -778,6 +778,16 @@ def test_rms_norm_threads(poisoned, threads, channels_last):
     _check_rms(_layout(x, channels_last), params, "gelu")
 
 
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("shape", [(8, 128, 32, 32), (2, 96, 70, 90)])
+def test_rms_norm_streamed_output(poisoned, threads, shape):
+    """Contiguous float32 outputs of 4 MiB and more go out by streaming stores (whole
+    position blocks; a sample's last, partial block by plain stores)."""
+    x, params = _rms_case(shape, torch.float32, (True, True, True), seed=5)
+    assert x.numel() * 4 >= 4 << 20
+    _check_rms(x, params, "silu")
+
+
 def test_rms_norm_argument_checks():
     x = torch.randn(2, 4, 3, 3)
     y, r = torch.empty_like(x), torch.empty(2, 9)
