@@ -29,8 +29,9 @@ class Impl:
     fn: Callable
     supports: Callable[..., Optional[str]]
     # supports' answer depends on nothing but the first tensor's device and dtype, for
-    # calls whose tensors the op layer has checked to share both (the automatic choice
-    # is then remembered per (op, device, dtype): imagen_fast.ops.dispatch)
+    # calls whose tensors the op layer has checked to share both and, where supports
+    # looks at layouts, brought into one kernel layout (the automatic choice is then
+    # remembered per (op, device, dtype): imagen_fast.ops.dispatch)
     by_dtype: bool = False
 
 

@@ -1,4 +1,5 @@
 """The op API itself: argument checks, backend selection, torch.library integration."""
+import itertools
 import logging
 import os
 import shutil
@@ -155,6 +156,33 @@ def test_choice_remembered_by_dtype_follows_the_registry(monkeypatch):
     assert dispatch.selected_backend("attention_fwd", q.device, q, q, q, None) == "torch"
     with ops.use_backend("cpu"), pytest.raises(ValueError, match="pretend it refuses"):
         dispatch.selected_backend("attention_fwd", q.device, q, q, q, None)
+
+
+def test_remembered_choice_keeps_layouts_right(monkeypatch):
+    """dynamic_threshold and sampler_step's cpu implementations are registered by_dtype:
+    once the choice is remembered, calls in every mix of layouts still match the torch
+    backend, since the op layer brings the tensors into one kernel layout first."""
+    if ops.available_backends()["cpu"] != "available":
+        pytest.skip("the cpu backend is not built")
+    monkeypatch.setattr(dispatch, "_first_by_dtype", {})
+    for op in ("dynamic_threshold", "sampler_step"):
+        assert registry.implementations[(op, "cpu")].by_dtype
+    g = torch.Generator().manual_seed(7)
+    z, pc, pu, nz = (torch.randn(2, 3, 5, 6, generator=g) for _ in range(4))
+    row = torch.tensor([0.9, 0.3, 0.6, 0.35, 0.05], dtype=torch.float64)
+    variants = [lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last),
+                lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)]
+    for i, (fz, fc) in enumerate(itertools.product(variants, repeat=2)):
+        args = (fz(z), fc(pc), fz(pu))
+        out = ops.sampler_step(*args, guidance_scale=2.5, coefs=row, noise=fc(nz))
+        thr = ops.dynamic_threshold(fc(pc * 3))
+        assert {("sampler_step", z.device, torch.float32),
+                ("dynamic_threshold", z.device, torch.float32)} <= set(dispatch._first_by_dtype)
+        with ops.use_backend("torch"):
+            ref = ops.sampler_step(*args, guidance_scale=2.5, coefs=row, noise=fc(nz))
+            ref_thr = ops.dynamic_threshold(fc(pc * 3))
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, msg=f"layout mix {i}")
+        torch.testing.assert_close(thr, ref_thr, rtol=1e-6, atol=1e-6, msg=f"layout mix {i}")
 
 
 _BACKENDS_PROBE = """
