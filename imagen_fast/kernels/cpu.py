@@ -99,6 +99,8 @@ def _as_param(grad: Optional[torch.Tensor], p: Optional[torch.Tensor]) -> Option
 
 
 # ----------------------------------------------------------------- group_norm_silu
+# by_dtype (the automatic choice remembered per dtype): the op layer checks x's dims and
+# hands the norms x in a kernel layout (kernel_layout; the backward gets the forward's x)
 def _gn_supports(x, *rest) -> Optional[str]:
     why = _layout_reason(x, "x")
     if why is None and x.ndim < 2:
@@ -112,7 +114,7 @@ def _gn_geometry(x: torch.Tensor, num_groups: int):
     return n, c, s, num_groups, _channels_last(x)
 
 
-@register("group_norm_silu_fwd", "cpu", supports=_gn_supports)
+@register("group_norm_silu_fwd", "cpu", supports=_gn_supports, by_dtype=True)
 def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activation):
     pdt = _stat_dtype(x)
     n, c, s, g, cl = _gn_geometry(x, num_groups)
@@ -126,7 +128,7 @@ def group_norm_silu_fwd(x, num_groups, weight, bias, eps, scale, shift, activati
     return y, mean, rstd
 
 
-@register("group_norm_silu_bwd", "cpu", supports=_gn_supports)
+@register("group_norm_silu_bwd", "cpu", supports=_gn_supports, by_dtype=True)
 def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, shift,
                         activation, needs):
     pdt = _stat_dtype(x)
@@ -148,7 +150,7 @@ def group_norm_silu_bwd(grad_y, x, mean, rstd, num_groups, weight, bias, scale, 
 
 
 # ------------------------------------------------------------ channel_rms_norm_silu
-@register("channel_rms_norm_silu_fwd", "cpu", supports=_gn_supports)
+@register("channel_rms_norm_silu_fwd", "cpu", supports=_gn_supports, by_dtype=True)
 def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
     pdt = _stat_dtype(x)
     n, c, s, _, cl = _gn_geometry(x, 1)
@@ -161,7 +163,7 @@ def channel_rms_norm_silu_fwd(x, weight, eps, scale, shift, activation):
     return y, rstd
 
 
-@register("channel_rms_norm_silu_bwd", "cpu", supports=_gn_supports)
+@register("channel_rms_norm_silu_bwd", "cpu", supports=_gn_supports, by_dtype=True)
 def channel_rms_norm_silu_bwd(grad_y, x, rstd, weight, eps, scale, shift, activation, needs):
     pdt = _stat_dtype(x)
     n, c, s, _, cl = _gn_geometry(x, 1)

@@ -159,13 +159,14 @@ def test_choice_remembered_by_dtype_follows_the_registry(monkeypatch):
 
 
 def test_remembered_choice_keeps_layouts_right(monkeypatch):
-    """dynamic_threshold and sampler_step's cpu implementations are registered by_dtype:
-    once the choice is remembered, calls in every mix of layouts still match the torch
-    backend, since the op layer brings the tensors into one kernel layout first."""
+    """dynamic_threshold, sampler_step and the norms' cpu implementations are registered
+    by_dtype: once the choice is remembered, calls in every mix of layouts still match
+    the torch backend, since the op layer brings the tensors into one kernel layout first."""
     if ops.available_backends()["cpu"] != "available":
         pytest.skip("the cpu backend is not built")
     monkeypatch.setattr(dispatch, "_first_by_dtype", {})
-    for op in ("dynamic_threshold", "sampler_step"):
+    for op in ("dynamic_threshold", "sampler_step", "group_norm_silu_fwd", "group_norm_silu_bwd",
+               "channel_rms_norm_silu_fwd", "channel_rms_norm_silu_bwd"):
         assert registry.implementations[(op, "cpu")].by_dtype
     g = torch.Generator().manual_seed(7)
     z, pc, pu, nz = (torch.randn(2, 3, 5, 6, generator=g) for _ in range(4))
@@ -183,6 +184,23 @@ def test_remembered_choice_keeps_layouts_right(monkeypatch):
             ref_thr = ops.dynamic_threshold(fc(pc * 3))
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, msg=f"layout mix {i}")
         torch.testing.assert_close(thr, ref_thr, rtol=1e-6, atol=1e-6, msg=f"layout mix {i}")
+    # the norms (also by_dtype): every layout, forward and backward
+    x = torch.randn(2, 8, 5, 6, generator=g)
+    w, sc, sh = torch.randn(8, generator=g), torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    for i, f in enumerate(variants):
+        for name, call in (("group_norm_silu", lambda t: ops.group_norm_silu(t, 4, w, None, scale=sc, shift=sh)),
+                           ("channel_rms_norm_silu", lambda t: ops.channel_rms_norm_silu(t, w, scale=sc, shift=sh))):
+            xi = f(x).requires_grad_()
+            y = call(xi)
+            (gx,) = torch.autograd.grad(y, xi, f(x.cos()))
+            assert (name + "_fwd", x.device, torch.float32) in dispatch._first_by_dtype
+            assert (name + "_bwd", x.device, torch.float32) in dispatch._first_by_dtype
+            with ops.use_backend("torch"):
+                xr = f(x).requires_grad_()
+                yr = call(xr)
+                (gr,) = torch.autograd.grad(yr, xr, f(x.cos()))
+            torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5, msg=f"{name} layout {i}")
+            torch.testing.assert_close(gx, gr, rtol=1e-4, atol=1e-4, msg=f"{name} grad layout {i}")
 
 
 _BACKENDS_PROBE = """
