@@ -252,8 +252,8 @@ def sampler_step(z_t, pred_cond, pred_uncond, guidance_scale, coefs, noise, thre
 #    (torch's flash kernel is mostly fixed cost there: Imagen's text pooling has one
 #    query), tiled above (register-tiled Q K^T and P V over the valid keys only, scores of
 #    a 64-query block kept in L2; up to _KERNEL_MAX_KEYS keys). The op over the best SDPA
-#    backend forward, bench_ops at ba47b4f (2-core Xeon, AVX-512): 8x3x64x128x64 masked
-#    1.67x, no mask 1.41x, 1x2x256x320x64 1.18x, 1x16x1024x1088x64 1.33x, 1.04-2.21x in all.
+#    backend forward, bench_ops at 55c28cd (2-core Xeon, AVX-512): 8x3x64x128x64 masked
+#    1.54x, no mask 1.41x, 1x2x256x320x64 1.19x, 1x16x1024x1088x64 1.33x, 1.01-2.20x in all.
 #    Its backward: the per-query kernel's for Lq <= SMALL_QUERIES, else torch's flash
 #    backward (aten._scaled_dot_product_flash_attention_for_cpu_backward) given the
 #    kernel's output and log-sum-exp;
@@ -286,9 +286,9 @@ def _attention_supports(q, k, v, mask=None) -> Optional[str]:
 
 # The portable (AVX2) variant's tiled forward, measured on the AVX-512 Xeon with torch
 # restricted to AVX2 as on an AVX2-only CPU (ATEN_CPU_CAPABILITY=avx2, MKL and oneDNN
-# likewise), over SDPA: 1.05-1.15x at 256 x 320 (1x2x256x320x64 1.05, 8x2x256x320x64 1.15,
-# D 128 1.11), 1.26-1.51x at 64 queries, 1.11x at 1x16x1024x1088x64, 1.01-1.08x at 2048
-# keys, 0.90-0.95x at 4096 keys, where torch's GEMMs keep more of the scores in registers.
+# likewise), the op over SDPA, bench_ops at 55c28cd: 1.05-1.17x at 256 x 320
+# (1x2x256x320x64 1.05, D 128 1.08), 1.24-1.70x at 64 queries, 1.12x at 1x16x1024x1088x64;
+# the kernel alone 1.01-1.07x at 2048 keys and 0.90-0.95x at 4096, where torch's GEMMs win.
 # Against torch's AVX-512 kernels (the portable variant forced on an AVX-512 CPU) it wins
 # up to 128 keys (masked 1.24-1.36x, unmasked 0.96-1.01x where SDPA through the op layer
 # measured 0.90-0.94x) and loses from 256 x 320 on (0.79-0.89x).
