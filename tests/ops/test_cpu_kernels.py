@@ -573,6 +573,13 @@ def test_attention_eager_path_choice(monkeypatch):
     assert cb._eager_path(q128, k128, k128, True, True) == "matmul"   # head dim 128: no per-head limit
     q64, k64 = torch.empty(1, 8, 4096, 64), torch.empty(1, 8, 64, 64)
     assert cb._eager_path(q64, k64, k64, True, True) == "sdpa"
+    # torch on AVX2: unmasked training above the per-head limit runs the matmuls too
+    qa, ka = torch.empty(8, 2, 256, 64), torch.empty(8, 2, 320, 64)
+    assert cb._eager_path(qa, ka, ka, False, True) == "matmul"
+    assert cb._eager_path(qa, ka, ka, True, True) == "sdpa"
+    monkeypatch.setattr(cb, "_TORCH_AVX512", True)
+    assert cb._eager_path(qa, ka, ka, False, True) == "sdpa"
+    monkeypatch.setattr(cb, "_TORCH_AVX512", False)
     # the portable variant's tiled forward: up to 2048 keys where torch is no wider, 128
     # where torch runs AVX-512; the AVX-512 variant up to _KERNEL_MAX_KEYS
     portable = cb.cpu_isa() == "portable"
